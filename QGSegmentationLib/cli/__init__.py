@@ -1,0 +1,1 @@
+"""The `qgseg` command line. `main.py` builds the parser; one file per command group."""

@@ -1,0 +1,115 @@
+"""What every long-running `qgseg` command shares: run folder, events, manifest, exit codes.
+
+`run_with_events(args, body)` emits `start`, keeps a heartbeat going, calls `body(ctx)`, then
+emits exactly one `done` and maps failures to the protocol's exit codes and error kinds:
+DataError/ConfigError -> 2 (kind data), cancel -> 3, out of memory -> 4 (kind oom), other -> 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from ..engine.events import EventWriter
+from ..errors import (EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY, CancelledError,
+                      OutOfMemoryError, QGSegError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the hand-made line breaks of descriptions and examples."""
+
+
+def add_run_options(parser: argparse.ArgumentParser, run_dir_default: Optional[str] = None) -> None:
+    group = parser.add_argument_group("run and progress reporting")
+    group.add_argument("--run-dir", default=run_dir_default,
+                       help="folder for this run's outputs, checkpoints, events and manifest.json")
+    group.add_argument("--events", metavar="FILE",
+                       help="also write JSON-lines progress events to FILE (the Slicer panel reads these)")
+    group.add_argument("--json", action="store_true",
+                       help="write JSON-lines events to stdout instead of a progress bar")
+    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                       help="where to compute; auto picks CUDA when torch sees a GPU")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@dataclass
+class RunContext:
+    command: str
+    run_dir: Path
+    events: EventWriter
+    show_progress: bool
+    started: float = field(default_factory=time.time)
+    outputs: Dict[str, Any] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        """Human-readable output: to stdout normally, to stderr when stdout carries JSON events."""
+        print(text, file=sys.stderr if self._json else sys.stdout, flush=True)
+
+    _json: bool = False
+
+
+def make_context(args: argparse.Namespace, command: str) -> RunContext:
+    run_dir = Path(args.run_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = f"{command}-{uuid.uuid4().hex[:8]}"
+    events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
+    ctx = RunContext(command=command, run_dir=run_dir, events=events,
+                     show_progress=not (args.json or args.quiet))
+    ctx._json = bool(args.json)
+    return ctx
+
+
+def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunContext], Dict[str, Any]]) -> int:
+    ctx = make_context(args, command)
+    ctx.events.emit("start", command=command, argv=sys.argv[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
+    ctx.events.heartbeat_thread()
+    code, status = EXIT_OK, "ok"
+    try:
+        outputs = body(ctx) or {}
+        ctx.outputs.update({k: str(v) for k, v in outputs.items()})
+    except KeyboardInterrupt:
+        code, status = EXIT_CANCELLED, "cancelled"
+        ctx.events.emit("error", kind="cancelled", message="interrupted", hint=None)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the stream properly
+        code, status = _report_failure(ctx, exc)
+    finally:
+        ctx.events.emit("done", status=status, exit_code=code, outputs=ctx.outputs,
+                        wall_s=round(time.time() - ctx.started, 2))
+        ctx.events.close()
+    return code
+
+
+def _report_failure(ctx: RunContext, exc: BaseException):
+    from ..engine.device import is_oom
+
+    if isinstance(exc, SystemExit):
+        raise exc
+    if not isinstance(exc, QGSegError) and _torch_loaded() and is_oom(exc):
+        exc = OutOfMemoryError(f"out of memory: {str(exc).splitlines()[0][:200]}",
+                               hint="use a smaller patch size or batch size, or --device cpu")
+    if isinstance(exc, QGSegError):
+        status = "cancelled" if isinstance(exc, CancelledError) else "failed"
+        ctx.events.emit("error", kind=exc.kind, message=exc.message, hint=exc.hint)
+        prefix = "cancelled" if status == "cancelled" else "error"
+        print(f"qgseg: {prefix}: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code, status
+    ctx.events.emit("error", kind="other", message=f"{type(exc).__name__}: {exc}", hint="see the log for the traceback")
+    traceback.print_exc()
+    return EXIT_FAILURE, "failed"
+
+
+def _torch_loaded() -> bool:
+    return "torch" in sys.modules
+
+
+def exit_code_of(exc: BaseException) -> int:
+    if isinstance(exc, QGSegError):
+        return exc.exit_code
+    return EXIT_OUT_OF_MEMORY if isinstance(exc, MemoryError) else EXIT_FAILURE

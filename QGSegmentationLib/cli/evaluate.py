@@ -1,0 +1,130 @@
+"""`qgseg evaluate`: Dice, IoU, HD95 and ASD of predictions against reference label maps."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+
+EXAMPLES = """
+examples:
+  qgseg evaluate --predictions preds/ --dataset dataset.json --split test
+  qgseg evaluate --predictions preds/ --references labelsTs/
+
+Predictions are matched to references by case name (<case>.nrrd). Metrics are computed on the
+reference's grid in mm. Conventions: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
+HD95/ASD = the volume diagonal (counted as a failure, never dropped).
+Writes metrics.csv (per case and class) and summary.json (mean, std, median) into --run-dir.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="score predictions against reference labels",
+                                   description="Per-case, per-class Dice/IoU/HD95/ASD and their summary.",
+                                   epilog=EXAMPLES, formatter_class=HelpFormatter)
+    parser.add_argument("--predictions", required=True, help="folder of <case>.nrrd label maps (qgseg predict)")
+    ref = parser.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--dataset", help="dataset.json whose --split lists the references")
+    ref.add_argument("--references", help="folder of reference label maps named like the predictions")
+    parser.add_argument("--split", default="test", choices=["test", "validation", "training"])
+    add_run_options(parser)
+    parser.set_defaults(func=run)
+
+
+def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
+    from ..errors import DataError
+    from .predict import IMAGE_SUFFIXES, case_id_of
+
+    pred_dir = Path(args.predictions)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: predictions folder not found")
+    if args.dataset:
+        from ..data.dataset import load_dataset
+
+        refs = [(r.id, Path(r.label)) for r in getattr(load_dataset(args.dataset), args.split) if r.label]
+    else:
+        folder = Path(args.references)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: references folder not found")
+        refs = [(case_id_of(p), p) for p in sorted(folder.iterdir())
+                if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.endswith(".seg.nrrd")]
+    pairs, missing = [], []
+    for case_id, label_path in refs:
+        pred = pred_dir / f"{case_id}.nrrd"
+        if pred.exists():
+            pairs.append((case_id, pred, label_path))
+        else:
+            missing.append(case_id)
+    if missing:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    if not pairs:
+        raise DataError("no reference cases to evaluate")
+    return pairs
+
+
+def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ..data.io import check_same_geometry, read_label
+    from ..fileio import write_json_atomic
+    from ..metrics import evaluate_case, summarise
+
+    pairs = reference_pairs(args)
+    rows: List[Dict[str, Any]] = []
+    for index, (case_id, pred_path, ref_path) in enumerate(tqdm(pairs, desc="evaluate", disable=not ctx.show_progress)):
+        pred, pred_geom = read_label(pred_path)
+        ref, ref_geom = read_label(ref_path)
+        check_same_geometry(ref_geom, pred_geom, ref_path, pred_path)
+        classes = sorted(set(range(1, int(max(pred.max(), ref.max())) + 1)))
+        result = evaluate_case(pred, ref, tuple(reversed(ref_geom.spacing)), classes or [1])
+        row = {"case": case_id, **_flatten(result)}
+        rows.append(row)
+        ctx.events.emit("case_done", case=case_id, outputs={}, metrics={k: v for k, v in row.items()
+                                                                         if isinstance(v, (int, float))})
+        ctx.events.progress(index + 1, len(pairs), stage="evaluate")
+    summary = summarise(rows)
+    csv_path = _write_csv(rows, ctx.run_dir / "metrics.csv")
+    json_path = write_json_atomic(ctx.run_dir / "summary.json", {"n_cases": len(rows), "summary": summary})
+    ctx.say(format_summary(summary, len(rows)))
+    return {"metrics_csv": csv_path, "summary": json_path}
+
+
+def _flatten(result: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "_"))
+        else:
+            out[name] = value
+    return out
+
+
+def _write_csv(rows: List[Dict[str, Any]], path: Path) -> Path:
+    import csv
+    import io
+
+    from ..fileio import write_text_atomic
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buf.getvalue())
+
+
+def format_summary(summary: Dict[str, Any], n: int) -> str:
+    lines = [f"{n} cases"]
+    for key, stats in summary.items():
+        if isinstance(stats, dict) and "mean" in stats:
+            lines.append(f"  {key:<24} mean {stats['mean']:.4f}  std {stats.get('std', float('nan')):.4f}  "
+                         f"median {stats.get('median', float('nan')):.4f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_with_events(args, "evaluate", lambda ctx: evaluate_body(args, ctx))

@@ -1,0 +1,162 @@
+"""`qgseg predict`: segment volumes with a trained checkpoint (and score them with g if given)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+
+EXAMPLES = """
+examples:
+  qgseg predict --checkpoint runs/heart/checkpoints/best.pt --input imagesTs/ --output preds/
+  qgseg predict --checkpoint best.pt --input dataset.json --split unlabeled --output preds/ \\
+                --quality-checkpoint runs/g/checkpoints/best.pt
+
+Writes <case>.nrrd (label map) and <case>.seg.nrrd (loads in 3D Slicer as a segmentation) with
+exactly the input volume's geometry, plus scores.csv with the predicted quality per case and
+segment when --quality-checkpoint is given (worst first).
+"""
+
+IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="segment volumes with a trained model",
+        description="Sliding-window inference on whole volumes; outputs on the input's exact grid.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="segmenter checkpoint (best.pt from qgseg train)")
+    parser.add_argument("--input", required=True, nargs="+",
+                        help="image files, a folder of images, or a dataset.json")
+    parser.add_argument("--split", default="test", choices=["test", "validation", "training", "unlabeled", "all"],
+                        help="which list of a dataset.json to segment")
+    parser.add_argument("--output", required=True, help="folder for <case>.nrrd and <case>.seg.nrrd")
+    parser.add_argument("--quality-checkpoint", help="quality predictor: also write scores.csv")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    parser.add_argument("--png", action="store_true", help="also write an overlay PNG per case")
+    add_run_options(parser)
+    parser.set_defaults(func=run)
+
+
+def case_id_of(path: Path) -> str:
+    name = path.name
+    for suffix in (".seg.nrrd",) + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
+    """(case id, image path) for files, folders, or a dataset.json split."""
+    from ..errors import DataError
+
+    out: List[Tuple[str, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() == ".json":
+            from ..data.dataset import load_dataset
+
+            spec = load_dataset(path)
+            groups = ["training", "validation", "test", "unlabeled"] if split == "all" else [split]
+            for group in groups:
+                out += [(ref.id, Path(ref.image)) for ref in getattr(spec, group)]
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+            if not files:
+                raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += [(case_id_of(p), p) for p in files]
+        elif path.is_file():
+            out.append((case_id_of(path), path))
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not out:
+        raise DataError(f"nothing to segment in {' '.join(inputs)} (split {split!r} is empty?)")
+    ids = [c for c, _ in out]
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise DataError(f"several inputs share the case name(s) {', '.join(dupes)}; outputs would overwrite each other")
+    return out
+
+
+def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
+    import torch
+
+    from ..engine.cancel import CancelToken
+    from ..engine.device import resolve_device, translate_oom
+    from ..inference import predict_volume, write_prediction
+    from ..segmenter import load_segmenter
+
+    device = resolve_device(args.device)
+    cases = collect_inputs(args.input, args.split)
+    segmenter = load_segmenter(args.checkpoint, device=device)
+    scorer = _load_scorer(args.quality_checkpoint, device) if args.quality_checkpoint else None
+    out_dir = Path(args.output)
+    cancel = CancelToken(ctx.run_dir)
+    stages = 2 if scorer else 1
+    ctx.events.stage("segment", 1, stages)
+    from tqdm.auto import tqdm
+
+    written, rows, started = [], [], time.time()
+    for index, (case_id, image_path) in enumerate(tqdm(cases, desc="predict", disable=not ctx.show_progress)):
+        cancel.check()
+        with translate_oom(f"inference on {image_path}"), torch.no_grad():
+            label, _, geometry = predict_volume(segmenter.network, image_path, segmenter.preprocessor,
+                                                segmenter.patch_size, segmenter.mode, device,
+                                                overlap=args.overlap)
+        paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names)
+        outputs = {k: str(v) for k, v in paths.items()}
+        metrics = {}
+        if scorer:
+            scores = scorer(image_path, label, geometry)
+            rows += [{"case": case_id, "segment": segmenter.labels.get(c, str(c)), "label": c,
+                      "predicted_quality": round(float(q), 4)} for c, q in scores.items()]
+            metrics = {f"quality_{segmenter.labels.get(c, c)}": float(q) for c, q in scores.items()}
+        if args.png:
+            outputs["png"] = str(_overlay(image_path, label, out_dir / f"{case_id}.png", case_id))
+        written.append(outputs)
+        ctx.events.emit("case_done", case=case_id, outputs=outputs, metrics=metrics)
+        rate = (time.time() - started) / (index + 1)
+        ctx.events.progress(index + 1, len(cases), eta_s=rate * (len(cases) - index - 1), stage="segment")
+    result: Dict[str, Any] = {"output": out_dir}
+    if scorer:
+        result["scores"] = write_scores(rows, out_dir / "scores.csv")
+        worst = sorted(rows, key=lambda r: r["predicted_quality"])[:5]
+        ctx.say("lowest predicted quality: " + ", ".join(f"{r['case']}:{r['segment']}={r['predicted_quality']:.2f}" for r in worst))
+    ctx.say(f"wrote {len(written)} segmentations to {out_dir}")
+    return result
+
+
+def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
+    import csv
+    import io
+
+    from ..fileio import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["case", "segment", "label", "predicted_quality"])
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: r["predicted_quality"]):
+        writer.writerow(row)
+    return write_text_atomic(path, buf.getvalue())
+
+
+def _load_scorer(path: str, device):
+    """Returns f(image_path, label_map, geometry) -> {label: predicted Dice} using quality.score."""
+    from ..quality.score import load_scorer
+
+    return load_scorer(path, device=device)
+
+
+def _overlay(image_path: Path, label, out: Path, title: str) -> Path:
+    from ..data.io import read_image
+    from ..plots import overlay_png
+
+    image, geometry = read_image(image_path)
+    return overlay_png(image, label, out, title=title, spacing_zyx=tuple(reversed(geometry.spacing)))
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_with_events(args, "predict", lambda ctx: predict_body(args, ctx))

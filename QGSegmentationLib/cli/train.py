@@ -1,0 +1,130 @@
+"""`qgseg train`: train a segmenter (supervised by default; any SSL method with --method)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+
+EXAMPLES = """
+examples:
+  qgseg train --dataset Task02_Heart/dataset.json --spacing 1.25 1.25 1.25 --run-dir runs/heart
+  qgseg train --dataset data/dataset.json --mode 2d --patch 160 160 --network basicunet
+  qgseg train --config bench/la_cpu.yaml --set lr=1e-3 --set ssl.ema_decay=0.99
+
+A crashed or cancelled run resumes from <run-dir>/checkpoints/last.pt when started again with the
+same --run-dir. Create the file <run-dir>/CANCEL to stop a run cleanly (exit code 3).
+"""
+
+# CLI flag -> TrainConfig field; flags default to None so only what the user typed overrides
+FLAG_FIELDS = {
+    "dataset": "dataset", "mode": "mode", "network": "network", "spacing": "target_spacing",
+    "patch": "patch_size", "batch": "batch_size", "unlabeled_batch": "unlabeled_batch_size",
+    "iterations": "iterations", "val_every": "val_every", "lr": "lr", "optimizer": "optimizer",
+    "seed": "seed", "method": "method", "quality_checkpoint": "quality_checkpoint",
+    "cache_dir": "cache_dir", "threads": "num_threads", "normalization": "normalization",
+    "n_validation": "n_validation", "iterations_per_epoch": "iterations_per_epoch",
+}
+
+
+def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help="dataset.json (Decathlon / nnU-Net layout: training, unlabeled, "
+                                        "optional validation/test)")
+    data.add_argument("--mode", choices=["3d", "2d"], help="3D patches, or 2D slices along z [3d]")
+    data.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                      help="resample to this voxel spacing in mm before training [keep]")
+    data.add_argument("--normalization", choices=["zscore", "percentile", "none"], help="[zscore]")
+    data.add_argument("--n-validation", type=int, help="cases held out for validation when the dataset "
+                                                       "has no validation list [2]")
+    data.add_argument("--cache-dir", help="keep decoded, preprocessed volumes here across runs")
+    model = parser.add_argument_group("model and optimisation")
+    model.add_argument("--network", help="segmentation network (see `qgseg networks`) [unet]")
+    model.add_argument("--patch", type=int, nargs="+", metavar="N",
+                       help="patch size: z y x in 3d mode, y x in 2d mode [64 64 64]")
+    model.add_argument("--batch", type=int, help="labeled patches per step [2]")
+    model.add_argument("--unlabeled-batch", type=int, help="unlabeled patches per step [2]")
+    model.add_argument("--iterations", type=int, help="optimizer steps in total [2000]")
+    model.add_argument("--iterations-per-epoch", type=int, help="steps per 'epoch' for epoch-based schedules [50]")
+    model.add_argument("--val-every", type=int, help="validate every N steps [200]")
+    model.add_argument("--lr", type=float, help="learning rate [2e-3]")
+    model.add_argument("--optimizer", choices=["adamw", "sgd"], help="[adamw]; sgd uses Nesterov momentum 0.99")
+    model.add_argument("--seed", type=int, help="random seed [0]")
+    model.add_argument("--threads", type=int, help="CPU threads for torch")
+    if with_method:
+        ssl = parser.add_argument_group("semi-supervised learning")
+        ssl.add_argument("--method", help="training method (see `qgseg ssl methods`) [sup]")
+        ssl.add_argument("--guidance", default=None,
+                         help="quality guidance: none, qar, qw or qar,qw (needs --quality-checkpoint)")
+        ssl.add_argument("--quality-checkpoint", help="trained quality predictor (qgseg quality train)")
+    cfg = parser.add_argument_group("configuration files")
+    cfg.add_argument("--config", help="YAML or JSON file of TrainConfig options (CLI flags override it)")
+    cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any option, e.g. --set lr=1e-3 --set ssl.qw_tau=0.6 (repeatable)")
+    cfg.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a segmenter on a dataset.json",
+        description="Train a segmentation network on a dataset (supervised unless --method names an "
+                    "SSL method). Writes checkpoints/best.pt (best validation Dice), checkpoints/last.pt, "
+                    "training_curves.png, history.json and manifest.json into --run-dir.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_train_options(parser)
+    add_run_options(parser)
+    parser.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    from ..engine.config import TrainConfig, apply_overrides, load_config_file
+
+    data: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for flag, field_name in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            data[field_name] = value
+    if getattr(args, "device", None):
+        data["device"] = args.device
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None:
+        parts = {p.strip().lower() for p in guidance.split(",") if p.strip()} - {"none"}
+        unknown = parts - {"qar", "qw"}
+        if unknown:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--guidance: unknown value(s) {', '.join(sorted(unknown))}; use qar, qw or qar,qw")
+        ssl = dict(data.get("ssl") or {})
+        ssl["guidance_qar"], ssl["guidance_qw"] = "qar" in parts, "qw" in parts
+        data["ssl"] = ssl
+    data = apply_overrides(data, getattr(args, "set", []))
+    return TrainConfig.from_dict(data, source=args.config or "options")
+
+
+def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
+    from ..engine.manifest import write_manifest
+    from ..engine.trainer import Trainer
+    from ..fileio import write_json_atomic
+
+    cfg = build_config(args)
+    trainer = Trainer(cfg, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
+                      resume=not args.no_resume)
+    status = "failed"
+    try:
+        result = trainer.fit()
+        status = "ok"
+    finally:
+        write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=cfg.to_dict(),
+                       device=str(trainer.device), seed=cfg.seed, started=ctx.started,
+                       status=status if status == "ok" else "interrupted")
+    write_json_atomic(ctx.run_dir / "history.json", result.history)
+    ctx.say(f"best validation Dice {result.best_metric:.4f} at iteration {result.best_iteration}; "
+            f"{result.wall_time_s / 60:.1f} min")
+    ctx.say(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    return {"best_checkpoint": result.best_checkpoint, "last_checkpoint": result.last_checkpoint,
+            "run_dir": ctx.run_dir}
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_with_events(args, "train", lambda ctx: train_body(args, ctx))

@@ -1,0 +1,371 @@
+"""Dataset descriptions: Decathlon / nnU-Net style `dataset.json` files or explicit file lists.
+
+`load_dataset` checks the description itself (keys, labels, duplicate cases, paths that leave the
+dataset folder, missing files) and reports every problem at once; `validate_dataset` then opens
+every file and checks what the training code relies on (3D scalar volumes, matching image/label
+geometry, label values declared in "labels").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from . import io
+
+GROUPS = ("training", "validation", "test", "unlabeled")
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """One case: an image file and, for labeled cases, its label map file."""
+
+    id: str
+    image: Path
+    label: Path | None = None
+
+    @property
+    def labeled(self) -> bool:
+        return self.label is not None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The cases of a dataset split into groups, and the class names (label value -> name)."""
+
+    root: Path
+    labels: dict
+    training: tuple = ()
+    validation: tuple = ()
+    test: tuple = ()
+    unlabeled: tuple = ()
+    source: Path | None = None  # the dataset.json, when the spec came from one
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list:
+        return [self.labels[v] for v in range(self.n_classes)]
+
+    def group(self, name: str) -> tuple:
+        if name not in GROUPS:
+            raise DataError(f"unknown dataset group '{name}'; choose one of: {', '.join(GROUPS)}")
+        return getattr(self, name)
+
+    def all_cases(self) -> list:
+        """(group name, CaseRef) for every case of every group."""
+        return [(g, case) for g in GROUPS for case in self.group(g)]
+
+    def summary(self) -> dict:
+        return {"root": str(self.root), "n_classes": self.n_classes,
+                "labels": {str(k): v for k, v in self.labels.items()},
+                **{g: len(self.group(g)) for g in GROUPS}}
+
+
+# ---------------------------------------------------------------------------------------- labels
+
+def parse_labels(raw, where: str) -> dict:
+    """{value: name} from Decathlon style {"0": "background", ...} or nnU-Net v2 style
+    {"background": 0, ...}; values must be 0..n-1 with 0 present."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise DataError(f"{where}: \"labels\" must be a non-empty mapping, got {raw!r}")
+    keys_are_values = all(str(k).strip().lstrip("-").isdigit() for k in raw)
+    labels = {}
+    for key, val in raw.items():
+        value, name = (key, val) if keys_are_values else (val, key)
+        if isinstance(value, (list, tuple)):
+            raise DataError(f"{where}: label '{name}' maps to a region {value}; nnU-Net region "
+                            "labels are not supported, give one integer value per class")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: label value {value!r} of '{name}' is not an integer") from None
+        if isinstance(value, float) and value != number:
+            raise DataError(f"{where}: label value {value!r} of '{name}' is not an integer")
+        if number in labels:
+            raise DataError(f"{where}: label value {number} is declared twice "
+                            f"('{labels[number]}' and '{name}')")
+        labels[number] = str(name)
+    expected = list(range(len(labels)))
+    if sorted(labels) != expected:
+        raise DataError(f"{where}: label values must be 0..{len(labels) - 1} without gaps "
+                        f"(0 = background), got {sorted(labels)}")
+    if len(labels) < 2:
+        raise DataError(f"{where}: \"labels\" declares only background; at least one "
+                        "foreground class is needed")
+    return dict(sorted(labels.items()))
+
+
+def default_labels(n_classes: int) -> dict:
+    return {0: "background", **{v: f"label_{v}" for v in range(1, n_classes)}}
+
+
+# --------------------------------------------------------------------------------- dataset.json
+
+class _Problems:
+    """Collects every problem of a description so the user can fix them all in one go."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.items: list = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def raise_if_any(self, hint: str | None = None) -> None:
+        if len(self.items) == 1:
+            raise DataError(f"{self.where}: {self.items[0]}", hint=hint)
+        if self.items:
+            listing = "\n".join(f"  - {p}" for p in self.items)
+            raise DataError(f"{self.where}: {len(self.items)} problems found:\n{listing}", hint=hint)
+
+
+def _resolve(root: Path, relative, entry_desc: str, problems: _Problems) -> Path | None:
+    """Absolute path of a dataset-relative path; None (and a problem) if invalid or outside."""
+    if not isinstance(relative, str) or not relative.strip():
+        problems.add(f"{entry_desc}: expected a file path string, got {relative!r}")
+        return None
+    candidate = Path(relative)
+    joined = candidate if candidate.is_absolute() else root / candidate
+    normalised = Path(os.path.normpath(joined))
+    root_norm = Path(os.path.normpath(root))
+    if normalised != root_norm and root_norm not in normalised.parents:
+        problems.add(f"{entry_desc}: path '{relative}' points outside the dataset folder {root}")
+        return None
+    if not normalised.is_file():
+        problems.add(f"{entry_desc}: file '{relative}' does not exist")
+        return None
+    return normalised
+
+
+def _parse_entry(root: Path, entry, group: str, index: int, problems: _Problems,
+                 need_label: bool) -> CaseRef | None:
+    desc = f"\"{group}\"[{index}]"
+    if isinstance(entry, str):
+        image_rel, label_rel = entry, None
+    elif isinstance(entry, Mapping):
+        if "image" not in entry:
+            problems.add(f"{desc}: entry has no \"image\" key ({entry!r})")
+            return None
+        image_rel, label_rel = entry["image"], entry.get("label")
+    else:
+        problems.add(f"{desc}: expected a path or an {{\"image\", \"label\"}} object, got {entry!r}")
+        return None
+    if group == "unlabeled":
+        label_rel = None  # an unlabeled image is used without its label even if one is listed
+    if need_label and label_rel is None:
+        problems.add(f"{desc}: labeled entry has no \"label\" key")
+        return None
+    image = _resolve(root, image_rel, f"{desc} image", problems)
+    label = _resolve(root, label_rel, f"{desc} label", problems) if label_rel is not None else None
+    if image is None or (label_rel is not None and label is None):
+        return None
+    return CaseRef(io.case_id_from_path(image), image, label)
+
+
+def _check_duplicates(groups: Mapping[str, Sequence[CaseRef]], problems: _Problems) -> None:
+    """Each image file once in the whole dataset; each case id once per group."""
+    seen_files: dict = {}
+    for group, cases in groups.items():
+        ids: dict = {}
+        for case in cases:
+            if case.image in seen_files:
+                problems.add(f"duplicate case: image '{case.image}' is listed in "
+                             f"\"{seen_files[case.image]}\" and \"{group}\"")
+                continue
+            seen_files[case.image] = group
+            if case.id in ids:
+                problems.add(f"duplicate case id '{case.id}' in \"{group}\" "
+                             f"('{ids[case.id]}' and '{case.image}')")
+            ids.setdefault(case.id, case.image)
+
+
+def _nnunet_training(root: Path, desc: Mapping, problems: _Problems) -> list:
+    """nnU-Net v2 folders without a "training" list: imagesTr/<case>_0000<ending> with
+    labelsTr/<case><ending>."""
+    ending = desc.get("file_ending", ".nii.gz")
+    entries = []
+    for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
+        case = image.name[: -len(f"_0000{ending}")]
+        entries.append({"image": f"imagesTr/{image.name}", "label": f"labelsTr/{case}{ending}"})
+    if not entries:
+        problems.add("has no \"training\" list and no nnU-Net style imagesTr/*_0000"
+                     f"{ending} files")
+    return entries
+
+
+def load_dataset(path: str | os.PathLike) -> DatasetSpec:
+    """Parse a Decathlon / nnU-Net style dataset.json (paths relative to its folder).
+
+    Keys: "labels" (required), "training" (list of {"image","label"}), optional "validation",
+    "test" (paths or {"image"[, "label"]}), "unlabeled" (paths or {"image"})."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{path}: dataset description does not exist")
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(desc, Mapping):
+        raise DataError(f"{path}: expected a JSON object at the top level")
+    problems = _Problems(str(path))
+    root = Path(os.path.abspath(path.parent))
+    if "labels" not in desc:
+        raise DataError(f"{path}: missing required key \"labels\" (e.g. "
+                        "{\"0\": \"background\", \"1\": \"organ\"})")
+    labels = parse_labels(desc["labels"], str(path))
+    channels = desc.get("channel_names", desc.get("modality"))
+    if isinstance(channels, Mapping) and len(channels) > 1:
+        raise DataError(f"{path}: {len(channels)} image channels declared ({dict(channels)}); "
+                        "only single-channel images are supported")
+    raw_groups = {}
+    for group in GROUPS:
+        value = desc.get(group, [])
+        if group == "training" and "training" not in desc:
+            value = _nnunet_training(root, desc, problems)
+        if not isinstance(value, list):
+            problems.add(f"\"{group}\" must be a list, got {type(value).__name__}")
+            value = []
+        raw_groups[group] = value
+    groups = {}
+    for group, entries in raw_groups.items():
+        refs = [_parse_entry(root, entry, group, i, problems, need_label=group in ("training", "validation"))
+                for i, entry in enumerate(entries)]
+        groups[group] = tuple(r for r in refs if r is not None)
+    _check_duplicates(groups, problems)
+    if not raw_groups["training"] and not problems.items:
+        problems.add("no labeled cases: \"training\" is empty")
+    problems.raise_if_any()
+    return DatasetSpec(root=root, labels=labels, source=path, **groups)
+
+
+def dataset_from_files(images: Sequence, labels: Sequence, unlabeled: Sequence = (),
+                       labels_map: Mapping | None = None, root: str | os.PathLike | None = None
+                       ) -> DatasetSpec:
+    """A spec from explicit file lists: `images[i]` is labeled by `labels[i]`; `unlabeled` are
+    images without labels. Without `labels_map` the classes are found by reading the labels."""
+    problems = _Problems("file list")
+    if len(images) != len(labels):
+        raise DataError(f"file list: {len(images)} images but {len(labels)} labels; "
+                        "give one label per labeled image")
+    if not images:
+        raise DataError("file list: no labeled cases given")
+
+    def ref(image, label, desc):
+        image_path = Path(os.path.abspath(image))
+        label_path = Path(os.path.abspath(label)) if label is not None else None
+        for p, kind in ((image_path, "image"), (label_path, "label")):
+            if p is not None and not p.is_file():
+                problems.add(f"{desc} {kind} file '{p}' does not exist")
+        return CaseRef(io.case_id_from_path(image_path), image_path, label_path)
+
+    training = tuple(ref(i, l, f"labeled case {n}") for n, (i, l) in enumerate(zip(images, labels)))
+    extra = tuple(ref(i, None, f"unlabeled case {n}") for n, i in enumerate(unlabeled))
+    _check_duplicates({"training": training, "unlabeled": extra}, problems)
+    problems.raise_if_any()
+    if labels_map is not None:
+        label_names = parse_labels(labels_map, "labels argument")
+    else:
+        highest = max(max(io.present_labels(io.read_label(c.label)[0])) for c in training)
+        label_names = default_labels(max(int(highest) + 1, 2))
+    common = os.path.commonpath([str(c.image.parent) for c in training + extra])
+    return DatasetSpec(root=Path(root) if root else Path(common), labels=label_names,
+                       training=training, unlabeled=extra)
+
+
+def split_validation(spec: DatasetSpec, n_validation: int, seed: int = 0) -> DatasetSpec:
+    """Move `n_validation` training cases (chosen by a seeded shuffle) to validation, unless the
+    spec already has validation cases. Deterministic given the seed and the case list."""
+    if spec.validation or n_validation <= 0:
+        return spec
+    if n_validation >= len(spec.training):
+        raise DataError(f"cannot hold out {n_validation} validation cases from "
+                        f"{len(spec.training)} labeled training cases; at least one must remain")
+    order = np.random.default_rng(seed).permutation(len(spec.training))
+    chosen = set(int(i) for i in order[:n_validation])
+    validation = tuple(c for i, c in enumerate(spec.training) if i in chosen)
+    training = tuple(c for i, c in enumerate(spec.training) if i not in chosen)
+    return replace(spec, training=training, validation=validation)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+@dataclass
+class ValidationReport:
+    """What `validate_dataset` found: counts, geometry ranges and label voxel counts."""
+
+    cases: dict = field(default_factory=dict)
+    spacing_min: tuple = ()
+    spacing_max: tuple = ()
+    size_min: tuple = ()
+    size_max: tuple = ()
+    label_voxels: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"cases": self.cases, "spacing_min": list(self.spacing_min),
+                "spacing_max": list(self.spacing_max), "size_min": list(self.size_min),
+                "size_max": list(self.size_max),
+                "label_voxels": {str(k): v for k, v in self.label_voxels.items()},
+                "warnings": list(self.warnings)}
+
+
+def _validate_case(case: CaseRef, group: str, spec: DatasetSpec, report: ValidationReport,
+                   problems: _Problems, geometries: list) -> None:
+    try:
+        image_geom = io.read_geometry(case.image, "image")
+    except DataError as exc:
+        problems.add(f"[{group}] {exc.message}")
+        return
+    geometries.append(image_geom)
+    if case.label is None:
+        return
+    try:
+        label, label_geom = io.read_label(case.label, allowed_labels=spec.labels)
+        io.check_same_geometry(image_geom, label_geom, case.image, case.label)
+    except DataError as exc:
+        problems.add(f"[{group}] {exc.message}")
+        return
+    counts = np.bincount(label.ravel(), minlength=spec.n_classes)
+    for value in range(spec.n_classes):
+        report.label_voxels[value] = report.label_voxels.get(value, 0) + int(counts[value])
+    if group == "training" and counts[1:].sum() == 0:
+        report.warnings.append(f"{case.label}: label map is empty (background only)")
+
+
+def validate_dataset(spec: DatasetSpec, check_files: bool = True) -> ValidationReport:
+    """Open every file of `spec` (image headers only, labels fully) and raise one DataError
+    listing every problem; otherwise return a `ValidationReport`."""
+    report = ValidationReport(cases={g: len(spec.group(g)) for g in GROUPS})
+    problems = _Problems(str(spec.source or spec.root))
+    geometries: list = []
+    if check_files:
+        for group, case in spec.all_cases():
+            _validate_case(case, group, spec, report, problems, geometries)
+    problems.raise_if_any(hint="fix or remove the listed files and run validation again")
+    if geometries:
+        spacings = np.array([g.spacing for g in geometries])
+        sizes = np.array([g.size for g in geometries])
+        report.spacing_min = tuple(float(v) for v in spacings.min(0))
+        report.spacing_max = tuple(float(v) for v in spacings.max(0))
+        report.size_min = tuple(int(v) for v in sizes.min(0))
+        report.size_max = tuple(int(v) for v in sizes.max(0))
+    for value in range(1, spec.n_classes):
+        if check_files and report.label_voxels.get(value, 0) == 0:
+            report.warnings.append(f"class {value} ('{spec.labels[value]}') never occurs in any label map")
+    return report
+
+
+def iter_cases(spec: DatasetSpec, groups: Iterable[str]) -> list:
+    """The CaseRefs of the named groups, in order."""
+    return [case for g in groups for case in spec.group(g)]

@@ -1,0 +1,414 @@
+"""Geometry-exact reading and writing of images, label maps and Slicer segmentation files.
+
+Every read validates what the rest of the package assumes (a 3D single-component scalar volume,
+finite intensities, integer labels within the declared classes) and turns each violation into a
+`DataError` naming the file and the problem. Every write is atomic and keeps the exact geometry.
+
+Arrays are in numpy order (z, y, x); `Geometry` keeps SimpleITK's (x, y, z) order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from ..fileio import atomic_path
+
+#: File name endings read and written, longest first so `.seg.nrrd` wins over `.nrrd`.
+IMAGE_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")
+SEGMENTATION_EXTENSION = ".seg.nrrd"
+LABEL_EXTENSIONS = (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS
+MAX_LABEL_VALUE = 255  # labels are stored as uint8
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a volume in SimpleITK conventions: size/spacing/origin in (x, y, z) order,
+    direction as the row-major 3x3 direction-cosine matrix flattened to 9 numbers."""
+
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
+        if not (len(self.size) == len(self.spacing) == len(self.origin) == 3 and len(self.direction) == 9):
+            raise ValueError(f"Geometry needs 3 sizes/spacings/origins and 9 direction values, got {self}")
+
+    @classmethod
+    def from_sitk(cls, image_or_reader) -> "Geometry":
+        """Geometry of a `sitk.Image` or of a `sitk.ImageFileReader` after `ReadImageInformation`."""
+        return cls(tuple(image_or_reader.GetSize()), tuple(image_or_reader.GetSpacing()),
+                   tuple(image_or_reader.GetOrigin()), tuple(image_or_reader.GetDirection()))
+
+    @classmethod
+    def identity(cls, shape_zyx: Sequence[int]) -> "Geometry":
+        """Unit spacing, zero origin, identity direction for an array of numpy shape (z, y, x)."""
+        return cls(tuple(int(s) for s in reversed(tuple(shape_zyx))), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+    @property
+    def shape(self) -> tuple:
+        """Numpy shape (z, y, x) of a volume on this grid."""
+        return tuple(reversed(self.size))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def apply(self, image):
+        """Stamp spacing, origin and direction onto a `sitk.Image` of the same size; returns it."""
+        if tuple(image.GetSize()) != self.size:
+            raise ValueError(f"image size {tuple(image.GetSize())} does not match geometry size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def index_to_physical(self, index_xyz: Sequence[float]) -> np.ndarray:
+        """Physical (x, y, z) position of a continuous voxel index given in (x, y, z) order."""
+        scaled = np.asarray(index_xyz, dtype=np.float64) * np.asarray(self.spacing)
+        return np.asarray(self.origin) + self.direction_matrix @ scaled
+
+    def differences(self, other: "Geometry", tol: float = 1e-4) -> list:
+        """Human-readable list of what differs; spacing/origin tolerance is `tol` times the
+        largest voxel spacing (NIfTI stores float32), direction tolerance is `tol` absolute."""
+        problems = []
+        if self.size != other.size:
+            problems.append(f"size {_fmt(self.size)} vs {_fmt(other.size)}")
+        scale = tol * max(max(self.spacing), max(other.spacing), 1e-12)
+        if not np.allclose(self.spacing, other.spacing, rtol=0, atol=scale):
+            problems.append(f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}")
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=scale):
+            problems.append(f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
+            problems.append(f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}")
+        return problems
+
+    def almost_equal(self, other: "Geometry", tol: float = 1e-4) -> bool:
+        return not self.differences(other, tol)
+
+    def describe(self) -> str:
+        return (f"size {_fmt(self.size)} (x,y,z), spacing {_fmt(self.spacing)} mm, "
+                f"origin {_fmt(self.origin)} mm, direction {_fmt(self.direction)}")
+
+    def to_dict(self) -> dict:
+        """Plain lists, for JSON files and `torch.load(weights_only=True)` checkpoints."""
+        return {"size": list(self.size), "spacing": list(self.spacing),
+                "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Geometry":
+        return cls(data["size"], data["spacing"], data["origin"], data["direction"])
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + ")"
+
+
+def file_extension(path: str | os.PathLike) -> str:
+    """The recognised extension of `path` (lower case, e.g. '.nii.gz', '.seg.nrrd') or ''."""
+    name = Path(path).name.lower()
+    for ext in LABEL_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return ""
+
+
+def case_id_from_path(path: str | os.PathLike) -> str:
+    """File name without its recognised extension: 'imagesTr/la_003.nii.gz' -> 'la_003'."""
+    name = Path(path).name
+    ext = file_extension(path)
+    return name[: len(name) - len(ext)] if ext else Path(path).stem
+
+
+def _check_extension(path: Path, allowed: Sequence[str], what: str) -> None:
+    ext = file_extension(path)
+    if ext not in allowed:
+        raise DataError(f"{path}: unsupported file type for {what} "
+                        f"(supported: {', '.join(allowed)})")
+
+
+def _reader(path: Path, what: str):
+    """A SimpleITK reader with the header read and checked: 3D, one scalar component."""
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise DataError(f"{path}: {what} file does not exist")
+    if not path.is_file():
+        raise DataError(f"{path}: {what} path is not a file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataError(f"{path}: cannot read {what} file, it is corrupt or not a valid "
+                        f"{file_extension(path) or 'image'} file ({_itk_reason(exc)})") from None
+    dimension = reader.GetDimension()
+    components = reader.GetNumberOfComponents()
+    if dimension == 2:
+        raise DataError(f"{path}: {what} is a 2D image (size {_fmt(reader.GetSize())}); "
+                        "only 3D volumes are supported for now",
+                        hint="stack 2D slices into a 3D volume before training")
+    if dimension != 3:
+        raise DataError(f"{path}: {what} is a {dimension}D image (size {_fmt(reader.GetSize())}); "
+                        "only 3D single-channel volumes are supported",
+                        hint="split multi-channel or time-series data into separate 3D volumes")
+    if components != 1 and file_extension(path) == SEGMENTATION_EXTENSION:
+        raise DataError(f"{path}: segmentation has {components} layers (overlapping segments); "
+                        "only single-layer .seg.nrrd files are supported",
+                        hint="in Slicer, export the segmentation to a labelmap volume and save that")
+    if components != 1:
+        raise DataError(f"{path}: {what} has {components} components per voxel (vector/colour "
+                        "image); only single-component scalar volumes are supported")
+    return reader
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The informative last line of an ITK exception message."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _execute(reader, path: Path, what: str):
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise DataError(f"{path}: cannot read {what} voxel data, the file is corrupt or "
+                        f"truncated ({_itk_reason(exc)})") from None
+
+
+def read_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
+    """Header-only read: the geometry of a 3D scalar volume, without decoding voxels."""
+    path = Path(path)
+    _check_extension(path, LABEL_EXTENSIONS, what)
+    return Geometry.from_sitk(_reader(path, what))
+
+
+def read_image(path: str | os.PathLike) -> tuple:
+    """Read an intensity volume: (float32 array (z, y, x), Geometry). Rejects NaN/Inf."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if file_extension(path) == SEGMENTATION_EXTENSION:
+        raise DataError(f"{path}: is a Slicer segmentation (.seg.nrrd), not an intensity image")
+    _check_extension(path, IMAGE_EXTENSIONS, "an image")
+    reader = _reader(path, "image")
+    if "complex" in reader.GetPixelIDTypeAsString():
+        raise DataError(f"{path}: image has complex voxels; only real-valued volumes are supported")
+    image = _execute(reader, path, "image")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        n_bad = int(array.size - np.isfinite(array).sum())
+        raise DataError(f"{path}: image contains {n_bad} NaN or infinite voxel values")
+    return array, Geometry.from_sitk(image)
+
+
+def read_label(path: str | os.PathLike, allowed_labels: Iterable[int] | None = None) -> tuple:
+    """Read a label map (.nrrd/.nii[.gz]/.mha/.mhd or single-layer Slicer .seg.nrrd whose voxel
+    values are the labels): (uint8 array (z, y, x), Geometry).
+
+    Values must be integers in 0..255 and, when `allowed_labels` is given, among them."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_extension(path, LABEL_EXTENSIONS, "a label map")
+    reader = _reader(path, "label")
+    image = _execute(reader, path, "label")
+    array = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: label map contains NaN or infinite values")
+        fractional = array != np.round(array)
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise DataError(f"{path}: label map has non-integer values (e.g. {example:g}); "
+                            "labels must be whole numbers 0..n_classes-1",
+                            hint="this looks like an intensity image or a probability map, "
+                                 "not a label map")
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < 0 or high > MAX_LABEL_VALUE:
+        raise DataError(f"{path}: label values must lie in 0..{MAX_LABEL_VALUE}, "
+                        f"found range {low:g}..{high:g}")
+    labels = array.astype(np.uint8, copy=False)
+    if allowed_labels is not None:
+        allowed = {int(v) for v in allowed_labels}
+        present = present_labels(labels)
+        unknown = sorted(set(present) - allowed)
+        if unknown:
+            raise DataError(f"{path}: label values {unknown} are not declared in dataset.json "
+                            f"labels (declared: {sorted(allowed)})")
+    return labels, Geometry.from_sitk(image)
+
+
+def present_labels(labels: np.ndarray) -> list:
+    """Sorted label values occurring in a uint8 label array (bincount: faster than np.unique)."""
+    counts = np.bincount(labels.ravel(), minlength=1)
+    return [int(v) for v in np.flatnonzero(counts)]
+
+
+def check_same_geometry(image_geom: Geometry, label_geom: Geometry, image_path="image",
+                        label_path="label", tol: float = 1e-4) -> None:
+    """Raise a DataError describing how the label's voxel grid differs from the image's."""
+    problems = image_geom.differences(label_geom, tol)
+    if problems:
+        raise DataError(f"{label_path}: label geometry does not match image {image_path}: "
+                        + "; ".join(f"{p} (image vs label)" for p in problems),
+                        hint="resample the label onto the image grid, e.g. with Slicer's "
+                             "'Resample Scalar/Vector/DWI Volume' using nearest neighbour")
+
+
+def _label_image(array: np.ndarray, geometry: Geometry, path: Path):
+    """Validated uint8 sitk.Image of a label array placed on `geometry`."""
+    import SimpleITK as sitk
+
+    array = np.asarray(array)
+    if array.shape != geometry.shape:
+        raise DataError(f"{path}: label array shape {array.shape} (z,y,x) does not match the "
+                        f"geometry {geometry.shape} (z,y,x)")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise DataError(f"{path}: label array must hold integers, got dtype {array.dtype}")
+        if array.size and (array.min() < 0 or array.max() > MAX_LABEL_VALUE):
+            raise DataError(f"{path}: label values must lie in 0..{MAX_LABEL_VALUE}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
+    return geometry.apply(image)
+
+
+def _write_atomic(image, path: Path) -> Path:
+    import SimpleITK as sitk
+
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as exc:
+            raise DataError(f"{path}: cannot write file ({_itk_reason(exc)})") from None
+    return path
+
+
+def write_label(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
+    """Atomically write a uint8 label map (z, y, x) with exact geometry (.nrrd/.nii[.gz]/.mha)."""
+    path = Path(path)
+    if file_extension(path) == SEGMENTATION_EXTENSION:
+        raise DataError(f"{path}: use write_segmentation for Slicer .seg.nrrd files")
+    _check_extension(path, IMAGE_EXTENSIONS, "a label map")
+    return _write_atomic(_label_image(array, geometry, path), path)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
+    """Atomically write a float32 scalar volume (z, y, x) with exact geometry."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_extension(path, IMAGE_EXTENSIONS, "an image")
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != geometry.shape:
+        raise DataError(f"{path}: image array shape {array.shape} does not match the geometry "
+                        f"{geometry.shape} (z,y,x)")
+    return _write_atomic(geometry.apply(sitk.GetImageFromArray(array)), path)
+
+
+# Slicer's GenericAnatomyColors for the first labels, used when no colour is given.
+DEFAULT_SEGMENT_COLORS = (
+    (0.501961, 0.682353, 0.501961), (0.945098, 0.839216, 0.568627), (0.694118, 0.478431, 0.396078),
+    (0.435294, 0.721569, 0.823529), (0.847059, 0.396078, 0.309804), (0.866667, 0.509804, 0.396078),
+    (0.564706, 0.933333, 0.564706), (0.752941, 0.407843, 0.345098), (0.862745, 0.960784, 0.078431),
+    (0.305882, 0.247059, 0.000000),
+)
+
+
+def _segment_extent(bbox) -> str:
+    """Slicer extent 'xmin xmax ymin ymax zmin zmax' of a (z, y, x) slice tuple; empty: 0 -1 ..."""
+    if bbox is None:
+        return "0 -1 0 -1 0 -1"
+    z, y, x = bbox
+    return f"{x.start} {x.stop - 1} {y.start} {y.stop - 1} {z.start} {z.stop - 1}"
+
+
+def _clean_header_text(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _normalise_color(color, path: Path, value: int) -> tuple:
+    rgb = tuple(float(c) for c in color)
+    if len(rgb) != 3:
+        raise DataError(f"{path}: colour of segment {value} must have 3 components, got {rgb}")
+    if max(rgb) > 1.0:  # given as 0..255
+        rgb = tuple(c / 255.0 for c in rgb)
+    return rgb
+
+
+def segmentation_metadata(array: np.ndarray, names: Mapping[int, str],
+                          colors: Mapping[int, Sequence[float]] | None = None,
+                          path: Path = Path("segmentation")) -> dict:
+    """The Slicer segmentation NRRD header fields for a single-layer label map.
+
+    One segment per named non-zero label (and per unnamed non-zero value present in `array`,
+    auto-named 'Segment_<value>'); segment extents are the voxel bounding boxes."""
+    from scipy import ndimage
+
+    array = np.asarray(array, dtype=np.uint8)
+    values = sorted({int(v) for v in names if int(v) != 0} | set(present_labels(array)) - {0})
+    boxes = ndimage.find_objects(array) if values else []
+    meta = {
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    for index, value in enumerate(values):
+        named = value in names or str(value) in names
+        name = names.get(value, names.get(str(value))) if named else f"Segment_{value}"
+        given = colors is not None and value in colors
+        color = (_normalise_color(colors[value], path, value) if given
+                 else DEFAULT_SEGMENT_COLORS[(value - 1) % len(DEFAULT_SEGMENT_COLORS)])
+        bbox = boxes[value - 1] if value - 1 < len(boxes) else None
+        prefix = f"Segment{index}_"
+        meta.update({
+            prefix + "ID": f"Segment_{value}",
+            prefix + "Name": _clean_header_text(name),
+            prefix + "NameAutoGenerated": "0" if named else "1",
+            prefix + "Color": " ".join(f"{c:.6f}" for c in color),
+            prefix + "ColorAutoGenerated": "0" if given else "1",
+            prefix + "LabelValue": str(value),
+            prefix + "Layer": "0",
+            prefix + "Extent": _segment_extent(bbox),
+            prefix + "Tags": "Segmentation.Status:inprogress|",
+        })
+    return meta
+
+
+def write_segmentation(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
+                       names: Mapping[int, str], colors: Mapping[int, Sequence[float]] | None = None
+                       ) -> Path:
+    """Atomically write a Slicer-loadable `.seg.nrrd`: a uint8 label map whose header carries
+    the segment names, colours, label values and extents (single layer, binary labelmap)."""
+    path = Path(path)
+    if file_extension(path) != SEGMENTATION_EXTENSION:
+        raise DataError(f"{path}: a Slicer segmentation file name must end with .seg.nrrd")
+    image = _label_image(array, geometry, path)
+    for key, value in segmentation_metadata(array, names, colors, path).items():
+        image.SetMetaData(key, value)
+    return _write_atomic(image, path)
+
+
+def read_segmentation_names(path: str | os.PathLike) -> dict:
+    """{label value: segment name} from a Slicer .seg.nrrd header (single layer)."""
+    reader = _reader(Path(path), "segmentation")
+    keys = set(reader.GetMetaDataKeys())
+    names = {}
+    index = 0
+    while f"Segment{index}_LabelValue" in keys:
+        value = int(reader.GetMetaData(f"Segment{index}_LabelValue"))
+        key = f"Segment{index}_Name"
+        names[value] = reader.GetMetaData(key) if key in keys else f"Segment_{value}"
+        index += 1
+    return names
+

@@ -1,0 +1,61 @@
+"""Checkpoints: atomic save, safe load (`torch.load(weights_only=True)`), and the folder layout.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts — nothing that needs
+unpickling of arbitrary classes — so it loads with weights_only=True everywhere, including in a
+Slicer process that should never execute code from a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from ..errors import DataError
+from ..fileio import atomic_path
+
+FORMAT = "qgseg-segmenter"
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
+    import torch
+
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format: str | None = FORMAT) -> Dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
+        raise DataError(f"{path}: not a readable QGSegmentation checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or (expected_format and state.get("format") != expected_format):
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise DataError(f"{path}: expected a {expected_format} checkpoint, found {found!r}")
+    return state
+
+
+def plain(obj: Any) -> Any:
+    """Convert numpy scalars/arrays (e.g. in RNG states) to builtins so weights_only can load them."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

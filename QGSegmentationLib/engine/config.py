@@ -1,0 +1,148 @@
+"""Training configuration: one dataclass, loadable from YAML/JSON, overridable from the CLI.
+
+Iteration semantics: training length is counted in optimizer steps (`iterations`). An "epoch" is
+`iterations_per_epoch` steps; it exists only so that schedules from the papers (written in epochs,
+e.g. "QAR weight 0 for 30 epochs, then ramp over 40") keep their shape. Validation runs every
+`val_every` iterations on the validation split, never the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = ""                      # dataset.json path
+    mode: str = "3d"                       # "3d" patches or "2d" slices along z
+    target_spacing: Optional[Tuple[float, float, float]] = None  # (x, y, z) mm; None = keep
+    normalization: str = "zscore"          # zscore | percentile | none
+    crop_foreground: bool = False
+    n_validation: int = 2                  # cases moved from training to validation when the dataset has none
+    max_unlabeled: Optional[int] = None
+    cache_dir: Optional[str] = None
+    # model
+    network: str = "unet"
+    network_options: Dict[str, Any] = field(default_factory=dict)
+    # sampling
+    patch_size: Tuple[int, ...] = (64, 64, 64)
+    batch_size: int = 2
+    unlabeled_batch_size: int = 2
+    fg_ratio: float = 0.33
+    augment: bool = True
+    # optimisation
+    iterations: int = 2000
+    iterations_per_epoch: int = 50
+    optimizer: str = "adamw"               # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    schedule: str = "poly"                 # poly | cosine | constant
+    warmup_iterations: int = 0
+    grad_clip: float = 1.0
+    amp: str = "auto"                      # auto (on for CUDA) | on | off
+    channels_last: str = "auto"
+    # validation & checkpoints
+    val_every: int = 200
+    checkpoint_every: int = 100
+    sw_overlap: float = 0.25
+    # semi-supervised
+    method: str = "sup"
+    ssl: Dict[str, Any] = field(default_factory=dict)   # SSLConfig fields (see `qgseg ssl methods`)
+    quality_checkpoint: Optional[str] = None           # trained g, needed by QAR/QW guidance
+    # run
+    seed: int = 0
+    device: str = "auto"
+    num_threads: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
+                              f"valid options: {', '.join(sorted(names))}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.mode not in ("2d", "3d"):
+            raise ConfigError(f"mode must be 2d or 3d, not {self.mode!r}")
+        dims = 2 if self.mode == "2d" else 3
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) == 3 and dims == 2:
+            self.patch_size = self.patch_size[1:]
+        if len(self.patch_size) != dims:
+            raise ConfigError(f"patch_size {self.patch_size} must have {dims} numbers in {self.mode} mode")
+        if self.target_spacing is not None:
+            self.target_spacing = tuple(float(s) for s in self.target_spacing)
+            if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+                raise ConfigError(f"target_spacing must be three positive numbers (x y z mm), "
+                                  f"not {self.target_spacing}")
+        for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "iterations_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise ConfigError(f"schedule must be poly, cosine or constant, not {self.schedule!r}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
+
+
+def load_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML or JSON config file into a dict, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - parser errors vary by library
+        raise ConfigError(f"{path}: cannot parse config file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of option: value")
+    return data
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """`ssl.ema_decay=0.99` -> (["ssl", "ema_decay"], 0.99); values parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except Exception:  # noqa: BLE001
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    out = json.loads(json.dumps(data))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {key} is not a section")
+        node[keys[-1]] = value
+    return out

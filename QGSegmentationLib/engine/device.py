@@ -1,0 +1,74 @@
+"""Device selection and the out-of-memory translation shared by every training/inference entry."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from ..errors import CudaUnavailableError, OutOfMemoryError
+
+FAULT_ENV = "QGSEG_INJECT_FAULT"  # "oom" -> raise an out-of-memory error at the first step (tests)
+
+
+def resolve_device(name: str = "auto"):
+    """`auto` -> cuda if available else cpu; `cuda` without a GPU raises CudaUnavailableError."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CudaUnavailableError(
+                "--device cuda was requested but torch sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})",
+                hint="use --device cpu, or install a CUDA build of torch that matches your driver",
+            )
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    from ..errors import ConfigError
+
+    raise ConfigError(f"unknown device '{name}'; choose auto, cuda or cpu")
+
+
+def device_description(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "defaultcpuallocator" in text)
+
+
+@contextlib.contextmanager
+def translate_oom(where: str) -> Iterator[None]:
+    """Turn torch's OOM errors into OutOfMemoryError with advice (exit code 4, kind oom)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised either way
+        if isinstance(exc, OutOfMemoryError):
+            raise
+        if is_oom(exc):
+            raise OutOfMemoryError(
+                f"out of memory during {where}: {str(exc).splitlines()[0][:200]}",
+                hint="use a smaller patch size or batch size, a narrower network, or --device cpu",
+            ) from exc
+        raise
+
+
+def maybe_inject_fault(iteration: int) -> None:
+    """Test hook: QGSEG_INJECT_FAULT=oom makes the first training step fail like a real OOM."""
+    if os.environ.get(FAULT_ENV, "").lower() == "oom" and iteration == 0:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by QGSEG_INJECT_FAULT)")

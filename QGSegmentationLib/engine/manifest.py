@@ -1,0 +1,68 @@
+"""The run manifest: everything needed to know what produced a run folder and to reproduce it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from .. import __version__
+from ..fileio import write_json_atomic
+
+
+def package_versions() -> Dict[str, str]:
+    """Versions of the packages that matter, without importing torch if it is not loaded yet."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "qgsegmentation": __version__}
+    for dist in ("torch", "monai", "numpy", "scipy", "SimpleITK"):
+        try:
+            out[dist.lower()] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist.lower()] = "not installed"
+    if "torch" in sys.modules:
+        import torch
+
+        out["cuda_build"] = torch.version.cuda or "none"
+        out["cudnn"] = str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "none"
+    return out
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The commit of the checkout that holds this package (or `path`), if it is a git checkout."""
+    where = Path(path) if path else Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write_manifest(run_dir: str | os.PathLike, *, command: list[str], config: Dict[str, Any],
+                   device: str, seed: int | None, started: float, status: str,
+                   extra: Dict[str, Any] | None = None) -> Path:
+    manifest = {
+        "command": command,
+        "status": status,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_time_s": round(time.time() - started, 2),
+        "seed": seed,
+        "device": device,
+        "versions": package_versions(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(),
+        "config": config,
+    }
+    if extra:
+        manifest.update(extra)
+    return write_json_atomic(Path(run_dir) / "manifest.json", manifest)

@@ -1,0 +1,383 @@
+"""The training loop shared by every method: supervised training is simply the `sup` method.
+
+One `Trainer.fit()` call: prepare data (decoded once, cached), build the method's networks and one
+optimizer per network, then iterate: sample labeled (+ unlabeled) batches, `method.training_step`,
+one backward, clip, step, `method.after_optimizer_step`. Validation Dice on the validation split
+every `val_every` iterations selects `best.pt`; `last.pt` is written every `checkpoint_every`
+iterations and on cancel, so a crashed or cancelled run resumes exactly where it stopped
+(network, optimizer, scheduler, method state such as EMA teachers, sampler and torch RNG states).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from .cancel import CancelToken
+from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
+from .config import TrainConfig
+from .device import maybe_inject_fault, resolve_device, translate_oom
+from .events import EventWriter
+from .manifest import package_versions
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: float
+    best_iteration: int
+    iterations: int
+    wall_time_s: float
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    total, warm = cfg.iterations, cfg.warmup_iterations
+
+    def factor(it: int) -> float:
+        if warm and it < warm:
+            return (it + 1) / warm
+        progress = min(1.0, (it - warm) / max(1, total - warm))
+        if cfg.schedule == "poly":
+            return (1 - progress) ** 0.9
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Trains one method on one dataset into `run_dir`. See module docstring."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, events: Optional[EventWriter] = None,
+                 progress_bar: bool = True, resume: bool = True):
+        config.validate()
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.events = events or EventWriter()
+        self.progress_bar = progress_bar
+        self.resume = resume
+        self.cancel = CancelToken(self.run_dir)
+        self.device = resolve_device(config.device)
+        self.history: List[Dict[str, Any]] = []
+        self.best_metric = -1.0
+        self.best_iteration = -1
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self):
+        from ..data.cache import CaseStore
+        from ..data.dataset import load_dataset, split_validation
+        from ..data.preprocess import PreprocessConfig, Preprocessor
+
+        cfg = self.cfg
+        if not cfg.dataset:
+            raise ConfigError("no dataset given: pass --dataset path/to/dataset.json")
+        spec = load_dataset(cfg.dataset)
+        if not spec.validation:
+            spec = split_validation(spec, cfg.n_validation, seed=cfg.seed)
+        self.spec = spec
+        self.preprocessor = Preprocessor(PreprocessConfig(
+            target_spacing=cfg.target_spacing, normalization=cfg.normalization,
+            crop_foreground=cfg.crop_foreground))
+        store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir)
+        self.labeled = store.load_many(spec.training, progress=self.progress_bar)
+        self.validation = store.load_many(spec.validation, progress=self.progress_bar)
+        unlabeled_refs = list(spec.unlabeled)[: cfg.max_unlabeled] if cfg.max_unlabeled else list(spec.unlabeled)
+        self.unlabeled = store.load_many(unlabeled_refs, progress=self.progress_bar) if self._method_cls().uses_unlabeled else []
+        if self._method_cls().uses_unlabeled and not self.unlabeled:
+            raise DataError(f"{cfg.dataset}: method '{cfg.method}' needs unlabeled images, but the dataset "
+                            "lists none under \"unlabeled\"")
+        self.n_classes = spec.n_classes
+
+    def make_samplers(self):
+        from ..data.samplers import PatchSampler
+
+        cfg = self.cfg
+        self.labeled_sampler = PatchSampler(self.labeled, cfg.patch_size, cfg.batch_size, mode=cfg.mode,
+                                            fg_ratio=cfg.fg_ratio, augment=cfg.augment, seed=cfg.seed)
+        self.unlabeled_sampler = None
+        if self.unlabeled:
+            self.unlabeled_sampler = PatchSampler(self.unlabeled, cfg.patch_size, cfg.unlabeled_batch_size,
+                                                  mode=cfg.mode, fg_ratio=0.0, augment=cfg.augment,
+                                                  seed=cfg.seed + 1, with_labels=False)
+
+    # ------------------------------------------------------------------ model
+    def _method_cls(self):
+        from ..ssl.methods import METHODS
+
+        return METHODS.get(self.cfg.method)
+
+    def network_names(self) -> List[str]:
+        method_cls = self._method_cls()
+        names_fn = getattr(method_cls, "network_names", None)
+        if names_fn is not None:
+            names = list(names_fn(self.ssl_config))
+            if names:
+                return [self.cfg.network if n is None else n for n in names]
+        return [self.cfg.network] * int(getattr(method_cls, "num_networks", 1))
+
+    def build(self):
+        from ..networks import build_network
+        from ..ssl.base import SSLConfig
+
+        cfg = self.cfg
+        try:
+            self.ssl_config = SSLConfig(**cfg.ssl)
+        except TypeError as exc:
+            raise ConfigError(f"invalid ssl option: {exc}") from None
+        dims = 2 if cfg.mode == "2d" else 3
+        self.networks = []
+        for index, name in enumerate(self.network_names()):
+            torch.manual_seed(cfg.seed * 1009 + index)  # differently initialised networks (CPS)
+            net = build_network(name, dims, 1, self.n_classes, **cfg.network_options)
+            self.networks.append(net.to(self.device))
+        if self.use_channels_last:
+            fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+            self.networks = [n.to(memory_format=fmt) for n in self.networks]
+        guidance = self.build_guidance()
+        method_config = _MethodConfig(cfg, self.ssl_config)
+        self.method = self._method_cls()(self.networks, method_config, guidance)
+        self.optimizers = [make_optimizer(n.parameters(), cfg) for n in self.networks]
+        self.schedulers = [make_scheduler(o, cfg) for o in self.optimizers]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def build_guidance(self):
+        wants = bool(self.ssl_config_flag("guidance_qar") or self.ssl_config_flag("guidance_qw"))
+        if not wants:
+            return None
+        if not self.cfg.quality_checkpoint:
+            raise ConfigError("quality guidance (qar/qw) needs a trained quality predictor: pass "
+                              "--quality-checkpoint (train one with `qgseg quality train`)")
+        from ..quality.predictor import load_predictor
+        from ..ssl.guidance import QualityGuidance
+
+        predictor = load_predictor(self.cfg.quality_checkpoint, device=self.device)
+        return QualityGuidance(predictor, self.ssl_config)
+
+    def ssl_config_flag(self, name: str) -> bool:
+        return bool(getattr(self.ssl_config, name, False))
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.amp != "off"
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.channels_last != "off"
+
+    # ------------------------------------------------------------------ state
+    def state(self, iteration: int) -> Dict[str, Any]:
+        state = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "config": self.cfg.to_dict(),
+            "network_names": self.network_names(),
+            "networks": [n.state_dict() for n in self.networks],
+            "inference_networks": list(getattr(self.method, "inference_network_indices", range(len(self.networks)))),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+            "method_state": self.method.extra_state(),
+            "samplers": plain({"labeled": self.labeled_sampler.state_dict(),
+                               "unlabeled": self.unlabeled_sampler.state_dict() if self.unlabeled_sampler else None}),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "best_metric": self.best_metric, "best_iteration": self.best_iteration,
+            "history": self.history,
+            "n_classes": self.n_classes,
+            "labels": {str(k): v for k, v in self.spec.labels.items()},
+            "preprocess": plain(dict(vars(self.preprocessor.config))),
+            "mode": self.cfg.mode, "patch_size": list(self.cfg.patch_size),
+            "versions": package_versions(),
+        }
+        return state
+
+    def load_state(self, state: Dict[str, Any]) -> int:
+        for net, sd in zip(self.networks, state["networks"]):
+            net.load_state_dict(sd)
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        for sch, sd in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(sd)
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_extra_state(state["method_state"])
+        self.labeled_sampler.load_state_dict(state["samplers"]["labeled"])
+        if self.unlabeled_sampler and state["samplers"]["unlabeled"] is not None:
+            self.unlabeled_sampler.load_state_dict(state["samplers"]["unlabeled"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.best_metric = float(state["best_metric"])
+        self.best_iteration = int(state["best_iteration"])
+        self.history = list(state["history"])
+        return int(state["iteration"])
+
+    def save(self, name: str, iteration: int) -> Path:
+        return save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state(iteration))
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        started = time.time()
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        seed_everything(cfg.seed)
+        self.events.emit("stage", name="prepare data", index=1, total=2)
+        self.prepare_data()
+        self.make_samplers()
+        self.build()
+        start = 0
+        last_path = checkpoint_dir(self.run_dir) / "last.pt"
+        if self.resume and last_path.exists():
+            start = self.load_state(load_checkpoint(last_path))
+            self.events.warning(f"resuming from {last_path} at iteration {start}")
+        self.events.emit("stage", name=f"train ({cfg.method})", index=2, total=2)
+        self.train_loop(start)
+        last = self.save("last.pt", cfg.iterations)
+        best = checkpoint_dir(self.run_dir) / "best.pt"
+        if not best.exists():
+            best = last
+        self.write_curves()
+        return TrainResult(self.run_dir, best, last, self.best_metric, self.best_iteration,
+                           cfg.iterations, time.time() - started, self.history)
+
+    def train_loop(self, start: int) -> None:
+        from ..ssl.base import StepInfo
+
+        cfg = self.cfg
+        bar = _progress_bar(cfg.iterations, start, self.progress_bar)
+        t0, step_times = time.time(), []
+        running: Dict[str, float] = {}
+        for it in range(start, cfg.iterations):
+            if self.cancel.requested:
+                self.save("last.pt", it)
+                bar.close()
+                self.cancel.check()
+            tick = time.perf_counter()
+            with translate_oom(f"training iteration {it}"):
+                maybe_inject_fault(it)
+                losses = self.step(StepInfo(it, cfg.iterations, cfg.iterations_per_epoch))
+            step_times.append(time.perf_counter() - tick)
+            for k, v in losses.items():
+                running[k] = 0.9 * running.get(k, v) + 0.1 * v
+            done = it + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in list(running.items())[:3]})
+            if done % 10 == 0 or done == cfg.iterations:
+                rate = (time.time() - t0) / max(1, done - start)
+                self.events.progress(done, cfg.iterations, epoch=done // cfg.iterations_per_epoch,
+                                     eta_s=rate * (cfg.iterations - done), stage="train")
+            if done % cfg.val_every == 0 or done == cfg.iterations:
+                self.validate_and_select(done, running, float(np.median(step_times[-50:])))
+            if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+                self.save("last.pt", done)
+        bar.close()
+
+    def step(self, info) -> Dict[str, float]:
+        batch_l = _to_device(next(self.labeled_sampler), self.device)
+        batch_u = _to_device(next(self.unlabeled_sampler), self.device) if self.unlabeled_sampler else None
+        for net in self.networks:
+            net.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            out = self.method.training_step(batch_l, batch_u, info)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise DataError(f"training diverged at iteration {info.iteration}: loss is {loss.item()}",
+                            hint="lower the learning rate (--lr) or check the intensity normalisation")
+        self.scaler.scale(loss).backward()
+        for opt, net in zip(self.optimizers, self.networks):
+            if self.cfg.grad_clip:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+            self.scaler.step(opt)
+        self.scaler.update()
+        for sch in self.schedulers:
+            sch.step()
+        self.method.after_optimizer_step(info)
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        from ..inference import sliding_window_probs
+        from ..metrics import dice
+
+        net = self.method.eval_network()
+        net.eval()
+        scores = []
+        for case in self.validation:
+            image = torch.from_numpy(case.image[None]).float()
+            probs = sliding_window_probs(net, image, self.cfg.patch_size, mode=self.cfg.mode,
+                                         overlap=self.cfg.sw_overlap, device=self.device, amp=self.use_amp)
+            pred = probs.argmax(0).cpu().numpy()
+            per_class = [dice(pred, case.label, c) for c in range(1, self.n_classes)]
+            scores.append(float(np.mean(per_class)))
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def validate_and_select(self, done: int, running: Dict[str, float], step_time: float) -> None:
+        with translate_oom("validation"):
+            val_dice = self.validate()
+        record = {"iteration": done, "val_dice": val_dice, "step_time_s": step_time,
+                  **{f"train_{k}": v for k, v in running.items()}}
+        self.history.append(record)
+        self.events.metric("val_dice", val_dice, step=done, split="validation")
+        if val_dice > self.best_metric:
+            self.best_metric, self.best_iteration = val_dice, done
+            self.save("best.pt", done)
+
+    def write_curves(self) -> Optional[Path]:
+        if not self.history:
+            return None
+        from ..plots import training_curves
+
+        return training_curves(self.history, self.run_dir / "training_curves.png",
+                               title=f"{self.cfg.method} / {self.cfg.network}")
+
+
+class _MethodConfig:
+    """What a method sees as `config`: the training config's attributes plus `.ssl` (SSLConfig)."""
+
+    def __init__(self, train_config: TrainConfig, ssl_config):
+        self._train = train_config
+        self.ssl = ssl_config
+
+    def __getattr__(self, name):
+        return getattr(self._train, name)
+
+
+def _to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="it",
+                dynamic_ncols=True, leave=True)

@@ -1,0 +1,60 @@
+"""Error types and the exit codes the `qgseg` command line maps them to.
+
+Exit codes are part of the worker protocol the Slicer panel relies on:
+0 ok, 1 other failure, 2 bad input, 3 cancelled, 4 out of memory.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3
+EXIT_OUT_OF_MEMORY = 4
+
+
+class QGSegError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+    kind = "other"  # the `kind` field of an `error` event
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class DataError(QGSegError):
+    """A bad input file or dataset description. The message names the file and the problem."""
+
+    exit_code = EXIT_BAD_INPUT
+    kind = "data"
+
+
+class ConfigError(QGSegError):
+    """An invalid option or configuration value."""
+
+    exit_code = EXIT_BAD_INPUT
+    kind = "data"
+
+
+class CancelledError(QGSegError):
+    """The run saw its cancel file and stopped after saving a checkpoint."""
+
+    exit_code = EXIT_CANCELLED
+    kind = "cancelled"
+
+
+class OutOfMemoryError(QGSegError):
+    """The device ran out of memory."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
+    kind = "oom"
+
+
+class CudaUnavailableError(QGSegError):
+    """`--device cuda` was asked for on a machine where torch sees no CUDA device."""
+
+    exit_code = EXIT_BAD_INPUT
+    kind = "cuda_unavailable"

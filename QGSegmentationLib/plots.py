@@ -1,0 +1,75 @@
+"""Figures people would rather look at than read: training curves and prediction overlays.
+
+matplotlib with the Agg backend only (no display needed); imported lazily by the callers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(history: List[Dict[str, Any]], out: str | Path, title: str = "") -> Path:
+    """Validation Dice and training loss against iteration, one PNG."""
+    from .fileio import atomic_path
+
+    plt = _pyplot()
+    its = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(its, [h["val_dice"] for h in history], "o-", color="tab:blue", label="validation Dice")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation Dice", color="tab:blue")
+    ax.set_ylim(0, 1)
+    if any("train_loss" in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(its, [h.get("train_loss", np.nan) for h in history], "s--", color="tab:red", label="train loss")
+        ax2.set_ylabel("training loss (smoothed)", color="tab:red")
+    ax.set_title(title or "training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
+def overlay_png(image: np.ndarray, label: np.ndarray, out: str | Path, reference: np.ndarray | None = None,
+                title: str = "", n_slices: int = 3, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> Path:
+    """Axial slices through the label's extent with the prediction filled (and reference contoured)."""
+    from .fileio import atomic_path
+
+    plt = _pyplot()
+    fg = np.argwhere(label > 0)
+    if len(fg):
+        z0, z1 = fg[:, 0].min(), fg[:, 0].max()
+    else:
+        z0, z1 = 0, image.shape[0] - 1
+    zs = np.linspace(z0, z1, n_slices + 2)[1:-1].round().astype(int) if z1 > z0 else [z0] * n_slices
+    fig, axes = plt.subplots(1, n_slices, figsize=(3.2 * n_slices, 3.4), dpi=110)
+    axes = np.atleast_1d(axes)
+    lo, hi = np.percentile(image, [1, 99])
+    aspect = spacing_zyx[1] / spacing_zyx[2]
+    for ax, z in zip(axes, zs):
+        ax.imshow(image[z], cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+        masked = np.ma.masked_where(label[z] == 0, label[z])
+        ax.imshow(masked, cmap="autumn", alpha=0.45, vmin=0, vmax=max(1, int(label.max())), aspect=aspect)
+        if reference is not None and reference[z].any():
+            ax.contour(reference[z] > 0, levels=[0.5], colors="cyan", linewidths=1.0)
+        ax.set_title(f"slice z={z}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title + ("  (fill: prediction, cyan: reference)" if reference is not None else ""), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)

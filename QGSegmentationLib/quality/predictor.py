@@ -1,0 +1,248 @@
+"""The quality predictor g(image, mask) -> predicted Dice per foreground class.
+
+g sees the image concatenated with K mask channels (K = number of foreground classes; each channel
+is that class's foreground probability, or its one-hot indicator for a hard mask) on a fixed grid
+(`grid_size`), and answers one number in [0, 1] per class: the Dice it expects that class's mask
+to have against the (unknown) reference.
+
+    backbone (registry QUALITY_BACKBONES) -> pooled features (B, F)
+    head: Dropout(0.15) -> Linear(F, 256) -> ReLU -> Dropout(0.15) -> Linear(256, K) -> sigmoid
+
+The backbone "convnet" (default) is a small strided CNN that scores a 48^3 grid in tens of
+milliseconds on a CPU; MONAI ResNet-18/34, DenseNet-121 and EfficientNet-B0 are available for GPU
+training (all from scratch: no pretrained weights are downloaded, and 3D has none anyway).
+
+Inputs of any spatial size are accepted by `forward`: when they differ from the grid they are
+resized with `presentation.resize_to_grid` (differentiable, so QAR can back-propagate through g
+into the segmenter). Whole volumes should first go through `presentation.present`, which crops
+around the candidate mask; see that module for why.
+
+Checkpoints (`save_predictor` / `load_predictor`) hold only a state dict and plain-dict config, so
+they load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_path
+from ..registry import Registry
+
+FORMAT = "qgseg-quality-predictor"
+TRAIN_FORMAT = "qgseg-quality-train-state"
+FORMAT_VERSION = 1
+
+DEFAULT_GRID = {3: (48, 48, 48), 2: (128, 128)}
+HEAD_HIDDEN = 256
+HEAD_DROPOUT = 0.15
+
+QUALITY_BACKBONES = Registry("quality backbone")
+
+
+def _conv(spatial_dims: int):
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def _norm(spatial_dims: int):
+    # Batch norm, not instance/group norm: per-sample normalisation would erase the difference
+    # between an empty and a full mask channel (both become constant), which g must see.
+    return nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
+
+
+class SmallConvNet(nn.Module):
+    """Strided CNN: a stem then `levels` stride-2 stages, each doubling the width (capped), then
+    global average pooling. ~0.5M parameters at width 16; fast enough for CPU scoring."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, width: int = 16, levels: int = 4,
+                 max_width: int = 128):
+        super().__init__()
+        conv, norm = _conv(spatial_dims), _norm(spatial_dims)
+
+        def block(cin, cout, stride):
+            return [conv(cin, cout, 3, stride=stride, padding=1, bias=False), norm(cout),
+                    nn.LeakyReLU(0.1, inplace=True)]
+
+        layers = block(in_channels, width, 1)
+        channels = width
+        for _ in range(levels):
+            out = min(channels * 2, max_width)
+            layers += block(channels, out, 2) + block(out, out, 1)
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.out_features = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+@QUALITY_BACKBONES.register("convnet", description="small strided CNN (default; CPU-friendly)")
+def _convnet(spatial_dims: int, in_channels: int, width: int = 16, levels: int = 4,
+             max_width: int = 128):
+    net = SmallConvNet(spatial_dims, in_channels, width=width, levels=levels, max_width=max_width)
+    return net, net.out_features
+
+
+def _monai_resnet(factory_name: str):
+    def build(spatial_dims: int, in_channels: int, **options):
+        from monai.networks import nets
+
+        net = getattr(nets, factory_name)(pretrained=False, spatial_dims=spatial_dims,
+                                          n_input_channels=in_channels, feed_forward=False,
+                                          **options)
+        width = net.layer4[-1].conv2.out_channels if hasattr(net.layer4[-1], "conv2") else 512
+        return net, int(width)
+
+    return build
+
+
+QUALITY_BACKBONES.register("resnet18", description="MONAI ResNet-18 (the paper's backbone)")(
+    _monai_resnet("resnet18"))
+QUALITY_BACKBONES.register("resnet34", description="MONAI ResNet-34")(_monai_resnet("resnet34"))
+
+
+class _PooledDenseNet(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.class_layers[:-1](self.net.features(x))  # relu, pool, flatten
+
+
+@QUALITY_BACKBONES.register("densenet121", description="MONAI DenseNet-121")
+def _densenet121(spatial_dims: int, in_channels: int, **options):
+    from monai.networks.nets import DenseNet121
+
+    net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
+                      pretrained=False, **options)
+    width = net.class_layers.out.in_features
+    return _PooledDenseNet(net), int(width)
+
+
+@QUALITY_BACKBONES.register("efficientnet-b0", description="MONAI EfficientNet-B0")
+def _efficientnet_b0(spatial_dims: int, in_channels: int, **options):
+    from monai.networks.nets import EfficientNetBN
+
+    net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=spatial_dims,
+                         in_channels=in_channels, num_classes=1, **options)
+    width = net._fc.in_features
+    net._fc = nn.Identity()
+    net._dropout = nn.Identity()
+    return net, int(width)
+
+
+def predictor_config(n_foreground: int = 1, mode: str = "3d", backbone: str = "convnet",
+                     grid_size: Sequence[int] | None = None, backbone_options: Mapping | None = None,
+                     class_names: Sequence[str] | None = None, **extra: Any) -> Dict[str, Any]:
+    """The plain-dict configuration a QualityPredictor is built from (and saved with)."""
+    extra.pop("spatial_dims", None)  # derived from mode
+    if mode not in ("2d", "3d"):
+        raise ConfigError(f"quality predictor mode must be '2d' or '3d', not {mode!r}")
+    dims = 3 if mode == "3d" else 2
+    grid = tuple(int(g) for g in (grid_size or DEFAULT_GRID[dims]))
+    if len(grid) != dims or min(grid) < 8:
+        raise ConfigError(f"grid_size {list(grid)} must have {dims} entries, each >= 8, for mode {mode}")
+    if int(n_foreground) < 1:
+        raise ConfigError("a quality predictor needs at least one foreground class")
+    QUALITY_BACKBONES.entry(backbone)  # fail early on unknown names
+    names = list(class_names) if class_names else [f"label_{i + 1}" for i in range(int(n_foreground))]
+    if len(names) != int(n_foreground):
+        raise ConfigError(f"{len(names)} class names given for {n_foreground} foreground classes")
+    return {"backbone": str(backbone).lower(), "mode": mode, "spatial_dims": dims,
+            "grid_size": list(grid), "n_foreground": int(n_foreground),
+            "backbone_options": dict(backbone_options or {}), "class_names": names, **extra}
+
+
+class QualityPredictor(nn.Module):
+    """g: (image (B,1,*sp), mask (B,K,*sp)) -> (B,K) predicted Dice in [0, 1]."""
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
+        super().__init__()
+        self.config = predictor_config(**{**dict(config or {}), **kwargs}) if (config or kwargs) \
+            else predictor_config()
+        cfg = self.config
+        self.spatial_dims = cfg["spatial_dims"]
+        self.n_foreground = cfg["n_foreground"]
+        self.grid_size = tuple(cfg["grid_size"])
+        build = QUALITY_BACKBONES.get(cfg["backbone"])
+        self.backbone, width = build(self.spatial_dims, 1 + self.n_foreground,
+                                     **cfg["backbone_options"])
+        self.head = nn.Sequential(
+            nn.Dropout(HEAD_DROPOUT), nn.Linear(width, HEAD_HIDDEN), nn.ReLU(inplace=True),
+            nn.Dropout(HEAD_DROPOUT), nn.Linear(HEAD_HIDDEN, self.n_foreground))
+
+    def check_inputs(self, image: torch.Tensor, mask: torch.Tensor) -> None:
+        nd = self.spatial_dims + 2
+        if image.ndim != nd or image.shape[1] != 1:
+            raise ConfigError(f"quality predictor expects an image of shape (B, 1, {'z, y, x' if nd == 5 else 'y, x'}),"
+                              f" got {tuple(image.shape)}")
+        if mask.ndim != nd or mask.shape[1] != self.n_foreground:
+            raise ConfigError(
+                f"quality predictor expects a mask of shape (B, {self.n_foreground}, ...) (one channel per "
+                f"foreground class), got {tuple(mask.shape)}; use presentation.foreground_channels(probs) "
+                "for softmax outputs or presentation.label_to_channels(label, n_classes) for label maps")
+        if image.shape[0] != mask.shape[0] or image.shape[2:] != mask.shape[2:]:
+            raise ConfigError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} differ in batch or "
+                              "spatial size")
+
+    def logits(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(image, mask)
+        if tuple(image.shape[2:]) != self.grid_size:
+            from .presentation import resize_to_grid
+
+            image = resize_to_grid(image, self.grid_size)
+            mask = resize_to_grid(mask, self.grid_size)
+        x = torch.cat([image, mask.to(image.dtype)], dim=1)
+        return self.head(self.backbone(x))
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(image, mask))
+
+
+# ------------------------------------------------------------------------------- save / load
+
+def save_predictor(path: str | os.PathLike, model: QualityPredictor, meta: Mapping | None = None) -> Path:
+    """Atomically write a predictor file loadable with `torch.load(weights_only=True)`."""
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION,
+             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "config": dict(model.config), "meta": dict(meta or {})}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def read_predictor_file(path: str | os.PathLike) -> Dict[str, Any]:
+    """The raw dict of a predictor file or of a training state file (which also holds one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: quality predictor checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
+        raise DataError(f"{path}: not a readable quality predictor checkpoint "
+                        f"({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, TRAIN_FORMAT):
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise DataError(f"{path}: expected a quality predictor checkpoint ({FORMAT}), found {found!r}",
+                        hint="pass the quality_best.pt written by `qgseg quality train`")
+    return state
+
+
+def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") -> QualityPredictor:
+    """Rebuild a predictor from `save_predictor`'s file (or a training state), in eval mode.
+    The file's `meta` dict is attached as `model.meta`."""
+    state = read_predictor_file(path)
+    model = QualityPredictor(state["config"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise DataError(f"{path}: weights do not fit the saved configuration ({str(exc)[:200]})") from None
+    model.meta = dict(state.get("meta") or {})
+    return model.to(device).eval()

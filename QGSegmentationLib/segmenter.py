@@ -1,0 +1,69 @@
+"""A trained segmenter loaded from a checkpoint: networks + preprocessing + label names.
+
+`load_segmenter(path)` rebuilds exactly what training used (network names and options, mode,
+patch size, preprocessing) from the checkpoint, so inference needs nothing but the file. Methods
+with two networks (CPS, dual-network) are evaluated as the average of their softmaxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .engine.checkpoint import load_checkpoint
+
+
+class SoftmaxEnsemble(torch.nn.Module):
+    """Averages the softmax of several networks; returns log-probabilities (softmax-compatible)."""
+
+    def __init__(self, networks: List[torch.nn.Module]):
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.networks) == 1:
+            return self.networks[0](x)
+        probs = torch.stack([torch.softmax(n(x).float(), dim=1) for n in self.networks]).mean(0)
+        return torch.log(probs.clamp_min(1e-8))
+
+
+@dataclass
+class Segmenter:
+    network: torch.nn.Module
+    n_classes: int
+    labels: Dict[int, str]
+    mode: str
+    patch_size: tuple
+    preprocessor: object
+    config: dict
+    path: Path
+
+    @property
+    def foreground_names(self) -> Dict[int, str]:
+        return {k: v for k, v in self.labels.items() if k != 0}
+
+
+def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
+    from .data.preprocess import PreprocessConfig, Preprocessor
+    from .networks import build_network
+
+    state = load_checkpoint(path, map_location=device)
+    cfg = state["config"]
+    dims = 2 if state["mode"] == "2d" else 3
+    nets = []
+    for index in state["inference_networks"]:
+        net = build_network(state["network_names"][index], dims, 1, state["n_classes"], **cfg["network_options"])
+        net.load_state_dict(state["networks"][index])
+        nets.append(net.to(device).eval())
+    pre = state["preprocess"]
+    if pre.get("target_spacing") is not None:
+        pre["target_spacing"] = tuple(pre["target_spacing"])
+    if pre.get("clip_percentiles") is not None:
+        pre["clip_percentiles"] = tuple(pre["clip_percentiles"])
+    preprocessor = Preprocessor(PreprocessConfig(**pre))
+    labels = {int(k): v for k, v in state["labels"].items()}
+    return Segmenter(SoftmaxEnsemble(nets).eval(), int(state["n_classes"]), labels, state["mode"],
+                     tuple(state["patch_size"]), preprocessor, cfg, Path(path))

@@ -1,0 +1,317 @@
+"""Job folders: what the panel hands to a `qgseg` worker and where the worker's outputs land.
+
+One run = one folder the user can open:
+
+    <output>/<run_id>/
+        job.json            the job spec (cases, node IDs, options, versions) written by the panel
+        dataset.json        Decathlon-style dataset description (training + unlabeled)
+        images/<case>.nrrd  exported volumes          labels/<case>.nrrd  reference label maps
+        events.jsonl        training events           predict-events.jsonl  inference events
+        run/                the worker's run folder (checkpoints, manifest.json, CANCEL)
+        predictions/<case>.seg.nrrd, predictions/scores.csv
+
+Pure Python; the argument lists for `qgseg train` / `qgseg predict` are built here so they are
+tested without Slicer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from ..fileio import write_json_atomic
+
+ROLES = ("labeled", "unlabeled", "ignore")
+JOB_SPEC_VERSION = 1
+ARCHITECTURES = ("unet", "vnet", "segresnet")
+SSL_METHODS = ("sup", "mean_teacher", "uamt", "cps", "fixmatch", "unimatch")
+DEVICES = ("auto", "cuda", "cpu")
+MODES = ("3d", "2d")
+
+
+@dataclass
+class TrainingOptions:
+    """The Training section's values (mirrors the module's parameter node)."""
+
+    architecture: str = "unet"
+    ssl_method: str = "mean_teacher"
+    guidance_qar: bool = True
+    guidance_qw: bool = True
+    mode: str = "3d"
+    target_spacing: float = 0.0  # mm, isotropic; 0 keeps each volume's own spacing
+    iterations: int = 2000
+    batch_size: int = 2
+    patch_size: int = 96
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> "TrainingOptions":
+        """Raise ValueError naming the option and the problem."""
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.patch_size >= 8, f"patch size must be >= 8 voxels, got {self.patch_size}"),
+            (self.target_spacing >= 0, f"target spacing must be >= 0 mm, got {self.target_spacing}"),
+            (bool(self.architecture), "architecture is empty"),
+            (bool(self.ssl_method), "SSL method is empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"training options: {message}")
+        return self
+
+    def guidance(self) -> str:
+        """"qar+qw", "qar", "qw" or "none" (the worker's --guidance value)."""
+        parts = [name for name, on in (("qar", self.guidance_qar), ("qw", self.guidance_qw)) if on]
+        return "+".join(parts) or "none"
+
+
+@dataclass
+class CaseEntry:
+    """One row of the Cases table that takes part in the job."""
+
+    case: str                   # file-safe id, also the stem of every file of this case
+    volume_id: str              # MRML node ID
+    volume_name: str
+    role: str                   # labeled / unlabeled (ignore rows never reach a job)
+    segmentation_id: str = ""   # reference segmentation node ID (labeled rows)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"case {self.case!r}: role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass
+class JobSpec:
+    kind: str                                   # "train" or "predict"
+    run_id: str
+    cases: List[CaseEntry] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)
+    label_names: List[str] = field(default_factory=list)  # label value i+1 -> name
+    checkpoint: str = ""                        # predict jobs: the model used
+    created: float = field(default_factory=time.time)
+    versions: Dict[str, str] = field(default_factory=dict)
+    version: int = JOB_SPEC_VERSION
+
+    def case(self, case_id: str) -> CaseEntry:
+        for entry in self.cases:
+            if entry.case == case_id:
+                return entry
+        raise KeyError(f"job {self.run_id}: no case {case_id!r}")
+
+
+@dataclass(frozen=True)
+class JobFolder:
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def job_json(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def train_events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def predict_events(self) -> Path:
+        return self.root / "predict-events.jsonl"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def scores_csv(self) -> Path:
+        return self.predictions_dir / "scores.csv"
+
+    @property
+    def predict_input(self) -> Path:
+        """The dataset description of the cases to segment (written by the panel)."""
+        return self.root / "predict.json"
+
+    def image_path(self, case: str) -> Path:
+        return self.images_dir / f"{case}.nrrd"
+
+    def label_path(self, case: str) -> Path:
+        return self.labels_dir / f"{case}.nrrd"
+
+    def prediction_path(self, case: str) -> Path:
+        return self.predictions_dir / f"{case}.seg.nrrd"
+
+
+def new_run_id(prefix: str = "run", now: Optional[float] = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
+    return f"{prefix}-{stamp}"
+
+
+def create_job_folder(output_dir: str | os.PathLike, run_id: Optional[str] = None,
+                      prefix: str = "run") -> JobFolder:
+    """Create a fresh, empty job folder under `output_dir` (never reuses an existing one)."""
+    output_dir = Path(output_dir)
+    if not str(output_dir).strip():
+        raise ValueError("output folder is empty: choose one in the Training section")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output folder {output_dir} exists and is not a folder")
+    base = run_id or new_run_id(prefix)
+    candidate, n = base, 1
+    while (output_dir / candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    root = output_dir / candidate
+    for sub in ("images", "labels", "run", "predictions"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return JobFolder(root)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def make_case_ids(names: Sequence[str]) -> List[str]:
+    """File-safe, unique ids from node names, in order ("CT chest" -> "CT_chest", duplicates
+    get "_2", "_3" ...). Empty names become "case"."""
+    ids: List[str] = []
+    used = set()
+    for name in names:
+        base = _UNSAFE.sub("_", name).strip("_") or "case"
+        candidate, n = base, 1
+        while candidate.lower() in used:  # case-insensitive: Windows/macOS file systems
+            n += 1
+            candidate = f"{base}_{n}"
+        used.add(candidate.lower())
+        ids.append(candidate)
+    return ids
+
+
+def write_job_spec(folder: JobFolder, spec: JobSpec) -> Path:
+    data = asdict(spec)
+    return write_json_atomic(folder.job_json, data)
+
+
+def read_job_spec(path: str | os.PathLike) -> JobSpec:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: job spec not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: job spec is not valid JSON ({exc})") from None
+    if data.get("version") != JOB_SPEC_VERSION:
+        raise ValueError(f"{path}: job spec version {data.get('version')!r} is not "
+                         f"{JOB_SPEC_VERSION}")
+    cases = [CaseEntry(**c) for c in data.pop("cases", [])]
+    return JobSpec(cases=cases, **data)
+
+
+def dataset_description(folder: JobFolder, cases: Iterable[CaseEntry],
+                        label_names: Sequence[str], name: str = "QGSegmentation job") -> Dict:
+    """The dataset.json content for the exported files (paths relative to the job folder)."""
+    desc: Dict[str, Any] = {
+        "name": name,
+        "labels": {"0": "background", **{str(i + 1): n for i, n in enumerate(label_names)}},
+        "training": [],
+        "unlabeled": [],
+    }
+    for case in cases:
+        image = folder.image_path(case.case).relative_to(folder.root).as_posix()
+        if case.role == "labeled":
+            label = folder.label_path(case.case).relative_to(folder.root).as_posix()
+            desc["training"].append({"image": image, "label": label})
+        elif case.role == "unlabeled":
+            desc["unlabeled"].append(image)
+    return desc
+
+
+def write_dataset_json(folder: JobFolder, cases: Iterable[CaseEntry],
+                       label_names: Sequence[str]) -> Path:
+    return write_json_atomic(folder.dataset_json, dataset_description(folder, cases, label_names))
+
+
+def write_predict_input(folder: JobFolder, cases: Iterable[CaseEntry]) -> Path:
+    """A dataset description listing the images to segment under "test"."""
+    desc = {"name": "QGSegmentation prediction", "test": [
+        folder.image_path(c.case).relative_to(folder.root).as_posix() for c in cases]}
+    return write_json_atomic(folder.predict_input, desc)
+
+
+# --- worker argument lists ---------------------------------------------------------------------
+# One table maps each Training option to the worker's flag, so a renamed flag is one edit here.
+TRAIN_FLAGS = {
+    "architecture": "--network",
+    "ssl_method": "--method",
+    "mode": "--mode",
+    "iterations": "--iterations",
+    "batch_size": "--batch-size",
+    "patch_size": "--patch-size",
+    "seed": "--seed",
+    "device": "--device",
+}
+
+
+def train_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
+    """`qgseg train ...` arguments (without the executable) for this job folder."""
+    options.validate()
+    args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(folder.run_dir),
+            "--events", str(folder.train_events)]
+    values = asdict(options)
+    for key, flag in TRAIN_FLAGS.items():
+        args += [flag, str(values[key])]
+    args += ["--guidance", options.guidance()]
+    if options.target_spacing > 0:
+        args += ["--spacing", repr(float(options.target_spacing))]
+    return args
+
+
+def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike,
+                      device: str = "auto") -> List[str]:
+    """`qgseg predict ...` arguments writing predictions + scores.csv into the job folder."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return ["predict", "--checkpoint", str(checkpoint), "--input", str(folder.predict_input),
+            "--output", str(folder.predictions_dir), "--events", str(folder.predict_events),
+            "--device", device]
+
+
+def find_checkpoint(folder: JobFolder, done_outputs: Optional[Dict[str, str]] = None) -> Path:
+    """The trained model to segment with: the `checkpoint` output of the train `done` event
+    when given, else the newest best*/last* checkpoint in the run folder."""
+    if done_outputs:
+        for key in ("checkpoint", "best_checkpoint", "model"):
+            if done_outputs.get(key):
+                path = Path(done_outputs[key])
+                if not path.is_absolute():
+                    path = folder.run_dir / path
+                if path.exists():
+                    return path
+    candidates = sorted(folder.run_dir.rglob("*.pt"), key=lambda p: (
+        0 if p.name.startswith("best") else 1 if p.name.startswith("last") else 2,
+        -p.stat().st_mtime))
+    if not candidates:
+        raise ValueError(f"{folder.run_dir}: the training run left no checkpoint (*.pt)")
+    return candidates[0]

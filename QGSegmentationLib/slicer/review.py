@@ -1,0 +1,218 @@
+"""Review model: one row per segmented case, sorted worst-first, with the reviewer's decisions.
+
+Pure Python (the Review table widget and the MRML table node are views of it). Quality is the
+quality predictor's estimated Dice per segment; a case's `quality` is its worst segment, because
+one bad organ makes the case need attention.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from ..fileio import write_text_atomic
+from .signal import Signal
+
+STATUSES = ("unreviewed", "approved", "flagged")
+FILTERS = ("all", "unreviewed", "flagged", "approved")
+CATEGORY_COLORS = {  # (r, g, b) 0..255 for table cells
+    "poor": (230, 124, 115),
+    "uncertain": (247, 203, 77),
+    "good": (87, 187, 138),
+    "unknown": (200, 200, 200),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Quality below `low` is poor (flagged for attention), at or above `high` is good."""
+
+    low: float = 0.7
+    high: float = 0.85
+
+    def __post_init__(self):
+        if not (0.0 <= self.low <= self.high <= 1.0):
+            raise ValueError(f"thresholds must satisfy 0 <= low <= high <= 1, got low={self.low}, "
+                             f"high={self.high}")
+
+    def category(self, quality: Optional[float]) -> str:
+        """"poor", "uncertain", "good", or "unknown" when there is no score."""
+        if quality is None or (isinstance(quality, float) and math.isnan(quality)):
+            return "unknown"
+        if quality < self.low:
+            return "poor"
+        if quality < self.high:
+            return "uncertain"
+        return "good"
+
+    def color(self, quality: Optional[float]) -> tuple:
+        return CATEGORY_COLORS[self.category(quality)]
+
+
+@dataclass
+class ReviewRow:
+    case: str
+    volume: str = ""            # volume node name (shown) ...
+    volume_id: str = ""         # ... and ID (used to show it)
+    segmentation: str = ""
+    segmentation_id: str = ""
+    scores: Dict[str, float] = field(default_factory=dict)  # segment name -> predicted quality
+    status: str = "unreviewed"
+    comment: str = ""
+    run_id: str = ""
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"case {self.case!r}: status must be one of {STATUSES}, "
+                             f"got {self.status!r}")
+
+    @property
+    def quality(self) -> Optional[float]:
+        """The worst segment's predicted quality (None when the case has no score)."""
+        values = [v for v in self.scores.values() if v is not None and not math.isnan(v)]
+        return min(values) if values else None
+
+
+def read_scores_csv(path: str | os.PathLike) -> Dict[str, Dict[str, float]]:
+    """Read the worker's scores.csv (columns case, segment, predicted_quality) into
+    {case: {segment: quality}}. Raises ValueError naming the file and the bad line."""
+    path = os.fspath(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"case", "segment", "predicted_quality"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            scores: Dict[str, Dict[str, float]] = {}
+            for line_no, rec in enumerate(reader, start=2):
+                try:
+                    value = float(rec["predicted_quality"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path} line {line_no}: predicted_quality "
+                                     f"{rec['predicted_quality']!r} is not a number") from None
+                scores.setdefault(rec["case"], {})[rec["segment"]] = value
+    except FileNotFoundError:
+        raise ValueError(f"{path}: scores file not found") from None
+    return scores
+
+
+class ReviewModel:
+    """Rows plus the reviewer's actions. `changed(case_or_None)` fires after every change."""
+
+    def __init__(self, rows: Iterable[ReviewRow] = (), thresholds: Thresholds = Thresholds()):
+        self._rows: Dict[str, ReviewRow] = {}
+        self.thresholds = thresholds
+        self.changed = Signal("review changed")
+        for row in rows:
+            self.add(row, notify=False)
+
+    # --- content -------------------------------------------------------------------------------
+    def add(self, row: ReviewRow, notify: bool = True) -> None:
+        """Add or replace the row of `row.case` (a new run of the same case replaces it)."""
+        self._rows[row.case] = row
+        if notify:
+            self.changed.emit(row.case)
+
+    def row(self, case: str) -> ReviewRow:
+        try:
+            return self._rows[case]
+        except KeyError:
+            raise KeyError(f"no review row for case {case!r}") from None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self, filter: str = "all") -> List[ReviewRow]:
+        """Rows passing `filter`, worst quality first (unscored rows last, then by case)."""
+        if filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
+        selected = [r for r in self._rows.values() if filter == "all" or r.status == filter]
+        return sorted(selected, key=lambda r: (r.quality is None,
+                                               r.quality if r.quality is not None else 0.0, r.case))
+
+    def segment_names(self) -> List[str]:
+        names: List[str] = []
+        for row in self._rows.values():
+            for name in row.scores:
+                if name not in names:
+                    names.append(name)
+        return names
+
+    # --- progress ------------------------------------------------------------------------------
+    def progress(self) -> tuple:
+        """(reviewed, total): a row is reviewed once approved or flagged."""
+        reviewed = sum(1 for r in self._rows.values() if r.status != "unreviewed")
+        return reviewed, len(self._rows)
+
+    def progress_text(self) -> str:
+        k, n = self.progress()
+        return f"reviewed {k}/{n}"
+
+    # --- reviewer actions ----------------------------------------------------------------------
+    def set_status(self, case: str, status: str, comment: Optional[str] = None) -> ReviewRow:
+        row = self.row(case)
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        row.status = status
+        if comment is not None:
+            row.comment = comment
+        self.changed.emit(case)
+        return row
+
+    def approve(self, case: str, comment: Optional[str] = None) -> ReviewRow:
+        return self.set_status(case, "approved", comment)
+
+    def flag(self, case: str, comment: Optional[str] = None) -> ReviewRow:
+        return self.set_status(case, "flagged", comment)
+
+    def set_comment(self, case: str, comment: str) -> ReviewRow:
+        row = self.row(case)
+        row.comment = comment
+        self.changed.emit(case)
+        return row
+
+    def next_unreviewed(self, after: Optional[str] = None) -> Optional[ReviewRow]:
+        """The next unreviewed row in worst-first order after `after` (wrapping around);
+        None when every row is reviewed."""
+        ordered = self.rows("all")
+        start = 0
+        if after is not None:
+            cases = [r.case for r in ordered]
+            if after in cases:
+                start = cases.index(after) + 1
+        for row in ordered[start:] + ordered[:start]:
+            if row.status == "unreviewed" and row.case != after:
+                return row
+        return None
+
+    def suggested_flags(self) -> List[str]:
+        """Cases whose quality is below the low threshold (the ones to look at first)."""
+        return [r.case for r in self.rows() if self.thresholds.category(r.quality) == "poor"]
+
+    # --- export --------------------------------------------------------------------------------
+    def to_csv_text(self) -> str:
+        segments = self.segment_names()
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["case", "volume", "segmentation", "quality", "category",
+                         *[f"quality_{s}" for s in segments], "status", "comment", "run_id"])
+        for r in self.rows("all"):
+            q = r.quality
+            writer.writerow([r.case, r.volume, r.segmentation, "" if q is None else f"{q:.4f}",
+                             self.thresholds.category(q),
+                             *["" if s not in r.scores else f"{r.scores[s]:.4f}" for s in segments],
+                             r.status, r.comment, r.run_id])
+        return out.getvalue()
+
+    def export_csv(self, path: str | os.PathLike) -> str:
+        """Write all rows (worst-first) to `path` atomically; returns the path."""
+        write_text_atomic(path, self.to_csv_text())
+        return os.fspath(path)
+
+    def replace_rows(self, rows: Sequence[ReviewRow]) -> None:
+        self._rows = {r.case: replace(r) for r in rows}
+        self.changed.emit(None)
