@@ -23,6 +23,8 @@ from ..fileio import atomic_path
 IMAGE_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 LABEL_EXTENSIONS = (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS
+#: Written formats: single-file only (a .mhd header would point at a temporary data file name).
+WRITE_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha")
 MAX_LABEL_VALUE = 255  # labels are stored as uint8
 
 
@@ -202,7 +204,7 @@ def read_image(path: str | os.PathLike) -> tuple:
         raise DataError(f"{path}: is a Slicer segmentation (.seg.nrrd), not an intensity image")
     _check_extension(path, IMAGE_EXTENSIONS, "an image")
     reader = _reader(path, "image")
-    if "complex" in reader.GetPixelIDTypeAsString():
+    if "complex" in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
         raise DataError(f"{path}: image has complex voxels; only real-valued volumes are supported")
     image = _execute(reader, path, "image")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
@@ -299,7 +301,7 @@ def write_label(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
     path = Path(path)
     if file_extension(path) == SEGMENTATION_EXTENSION:
         raise DataError(f"{path}: use write_segmentation for Slicer .seg.nrrd files")
-    _check_extension(path, IMAGE_EXTENSIONS, "a label map")
+    _check_extension(path, WRITE_EXTENSIONS, "writing a label map")
     return _write_atomic(_label_image(array, geometry, path), path)
 
 
@@ -308,7 +310,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
     import SimpleITK as sitk
 
     path = Path(path)
-    _check_extension(path, IMAGE_EXTENSIONS, "an image")
+    _check_extension(path, WRITE_EXTENSIONS, "writing an image")
     array = np.asarray(array, dtype=np.float32)
     if array.shape != geometry.shape:
         raise DataError(f"{path}: image array shape {array.shape} does not match the geometry "

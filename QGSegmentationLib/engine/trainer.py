@@ -104,7 +104,7 @@ class Trainer:
         self.preprocessor = Preprocessor(PreprocessConfig(
             target_spacing=cfg.target_spacing, normalization=cfg.normalization,
             crop_foreground=cfg.crop_foreground))
-        store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir)
+        store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir, allowed_labels=sorted(spec.labels))
         self.labeled = store.load_many(spec.training, progress=self.progress_bar)
         self.validation = store.load_many(spec.validation, progress=self.progress_bar)
         unlabeled_refs = list(spec.unlabeled)[: cfg.max_unlabeled] if cfg.max_unlabeled else list(spec.unlabeled)
@@ -136,7 +136,7 @@ class Trainer:
         method_cls = self._method_cls()
         names_fn = getattr(method_cls, "network_names", None)
         if names_fn is not None:
-            names = list(names_fn(self.ssl_config))
+            names = names_fn(_MethodConfig(self.cfg, self.ssl_config))
             if names:
                 return [self.cfg.network if n is None else n for n in names]
         return [self.cfg.network] * int(getattr(method_cls, "num_networks", 1))

@@ -152,7 +152,8 @@ def _without_size(options: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_patch_size(name: str, patch: Sequence[int], **options: Any) -> None:
     """Raise ConfigError naming the network, the patch and the nearest valid sizes when the
-    network cannot run on patches of this size."""
+    network cannot run (or train) on patches of this size: every dim a multiple of
+    `required_divisor`, and not all dims equal to it (a one-voxel bottleneck)."""
     spec = network_spec(name)
     div = required_divisor(name, **options)
     patch = tuple(int(p) for p in patch)
@@ -162,6 +163,10 @@ def check_patch_size(name: str, patch: Sequence[int], **options: Any) -> None:
         raise ConfigError(f"patch size {list(patch)} does not work with network '{spec.name}': "
                           f"every dim must be a positive multiple of {div}; "
                           f"try {list(suggestion)}")
+    if all(p == div for p in patch):
+        raise ConfigError(f"patch size {list(patch)} is too small for network '{spec.name}': its "
+                          "bottleneck would be a single voxel, which instance/batch normalisation "
+                          f"cannot train on; make at least one dim {2 * div} or more")
     img_size = options.get("img_size")
     if spec.exact_size and img_size is not None:
         expected = _as_size(img_size, len(patch), "img_size")

@@ -53,7 +53,12 @@ def _build_swinunetr(spatial_dims, in_channels, out_channels, opts):
 
 
 def _check_swin(spatial_dims, in_channels, out_channels, opts):
+    import importlib.util
+
     from ..errors import ConfigError
+
+    if importlib.util.find_spec("einops") is None:
+        raise ConfigError("network 'swinunetr' needs the einops package: pip install einops")
 
     if int(opts["feature_size"]) % 12:
         raise ConfigError(f"network 'swinunetr': feature_size must be a multiple of 12 "

@@ -56,10 +56,11 @@ def _norm(spatial_dims: int):
 
 
 class SmallConvNet(nn.Module):
-    """Strided CNN: a stem then `levels` stride-2 stages, each doubling the width (capped), then
-    global average pooling. ~0.5M parameters at width 16; fast enough for CPU scoring."""
+    """Strided CNN: a stride-2 stem then `levels` stride-2 stages of two convs, each doubling the
+    width (capped at `max_width`), then global average pooling. ~0.8M parameters in 3D at width
+    16; about 0.1 s per 48^3 volume on one CPU core."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, width: int = 16, levels: int = 4,
+    def __init__(self, spatial_dims: int, in_channels: int, width: int = 16, levels: int = 3,
                  max_width: int = 128):
         super().__init__()
         conv, norm = _conv(spatial_dims), _norm(spatial_dims)
@@ -68,7 +69,7 @@ class SmallConvNet(nn.Module):
             return [conv(cin, cout, 3, stride=stride, padding=1, bias=False), norm(cout),
                     nn.LeakyReLU(0.1, inplace=True)]
 
-        layers = block(in_channels, width, 1)
+        layers = block(in_channels, width, 2)  # stride-2 stem: full-resolution convs dominate cost
         channels = width
         for _ in range(levels):
             out = min(channels * 2, max_width)
@@ -83,7 +84,7 @@ class SmallConvNet(nn.Module):
 
 
 @QUALITY_BACKBONES.register("convnet", description="small strided CNN (default; CPU-friendly)")
-def _convnet(spatial_dims: int, in_channels: int, width: int = 16, levels: int = 4,
+def _convnet(spatial_dims: int, in_channels: int, width: int = 16, levels: int = 3,
              max_width: int = 128):
     net = SmallConvNet(spatial_dims, in_channels, width=width, levels=levels, max_width=max_width)
     return net, net.out_features

@@ -42,8 +42,8 @@ class SSLConfig:
     pl_c_temperature: float = 2.0
     # --- UA-MT ---
     uamt_passes: int = 4                    # noisy teacher passes (paper 8; 4 is kinder to CPUs)
-    uamt_noise_std: float = 0.1             # teacher input noise N(0, 0.1) clipped to +-0.2
-    uamt_noise_clip: float = 0.2
+    teacher_noise_std: float = 0.1          # MT/UA-MT teacher input noise N(0, 0.1) clipped to +-0.2
+    teacher_noise_clip: float = 0.2
     # --- ICT ---
     ict_alpha: float = 1.0                  # mixup coefficient ~ Beta(alpha, alpha)
     # --- CPS ---
@@ -128,7 +128,7 @@ class SSLConfig:
                      "qw_weight", "consistency_rampup_epochs", "pl_delay_epochs",
                      "pl_rampup_epochs", "het_rampup_epochs", "qar_delay_epochs",
                      "qar_rampup_epochs", "qw_delay_epochs", "qw_rampup_epochs",
-                     "uamt_noise_std", "uamt_noise_clip", "strong_brightness", "strong_contrast",
+                     "teacher_noise_std", "teacher_noise_clip", "strong_brightness", "strong_contrast",
                      "strong_noise_std"):
             check(name, float(getattr(self, name)) >= 0.0, ">= 0")
         for name in ("pl_c_temperature", "cl_temperature", "dualnet_kl_temperature",

@@ -1,0 +1,218 @@
+"""How good is a quality predictor? Agreement with true Dice, failure detection, image dependence.
+
+`evaluate_predictor(model, pairs)` scores (image, candidate mask, reference) triples and reports:
+- MAE, Pearson and Spearman correlation between predicted and true Dice (per class pooled);
+- failure-detection AUROC: how well low predictions flag masks whose true Dice is below 0.7
+  (positives = failures, score = 1 - prediction; ties get average ranks);
+- the image-dependence check of the paper: the same masks scored with blacked-out images and with
+  images taken from other cases. A predictor that really reads the image must lose most of its
+  correlation with the true Dice there. Criterion (`image_dependence_ok`): the real Pearson r is
+  positive and both |r_black| and |r_shuffled| are at most (1 - min_drop) * r, min_drop = 0.5 by
+  default, i.e. at least half of the correlation disappears without the right image. Some
+  correlation legitimately survives, since a mask alone reveals gross failures (empty, noise),
+  which is why the criterion asks for a drop, not for zero.
+
+All metrics are computed with numpy/scipy only (no scikit-learn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+from .train import dice_per_class, pearson
+
+FAILURE_THRESHOLD = 0.7
+MIN_CORRELATION_DROP = 0.5
+
+
+@dataclass
+class EvalPair:
+    """An image (z,y,x) or slice (y,x), a candidate label map and the reference label map."""
+
+    case: str
+    image: np.ndarray
+    mask: np.ndarray
+    reference: np.ndarray
+    spacing: tuple | None = None
+    category: str = ""
+
+
+def rank_average(values: Sequence[float]) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(np.asarray(values, np.float64), method="average")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson of average ranks)."""
+    if len(a) < 2:
+        return 0.0
+    return pearson(rank_average(a), rank_average(b))
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula; NaN without both classes.
+
+    AUROC = (sum of positive ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg)."""
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rank_average(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def agreement_metrics(predicted: Sequence[float], true: Sequence[float],
+                      failure_threshold: float = FAILURE_THRESHOLD) -> Dict[str, Any]:
+    p, t = np.asarray(predicted, np.float64).ravel(), np.asarray(true, np.float64).ravel()
+    failures = t < failure_threshold
+    return {"n": int(p.size), "mae": float(np.abs(p - t).mean()) if p.size else float("nan"),
+            "pearson": pearson(p, t), "spearman": spearman(p, t),
+            "auroc_failure": auroc(1.0 - p, failures), "n_failures": int(failures.sum()),
+            "failure_threshold": failure_threshold}
+
+
+def image_dependence_ok(r_real: float, r_black: float, r_shuffled: float | None,
+                        min_drop: float = MIN_CORRELATION_DROP) -> bool:
+    """True when the real correlation is positive and each ablated |r| is at most
+    (1 - min_drop) times it (a missing shuffled value is not held against the model)."""
+    if not r_real > 0:
+        return False
+    limit = (1.0 - min_drop) * r_real
+    ablated = [abs(r_black)] + ([abs(r_shuffled)] if r_shuffled is not None else [])
+    return all(r <= limit for r in ablated)
+
+
+def _resize_like(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(image.shape) == tuple(shape):
+        return image
+    mode = "trilinear" if image.ndim == 3 else "bilinear"
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def _predict(model, pair: EvalPair, image: np.ndarray, device) -> np.ndarray:
+    from .score import predict_volume
+
+    return predict_volume(model, image, pair.mask, pair.spacing, device)
+
+
+def _as_pair(item, index: int) -> EvalPair:
+    if isinstance(item, EvalPair):
+        return item
+    image, mask, reference = item[:3]
+    spacing = item[3] if len(item) > 3 else None
+    return EvalPair(f"pair_{index:04d}", np.asarray(image, np.float32), np.asarray(mask),
+                    np.asarray(reference), spacing)
+
+
+def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: float = FAILURE_THRESHOLD,
+                       check_image_dependence: bool = True,
+                       min_drop: float = MIN_CORRELATION_DROP) -> Dict[str, Any]:
+    """Score every pair (EvalPair or (image, mask, reference[, spacing]) tuples of label maps) and
+    return {"metrics", "rows", "image_dependence"}; rows hold case, class, category, true and
+    predicted Dice (and the ablated predictions when the check runs)."""
+    pairs = [_as_pair(p, i) for i, p in enumerate(pairs)]
+    if not pairs:
+        from ..errors import DataError
+
+        raise DataError("no pairs to evaluate the quality predictor on")
+    model.eval()
+    k = model.n_foreground
+    rows: List[Dict[str, Any]] = []
+    real, truth, black, shuffled = [], [], [], []
+    cases = list(dict.fromkeys(p.case for p in pairs))
+    first_image = {c: next(p.image for p in pairs if p.case == c) for c in cases}
+    for pair in pairs:
+        true = dice_per_class(pair.mask, pair.reference, k)
+        pred = _predict(model, pair, pair.image, device)
+        real.append(pred)
+        truth.append(true)
+        entry = {"case": pair.case, "category": pair.category}
+        extra = {}
+        if check_image_dependence:
+            black_pred = _predict(model, pair, np.zeros_like(pair.image), device)
+            black.append(black_pred)
+            extra["black"] = black_pred
+            if len(cases) > 1:
+                other = cases[(cases.index(pair.case) + 1) % len(cases)]
+                shuffled_pred = _predict(model, pair, _resize_like(first_image[other], pair.image.shape), device)
+                shuffled.append(shuffled_pred)
+                extra["shuffled"] = shuffled_pred
+        for c in range(k):
+            row = {**entry, "class": c + 1, "true_dice": float(true[c]), "predicted": float(pred[c])}
+            for name, values in extra.items():
+                row[f"predicted_{name}_image"] = float(values[c])
+            rows.append(row)
+    real, truth = np.asarray(real), np.asarray(truth)
+    result: Dict[str, Any] = {"metrics": agreement_metrics(real, truth, failure_threshold), "rows": rows}
+    if k > 1:
+        result["per_class"] = {c + 1: agreement_metrics(real[:, c], truth[:, c], failure_threshold)
+                               for c in range(k)}
+    if check_image_dependence:
+        r_real = result["metrics"]["pearson"]
+        r_black = pearson(np.asarray(black).ravel(), truth.ravel())
+        r_shuffled = pearson(np.asarray(shuffled).ravel(), truth.ravel()) if shuffled else None
+        result["image_dependence"] = {
+            "pearson_real": r_real, "pearson_black": r_black, "pearson_shuffled": r_shuffled,
+            "min_drop": min_drop,
+            "criterion": f"r_real > 0 and |r_black|, |r_shuffled| <= {1 - min_drop:g} * r_real",
+            "image_dependence_ok": image_dependence_ok(r_real, r_black, r_shuffled, min_drop)}
+        result["image_dependence_ok"] = result["image_dependence"]["image_dependence_ok"]
+    return result
+
+
+def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict | None = None,
+                   mode: str = "3d") -> List[EvalPair]:
+    """Synthetic evaluation pairs: `per_case` VQM masks of each labeled case (no weak masks, no
+    augmentation), whole volumes in 3D mode, slices (foreground preferred) in 2D mode."""
+    from .train import SwapPools, _make_vqm_config, _pick_slice, as_volume_case, vqm_candidate
+
+    cases = [as_volume_case(c) for c in cases]
+    n_foreground = max(1, max(int(c.label.max()) for c in cases))
+    config = _make_vqm_config(vqm or {}, 0.0)
+    swap = SwapPools(cases, n_foreground, mode) if len(cases) > 1 else None
+    pairs = []
+    for i, case in enumerate(cases):
+        for j in range(per_case):
+            rng = np.random.default_rng([seed, 424242, i, j])
+            image, label, spacing = case.image, case.label, tuple(case.spacing)
+            if mode == "2d":
+                z = _pick_slice(label, rng)
+                image, label, spacing = image[z], label[z], spacing[1:]
+            candidate, categories, _ = vqm_candidate(label, spacing, n_foreground, config, rng, swap, case.id)
+            pairs.append(EvalPair(case.id, image, candidate, label, spacing, "+".join(categories)))
+    return pairs
+
+
+def write_evaluation(result: Dict[str, Any], out_dir, title: str = "") -> Dict[str, str]:
+    """metrics JSON, per-pair CSV and calibration PNG under `out_dir`; returns their paths."""
+    import csv
+    import io as _io
+    import json
+    from pathlib import Path
+
+    from ..fileio import write_text_atomic
+    from .plots import calibration_scatter
+
+    out_dir = Path(out_dir)
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    metrics_path = write_text_atomic(out_dir / "quality_evaluation.json",
+                                     json.dumps(summary, indent=1, default=float) + "\n")
+    buffer = _io.StringIO()
+    rows = result["rows"]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    rows_path = write_text_atomic(out_dir / "quality_evaluation_rows.csv", buffer.getvalue())
+    plot = calibration_scatter([r["predicted"] for r in rows], [r["true_dice"] for r in rows],
+                               out_dir / "quality_calibration.png", title=title)
+    return {"metrics": str(metrics_path), "rows": str(rows_path), "calibration": str(plot)}

@@ -1,0 +1,716 @@
+"""Training the quality predictor g on variable-quality masks (VQM) of known Dice.
+
+Each epoch draws `samples_per_case` VQM masks for every training case (the paper's K = 50 on a
+GPU; 8 by default on a CPU so that an epoch stays short - set it explicitly to override). Per
+sample:
+
+1. spatial augmentation (random flips) of the image and the reference together;
+2. the reference region of interest (its bounding box + 50% per side, at least 10 mm) is
+   corrupted class by class by the VQM sampler (`quality.vqm`), the classes merged back into a
+   label map (later classes win on overlap). Corrupting the region rather than the whole volume
+   keeps the corruption strength relative to the structure and keeps the cost independent of how
+   much background a volume has; with probability `p_weak` (training cases only) the sampler uses
+   a cached weak-segmenter output instead (`quality.weak`);
+3. presentation (`quality.presentation`): a mask-box crop of the whole volume (70%) or a random
+   sub-volume shown whole (30%, `p_patch`), resized to the grid;
+4. intensity-only augmentation of the presented image (gamma, noise);
+5. target: per-class Dice between the candidate and the reference inside what g sees (the whole
+   volume for mask-box crops; the sub-volume for patches); both empty -> 1.
+
+Samples are generated on the fly by a map-style dataset whose randomness is a pure function of
+(seed, epoch, case, k), so runs are reproducible and resumable, and DataLoader workers (0 on CPU,
+up to 8 on CUDA) can share the corruption cost. The result reports the fraction of time spent
+making samples.
+
+Optimisation follows the paper: AdamW (lr 3e-4, wd 5e-4), cosine warm restarts (T0 10, Tmult 2,
+eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clipping 1, AMP on CUDA,
+early stopping on validation MAE (patience 25). `quality_best.pt` (lowest validation MAE) and
+`quality_last.pt` (full training state; a rerun in the same folder resumes from it) are written
+atomically into the run folder with a training curve PNG and the history as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import CancelledError, ConfigError, DataError
+from ..fileio import write_json_atomic
+from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
+
+BEST_FILE = "quality_best.pt"
+LAST_FILE = "quality_last.pt"
+HISTORY_FILE = "quality_history.json"
+CURVE_FILE = "quality_training_curve.png"
+CALIBRATION_FILE = "quality_calibration_validation.png"
+ROI_MARGIN_FRACTION = 0.5
+CPU_SAMPLES_PER_CASE = 8
+GPU_SAMPLES_PER_CASE = 50
+
+
+@dataclass
+class QualityTrainConfig:
+    """Options of `train_quality_predictor` (YAML/JSON keys of `qgseg quality train --config`)."""
+
+    mode: str = "3d"                      # "3d" volumes or "2d" slices along z
+    backbone: str = "convnet"             # QUALITY_BACKBONES name
+    backbone_options: dict = field(default_factory=dict)
+    grid_size: list | None = None         # None: 48^3 (3d) / 128^2 (2d)
+    samples_per_case: int | None = None   # K per training case per epoch; None: 50 CUDA, 8 CPU
+    val_samples_per_case: int = 5
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 5e-4
+    t0: int = 10
+    t_mult: int = 2
+    eta_min: float = 1e-6
+    loss: str = "smoothl1"                # "smoothl1" (beta below) or "mse"
+    smoothl1_beta: float = 1.0
+    patience: int = 25                    # epochs without a better validation MAE; 0 = never stop
+    grad_clip: float = 1.0
+    amp: str = "auto"                     # auto (on for CUDA) | on | off
+    p_weak: float = 0.05                  # probability of a weak-segmenter mask (training only)
+    weak: dict | None = field(default_factory=dict)  # WeakConfig fields; None disables weak masks
+    p_patch: float = 0.3                  # share of "training patch" presentations
+    flip: bool = True
+    intensity_augmentation: bool = True
+    vqm: dict = field(default_factory=dict)  # VQMConfig fields
+    n_validation: int = 0                 # cases held out when the dataset has no validation group (0: auto)
+    num_workers: int | None = None        # None: 0 on CPU, min(8, cores - 1) on CUDA
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "QualityTrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown quality training option(s) {unknown}; "
+                              f"known: {', '.join(sorted(names))}")
+        config = cls(**dict(data))
+        config.validate(source)
+        return config
+
+    def to_dict(self) -> Dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=list))
+
+    def validate(self, source: str = "config") -> None:
+        def bad(message):
+            raise ConfigError(f"{source}: {message}")
+
+        if self.mode not in ("2d", "3d"):
+            bad(f"mode must be '2d' or '3d', not {self.mode!r}")
+        if self.loss not in ("smoothl1", "mse"):
+            bad(f"loss must be 'smoothl1' or 'mse', not {self.loss!r}")
+        if self.amp not in ("auto", "on", "off"):
+            bad(f"amp must be auto, on or off, not {self.amp!r}")
+        for name in ("epochs", "batch_size", "val_samples_per_case", "t0", "t_mult"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_case is not None and int(self.samples_per_case) < 1:
+            bad(f"samples_per_case must be >= 1, got {self.samples_per_case}")
+        for name in ("p_weak", "p_patch"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                bad(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            bad("lr must be > 0 and weight_decay >= 0")
+
+    def resolved_samples_per_case(self, device_type: str) -> int:
+        if self.samples_per_case is not None:
+            return int(self.samples_per_case)
+        return GPU_SAMPLES_PER_CASE if device_type == "cuda" else CPU_SAMPLES_PER_CASE
+
+
+# ------------------------------------------------------------------------------------- cases
+
+@dataclass
+class VolumeCase:
+    """One labeled volume as g's training uses it: image (z,y,x) float32 (robustly standardised),
+    label (z,y,x) uint8, spacing in numpy order (mm)."""
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple = (1.0, 1.0, 1.0)
+
+
+def _standardise_volume(image: np.ndarray) -> np.ndarray:
+    step = max(1, image.size // 500_000)
+    lo, hi = np.percentile(image.ravel()[::step], [0.5, 99.5])
+    clipped = np.clip(image, lo, hi)
+    std = float(clipped.std())
+    return ((clipped - clipped.mean()) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+
+
+def load_cases(refs: Sequence, labels: Mapping | None = None) -> List[VolumeCase]:
+    """Read labeled CaseRefs at their own voxel grid (the grid scoring sees), checking geometry."""
+    from ..data import io
+
+    cases = []
+    for ref in refs:
+        if ref.label is None:
+            raise DataError(f"{ref.image}: case '{ref.id}' has no label; g is trained on labeled cases")
+        image, geometry = io.read_image(ref.image)
+        label, label_geometry = io.read_label(ref.label, allowed_labels=list(labels) if labels else None)
+        io.check_same_geometry(geometry, label_geometry, ref.image, ref.label)
+        cases.append(VolumeCase(ref.id, _standardise_volume(image), label, tuple(geometry.spacing[::-1])))
+    return cases
+
+
+def as_volume_case(case) -> VolumeCase:
+    """Accept VolumeCase or a data-layer PreparedCase (image (1,z,y,x), label, geometry)."""
+    if isinstance(case, VolumeCase):
+        return case
+    image = np.asarray(case.image, np.float32)
+    image = image[0] if image.ndim == 4 else image
+    if getattr(case, "label", None) is None:
+        raise DataError(f"case '{case.id}' has no label; g is trained on labeled cases")
+    geometry = getattr(case, "geometry", None)
+    spacing = tuple(geometry.spacing[::-1]) if geometry is not None else (1.0,) * image.ndim
+    return VolumeCase(str(case.id), image, np.asarray(case.label, np.uint8), spacing)
+
+
+# ----------------------------------------------------------------------------- VQM samples
+
+def dice_per_class(candidate: np.ndarray, reference: np.ndarray, n_foreground: int) -> np.ndarray:
+    """Dice of each foreground class 1..K between two label maps; both empty -> 1."""
+    out = np.empty(n_foreground, np.float32)
+    for c in range(1, n_foreground + 1):
+        a, b = candidate == c, reference == c
+        total = int(a.sum()) + int(b.sum())
+        out[c - 1] = 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    return out
+
+
+def _make_vqm_config(options: Mapping, p_weak: float):
+    from . import vqm
+
+    fields = {f.name for f in dataclasses.fields(vqm.VQMConfig)}
+    options = dict(options or {})
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"unknown VQM option(s) {unknown}; known: {', '.join(sorted(fields))}")
+    if "p_weak" in fields and "p_weak" not in options:
+        options["p_weak"] = p_weak
+    return vqm.VQMConfig(**options)
+
+
+class SwapPools:
+    """For the cross-image swap category: per class, every training case's reference region
+    (case_id, mask, foreground volume in mm^3), served without the case being corrupted."""
+
+    def __init__(self, cases: Sequence[VolumeCase], n_foreground: int, mode: str):
+        self.by_class: Dict[int, list] = {c: [] for c in range(1, n_foreground + 1)}
+        for case in cases:
+            label = case.label
+            spacing = case.spacing
+            if mode == "2d":  # the slice with the most foreground
+                areas = label.reshape(label.shape[0], -1).astype(bool).sum(1)
+                label, spacing = label[int(np.argmax(areas))], spacing[1:]
+            roi = crop_box(label > 0, spacing, ROI_MARGIN_FRACTION, MIN_MARGIN_MM)
+            for c in self.by_class:
+                mask = label[roi] == c
+                self.by_class[c].append((case.id, mask, float(mask.sum() * np.prod(spacing))))
+
+    def for_case(self, c: int, case_id: str) -> list:
+        return [entry for entry in self.by_class[c] if entry[0] != case_id]
+
+
+@dataclass
+class SampleSpec:
+    """Everything a sample generator needs besides the case (picklable for DataLoader workers)."""
+
+    mode: str
+    grid: tuple
+    n_foreground: int
+    vqm_config: Any
+    p_patch: float
+    flip: bool
+    intensity: bool
+    train: bool
+
+
+def _pick_slice(label: np.ndarray, rng) -> int:
+    fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(1))
+    if len(fg) and rng.random() < 0.8:
+        return int(rng.choice(fg))
+    return int(rng.integers(label.shape[0]))
+
+
+def _random_patch_box(label: np.ndarray, rng) -> tuple:
+    """A sub-volume of 40-100% of each axis, centred near a random foreground voxel (if any)."""
+    shape = label.shape
+    size = [max(1, int(round(s * rng.uniform(0.4, 1.0)))) for s in shape]
+    fg = np.argwhere(label > 0) if label.any() else None
+    if fg is not None:
+        centre = fg[rng.integers(len(fg))] + rng.integers(-np.array(size) // 4, np.array(size) // 4 + 1)
+    else:
+        centre = rng.integers(0, shape)
+    start = [int(np.clip(c - s // 2, 0, d - s)) for c, s, d in zip(centre, size, shape)]
+    return tuple(slice(a, a + s) for a, s in zip(start, size))
+
+
+def intensity_augment(image, rng):
+    """Gamma on the min-max rescaled image, re-standardised, plus Gaussian noise (torch (1,1,*g))."""
+    import torch
+
+    from .presentation import standardize_image
+
+    lo, hi = image.min(), image.max()
+    if float(hi - lo) > 1e-6:
+        gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))
+        image = standardize_image(((image - lo) / (hi - lo)) ** gamma)
+    sigma = float(rng.uniform(0.0, 0.1))
+    noise = torch.from_numpy(rng.normal(0.0, 1.0, tuple(image.shape)).astype(np.float32))
+    return image + sigma * noise
+
+
+def vqm_candidate(label: np.ndarray, spacing: Sequence[float], n_foreground: int, vqm_config,
+                  rng: np.random.Generator, swap_pools: "SwapPools | None" = None, case_id: str = "",
+                  weak_label: np.ndarray | None = None):
+    """Corrupt a reference label map class by class inside its region of interest.
+
+    Returns (candidate label map like `label`, categories drawn per class, true Dice per class).
+    `weak_label` (a weak-segmenter label map on the same grid) is offered to the sampler, which
+    uses it with probability p_weak."""
+    from .vqm import VQMSampler
+
+    roi = crop_box(label > 0, spacing, ROI_MARGIN_FRACTION, MIN_MARGIN_MM)
+    reference_roi = np.ascontiguousarray(label[roi])
+    candidate_roi = np.zeros_like(reference_roi)
+    categories = []
+    for c in range(1, n_foreground + 1):
+        weak_c = None
+        if weak_label is not None:
+            weak_roi = np.ascontiguousarray(weak_label[roi] == c)
+            weak_c = lambda *_args, _m=weak_roi, **_kw: _m  # noqa: E731 - the sampler decides when
+        swap = swap_pools.for_case(c, case_id) if swap_pools is not None else None
+        sampler = VQMSampler(vqm_config, seed=int(rng.integers(2**31 - 1)))
+        drawn = sampler.sample(reference_roi == c, spacing, swap_pool=swap or None, weak_pool=weak_c)
+        candidate_roi[np.asarray(drawn.mask, bool)] = c
+        categories.append(str(drawn.category))
+    candidate = np.zeros_like(label)
+    candidate[roi] = candidate_roi
+    return candidate, categories, dice_per_class(candidate_roi, reference_roi, n_foreground)
+
+
+def generate_sample(case: VolumeCase, spec: SampleSpec, rng: np.random.Generator,
+                    swap_pools: SwapPools | None = None, weak_pool=None) -> Dict[str, Any]:
+    """One VQM training/validation sample of `case`: presented image (1,*grid), mask (K,*grid),
+    target (K,) true Dice, and the categories drawn (one per class)."""
+    import torch
+
+    image, label, spacing = case.image, case.label, tuple(case.spacing)
+    weak_label = None
+    weak_draw = weak_pool is not None and spec.train and case.id in weak_pool
+    if weak_draw:
+        weak_label = weak_pool.draw_label(case.id, rng)
+    if spec.mode == "2d":
+        z = _pick_slice(label, rng)
+        image, label, spacing = image[z], label[z], spacing[1:]
+        weak_label = None if weak_label is None else weak_label[z]
+    if spec.train and spec.flip:
+        axes = tuple(a for a in range(label.ndim) if rng.random() < 0.5)
+        if axes:
+            image, label = np.flip(image, axes), np.flip(label, axes)
+            weak_label = None if weak_label is None else np.flip(weak_label, axes)
+    candidate, categories, target_whole = vqm_candidate(
+        label, spacing, spec.n_foreground, spec.vqm_config, rng, swap_pools, case.id, weak_label)
+    if spec.train and rng.random() < spec.p_patch:
+        box, view = _random_patch_box(label, rng), "patch"
+    else:
+        box, view = crop_box(candidate > 0, spacing), "mask_box"
+    # Mask-box crops predict the whole-volume Dice (what scoring reports); patches the patch Dice.
+    target = dice_per_class(candidate[box], label[box], spec.n_foreground) if view == "patch" \
+        else target_whole
+    image_crop = np.ascontiguousarray(image[box])
+    mask_crop = label_to_channels(candidate[box], spec.n_foreground + 1)
+    shown = present(image_crop, mask_crop, grid=spec.grid,
+                    box=tuple(slice(0, s) for s in image_crop.shape))
+    image_t = shown.image[0]
+    if spec.train and spec.intensity:
+        image_t = intensity_augment(image_t[None], rng)[0]
+    return {"image": image_t.float(), "mask": shown.mask[0].float(),
+            "target": torch.from_numpy(target), "category": "+".join(categories), "view": view,
+            "case": case.id}
+
+
+class VQMDataset:
+    """Map-style dataset of `per_case` VQM samples per case; randomness from (seed, epoch, i, k).
+
+    Set `.epoch` before building each epoch's DataLoader (workers are not persistent)."""
+
+    def __init__(self, cases: Sequence[VolumeCase], spec: SampleSpec, per_case: int, seed: int,
+                 swap_pools: SwapPools | None = None, weak_pool=None):
+        self.cases, self.spec, self.per_case, self.seed = list(cases), spec, int(per_case), int(seed)
+        self.swap_pools, self.weak_pool = swap_pools, weak_pool
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.per_case
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        i, k = divmod(int(index), self.per_case)
+        rng = np.random.default_rng([self.seed, self.epoch, i, k])
+        return generate_sample(self.cases[i], self.spec, rng, self.swap_pools, self.weak_pool)
+
+
+def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    import torch
+
+    return {"image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "target": torch.stack([it["target"] for it in items]),
+            "category": [it["category"] for it in items], "view": [it["view"] for it in items],
+            "case": [it["case"] for it in items]}
+
+
+# --------------------------------------------------------------------------------- metrics
+
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson correlation; 0 when either side is constant (no linear relation measurable)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or a.std() < 1e-12 or b.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# -------------------------------------------------------------------------------- training
+
+def _split_cases(source, config: QualityTrainConfig):
+    """(training refs or cases, validation ..., labels dict) from a DatasetSpec or case lists."""
+    from ..data.dataset import DatasetSpec, split_validation
+
+    if isinstance(source, DatasetSpec):
+        spec = source
+        if not spec.validation:
+            n_val = config.n_validation or (max(1, round(0.2 * len(spec.training)))
+                                            if len(spec.training) >= 2 else 0)
+            if n_val:
+                spec = split_validation(spec, n_val, config.seed)
+        return load_cases(spec.training, spec.labels), load_cases(spec.validation, spec.labels), \
+            dict(spec.labels)
+    if isinstance(source, Mapping):
+        train = [as_volume_case(c) for c in source["training"]]
+        val = [as_volume_case(c) for c in source.get("validation", [])]
+        labels = source.get("labels")
+    else:
+        cases = [as_volume_case(c) for c in source]
+        n_val = config.n_validation or (max(1, round(0.2 * len(cases))) if len(cases) >= 2 else 0)
+        order = np.random.default_rng(config.seed).permutation(len(cases))
+        val = [cases[i] for i in sorted(order[:n_val])]
+        train = [cases[i] for i in sorted(order[n_val:])]
+        labels = None
+    if labels is None:
+        highest = max(int(c.label.max()) for c in train + val)
+        labels = {0: "background", **{v: f"label_{v}" for v in range(1, max(highest, 1) + 1)}}
+    return train, val, {int(k): str(v) for k, v in dict(labels).items()}
+
+
+def _loader(dataset, batch_size, shuffle, workers, seed):
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      collate_fn=collate, generator=generator, drop_last=False)
+
+
+def predict_batches(model, batches, device, amp_dtype=None) -> np.ndarray:
+    """Stack g's predictions (N, K) over presented batches (dicts with image and mask)."""
+    import torch
+
+    outs = []
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            with _autocast(device, amp_dtype):
+                pred = model(batch["image"].to(device), batch["mask"].to(device))
+            outs.append(pred.float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, model.n_foreground), np.float32)
+
+
+def _autocast(device, dtype):
+    import contextlib
+
+    import torch
+
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _amp_dtype(config: QualityTrainConfig, device):
+    import torch
+
+    if config.amp == "off" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _workers(config: QualityTrainConfig, device) -> int:
+    if config.num_workers is not None:
+        return max(0, int(config.num_workers))
+    return 0 if device.type != "cuda" else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _training_state(model, optimizer, scheduler, scaler, epoch, history, best, config, labels) -> dict:
+    import torch
+
+    from .predictor import FORMAT_VERSION, TRAIN_FORMAT
+
+    return {"format": TRAIN_FORMAT, "format_version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": dict(model.config), "train_config": config.to_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "torch_rng": torch.get_rng_state(), "epoch": int(epoch),
+            "history": json.loads(json.dumps(history)), "best": dict(best),
+            "labels": {str(k): v for k, v in labels.items()}}
+
+
+def _save_state(path: Path, state: dict) -> None:
+    import torch
+
+    from ..fileio import atomic_path
+
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None = None,
+                            run_dir: str | os.PathLike = "runs/quality", events=None, cancel=None,
+                            progress: bool = True, device: str = "auto") -> Dict[str, Any]:
+    """Train g on `source` (a DatasetSpec, a list of cases, or {"training": [...],
+    "validation": [...], "labels": {...}}) into `run_dir`; resumes from `quality_last.pt` there.
+
+    Returns a dict with the checkpoint paths, the best epoch and its validation MAE/Pearson, the
+    history, and timing (seconds per sample made, share of time spent making samples)."""
+    import torch
+
+    from ..engine.device import resolve_device, translate_oom
+    from . import plots
+    from .predictor import QualityPredictor, predictor_config, save_predictor
+    from .weak import WeakConfig, train_weak_snapshots
+
+    if config is None:
+        config = QualityTrainConfig()
+    elif isinstance(config, Mapping):
+        config = QualityTrainConfig.from_dict(config)
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    started = time.time()
+
+    def stage(name, index, total):
+        if events is not None:
+            events.stage(name, index, total)
+        if progress and events is None:
+            print(f"[quality] {name}", file=sys.stderr, flush=True)
+
+    stage("loading cases", 1, 4)
+    train_cases, val_cases, labels = _split_cases(source, config)
+    if not train_cases:
+        raise DataError("no labeled training cases for the quality predictor")
+    n_foreground = len(labels) - 1
+    if n_foreground < 1:
+        raise DataError("the dataset declares no foreground class")
+    for case in train_cases + val_cases:
+        if case.label.size and int(case.label.max()) > n_foreground:
+            raise DataError(f"case '{case.id}': label value {int(case.label.max())} exceeds the "
+                            f"{n_foreground} declared foreground class(es)")
+
+    model_config = predictor_config(n_foreground=n_foreground, mode=config.mode,
+                                    backbone=config.backbone, grid_size=config.grid_size,
+                                    backbone_options=config.backbone_options,
+                                    class_names=[labels[v] for v in range(1, n_foreground + 1)])
+    grid = tuple(model_config["grid_size"])
+    vqm_config = _make_vqm_config(config.vqm, config.p_weak)
+
+    weak_pool = None
+    if config.weak is not None and config.p_weak > 0:
+        stage("weak segmenter snapshots", 2, 4)
+        weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
+
+        def weak_progress(step, total):
+            if events is not None and (step % 10 == 0 or step == total):
+                events.progress(step, total, stage="weak segmenter")
+
+        with translate_oom("weak segmenter training"):
+            weak_pool = train_weak_snapshots(train_cases, n_foreground + 1, config.mode, weak_cfg,
+                                             run_dir / "weak", device=dev, progress=weak_progress,
+                                             cancel=cancel)
+
+    stage("quality predictor", 3, 4)
+    per_case = config.resolved_samples_per_case(dev.type)
+    swap = SwapPools(train_cases, n_foreground, config.mode)
+    train_spec = SampleSpec(config.mode, grid, n_foreground, vqm_config, config.p_patch, config.flip,
+                            config.intensity_augmentation, True)
+    val_spec = dataclasses.replace(train_spec, train=False)
+    train_set = VQMDataset(train_cases, train_spec, per_case, config.seed, swap, weak_pool)
+    val_source = val_cases or train_cases  # no validation cases: monitor on fresh training VQMs
+    val_set = VQMDataset(val_source, val_spec, config.val_samples_per_case, config.seed + 7919,
+                         SwapPools(val_source, n_foreground, config.mode) if len(val_source) > 1 else None)
+    val_set.epoch = 10**6
+    workers = _workers(config, dev)
+    t0 = time.time()
+    val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed))
+    val_targets = torch.cat([b["target"] for b in val_batches]).numpy()
+    val_make_s = time.time() - t0
+
+    torch.manual_seed(config.seed)
+    model = QualityPredictor(model_config).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=config.t0, T_mult=config.t_mult, eta_min=config.eta_min)
+    amp_dtype = _amp_dtype(config, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    loss_fn = torch.nn.MSELoss() if config.loss == "mse" else torch.nn.SmoothL1Loss(beta=config.smoothl1_beta)
+
+    best = {"epoch": -1, "val_mae": float("inf"), "val_pearson": 0.0}
+    history: List[Dict[str, Any]] = []
+    start_epoch = 0
+    last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
+    if last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("config", {}).get("grid_size") != model_config["grid_size"] or \
+                state.get("config", {}).get("backbone") != model_config["backbone"] or \
+                state.get("config", {}).get("n_foreground") != n_foreground:
+            raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
+                              "configuration; use a new --run-dir or delete that file to start over")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
+        if events is not None:
+            events.warning(f"resuming quality predictor training at epoch {start_epoch + 1} "
+                           f"from {last_path}")
+
+    n_batches = math.ceil(len(train_set) / config.batch_size)
+    total_steps = config.epochs * n_batches
+    meta = {"labels": {str(k): v for k, v in labels.items()}, "train_config": config.to_dict(),
+            "training_cases": [c.id for c in train_cases], "validation_cases": [c.id for c in val_cases]}
+    bar = None
+    if progress and events is None:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=start_epoch * n_batches, desc="quality predictor",
+                       file=sys.stderr, leave=False)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            bar = None
+    make_s = step_s = 0.0
+    made = 0
+    stopped_early = False
+    loop_started = time.time()
+    try:
+        with translate_oom("quality predictor training"):
+            for epoch in range(start_epoch, config.epochs):
+                if best["epoch"] >= 0 and config.patience and epoch - best["epoch"] >= config.patience:
+                    stopped_early = True
+                    break
+                train_set.epoch = epoch
+                model.train()
+                losses = []
+                tick = time.time()
+                for b, batch in enumerate(_loader(train_set, config.batch_size, True, workers,
+                                                  config.seed * 100003 + epoch)):
+                    got = time.time()
+                    make_s += got - tick
+                    made += len(batch["target"])
+                    if cancel is not None and cancel.requested:
+                        raise CancelledError("cancelled: the run's cancel file was found",
+                                             hint=str(cancel.path))
+                    image, mask = batch["image"].to(dev), batch["mask"].to(dev)
+                    target = batch["target"].to(dev)
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast(dev, amp_dtype):
+                        pred = model(image, mask)
+                    loss = loss_fn(pred.float(), target)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step(epoch + (b + 1) / n_batches)
+                    losses.append(float(loss.detach()))
+                    tick = time.time()
+                    step_s += tick - got
+                    step = epoch * n_batches + b + 1
+                    done_steps = step - start_epoch * n_batches
+                    eta = (time.time() - loop_started) / done_steps * (total_steps - step)
+                    if events is not None:
+                        events.progress(step, total_steps, epoch=epoch + 1, eta_s=eta,
+                                        stage="quality predictor")
+                    if bar is not None:
+                        bar.update(1)
+                predictions = predict_batches(model, val_batches, dev, amp_dtype)
+                val_mae = float(np.abs(predictions - val_targets).mean())
+                val_r = pearson(predictions.ravel(), val_targets.ravel())
+                record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                          "val_mae": val_mae, "val_pearson": val_r,
+                          "lr": float(optimizer.param_groups[0]["lr"])}
+                history.append(record)
+                if events is not None:
+                    events.metric("val_mae", val_mae, step=epoch + 1, split="validation")
+                    events.metric("val_pearson", val_r, step=epoch + 1, split="validation")
+                    if record["train_loss"] is not None:
+                        events.metric("train_loss", record["train_loss"], step=epoch + 1, split="train")
+                if val_mae < best["val_mae"]:
+                    best = {"epoch": epoch + 1, "val_mae": val_mae, "val_pearson": val_r}
+                    save_predictor(best_path, model, {**meta, "epoch": epoch + 1, "val_mae": val_mae,
+                                                      "val_pearson": val_r})
+                _save_state(last_path, _training_state(model, optimizer, scheduler, scaler, epoch + 1,
+                                                       history, best, config, labels))
+                write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
+    finally:  # a cancelled run resumes from the last completed epoch's state (quality_last.pt)
+        if bar is not None:
+            bar.close()
+    if best["epoch"] < 0:
+        raise DataError(f"{run_dir}: no epoch was trained (epochs={config.epochs}); nothing to save")
+
+    stage("calibration", 4, 4)
+    curve = plots.training_curve(history, run_dir / CURVE_FILE)
+    from .predictor import load_predictor
+
+    best_model = load_predictor(best_path, dev)
+    val_pred = predict_batches(best_model, val_batches, dev, amp_dtype)
+    calibration = plots.calibration_scatter(val_pred.ravel(), val_targets.ravel(),
+                                            run_dir / CALIBRATION_FILE, title="validation VQMs")
+    total_make = make_s + val_make_s
+    timing = {"seconds_per_sample": (make_s / made) if made else None,
+              "sample_time_fraction": (make_s / (make_s + step_s)) if (make_s + step_s) > 0 else None,
+              "workers": workers, "wall_s": round(time.time() - started, 2),
+              "sample_making_s": round(total_make, 2)}
+    if events is not None and timing["sample_time_fraction"] and timing["sample_time_fraction"] > 0.7:
+        events.warning(f"making VQM samples took {timing['sample_time_fraction']:.0%} of the training "
+                       "time; use more workers (num_workers) or a GPU machine with more cores")
+    result = {"best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
+              "curve": str(curve), "calibration": str(calibration), "history": history,
+              "best_epoch": best["epoch"], "best_val_mae": best["val_mae"],
+              "best_val_pearson": best["val_pearson"], "epochs_run": len(history),
+              "stopped_early": stopped_early, "samples_per_case": per_case,
+              "n_training_cases": len(train_cases), "n_validation_cases": len(val_cases),
+              "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
+              "timing": timing, "device": str(dev)}
+    write_json_atomic(run_dir / "quality_result.json", {k: v for k, v in result.items() if k != "history"})
+    return result

@@ -1,0 +1,221 @@
+"""WorkerRunner with real child processes: events, ok/failed/oom results, cooperative cancel,
+killing the process tree after the grace period, the heartbeat watchdog, and the pure command
+builders."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from QGSegmentationLib.engine.events import validate_stream
+from QGSegmentationLib.slicer import runner as runner_mod
+from QGSegmentationLib.slicer.runner import (WorkerRunner, advice_for, python_slicer_executable,
+                                             worker_command, worker_environment)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A stand-in worker speaking the real protocol through the real EventWriter and cancel token.
+CHILD = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from QGSegmentationLib.engine.events import EventWriter
+    from QGSegmentationLib.engine.cancel import CancelToken
+    mode, run_dir, events = sys.argv[1], sys.argv[2], sys.argv[3]
+    w = EventWriter.open(events, run_id="t")
+    w.emit("start", command="fake", argv=sys.argv, pid=os.getpid(), run_dir=run_dir)
+    token = CancelToken(run_dir)
+    if mode == "ok":
+        w.stage("training", 1, 2)
+        for step in range(1, 4):
+            w.progress(step, 3, epoch=step, eta_s=0.1 * (3 - step))
+        w.metric("dice", 0.8, step=3, split="validation")
+        w.emit("done", status="ok", exit_code=0, outputs={"checkpoint": "run/best.pt"}, wall_s=0.1)
+        sys.exit(0)
+    if mode == "cooperative":
+        w.heartbeat_thread(0.2)
+        for step in range(1, 10000):
+            if token.requested:
+                w.emit("error", kind="cancelled", message="cancel file seen", hint=None)
+                w.emit("done", status="cancelled", exit_code=3, outputs={"checkpoint": "x"}, wall_s=1)
+                w.close()
+                sys.exit(3)
+            w.progress(step, 10000)
+            time.sleep(0.05)
+    if mode == "stubborn":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open(os.path.join(run_dir, "grandchild.pid"), "w").write(str(child.pid))
+        w.progress(1, 100)
+        time.sleep(120)  # ignores the cancel file
+    if mode == "oom":
+        w.emit("error", kind="oom", message="CUDA out of memory", hint="patch 96")
+        w.emit("done", status="failed", exit_code=4, outputs={}, wall_s=0.1)
+        sys.exit(4)
+    if mode == "silent":
+        time.sleep(120)
+    if mode == "crash":
+        raise SystemExit(1)
+    if mode == "no_done":
+        sys.exit(0)
+""")
+
+
+def make_runner(tmp_path, mode):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "fake_worker.py"
+    script.write_text(CHILD)
+    run_dir = tmp_path / "run"
+    events = tmp_path / "events.jsonl"
+    env = worker_environment(os.environ, REPO)
+    command = [sys.executable, str(script), mode, str(run_dir), str(events)]
+    return WorkerRunner(command, run_dir, events, env=env)
+
+
+def _dead(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():  # a zombie (state Z) is dead; nothing reaps it in some containers
+        return "\nState:\tZ" in status.read_text()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_ok_run_reports_events_and_outputs(tmp_path):
+    r = make_runner(tmp_path, "ok").start()
+    result = r.wait(timeout_s=30)
+    assert result.status == "ok" and result.exit_code == 0 and result.error is None
+    assert result.outputs == {"checkpoint": "run/best.pt"}
+    validate_stream(r.events)
+    assert [e["step"] for e in r.events if e["event"] == "progress"] == [1, 2, 3]
+    assert r.latest("metric")["value"] == 0.8
+    assert r.poll().finished and r.result() is result
+    assert (tmp_path / "run" / "worker.log").exists()
+
+
+def test_poll_never_blocks_and_result_waits_for_the_end(tmp_path):
+    r = make_runner(tmp_path, "silent").start()
+    t0 = time.monotonic()
+    update = r.poll()
+    assert time.monotonic() - t0 < 0.5 and not update.finished
+    with pytest.raises(RuntimeError, match="not finished"):
+        r.result()
+    r.kill()
+    result = r.wait(timeout_s=10)
+    assert result.status == "cancelled" and result.killed and result.outputs == {}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_cancel_is_honoured_with_exit_3_and_nothing_to_import(tmp_path):
+    r = make_runner(tmp_path, "cooperative").start()
+    deadline = time.monotonic() + 10
+    while not any(e["event"] == "progress" for e in r.events):
+        r.poll()
+        assert time.monotonic() < deadline, "worker produced no progress"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    r.cancel(grace_s=10)
+    assert (tmp_path / "run" / "CANCEL").exists()
+    result = r.wait(timeout_s=10)
+    assert time.monotonic() - t0 < 10
+    assert result.status == "cancelled" and result.exit_code == 3 and not result.killed
+    assert result.outputs == {}  # the done event listed a checkpoint: not passed on
+    assert result.error.kind == "cancelled"
+    assert "nothing from it was imported" in result.error.advice
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups")
+def test_worker_ignoring_cancel_is_killed_with_its_children(tmp_path):
+    r = make_runner(tmp_path, "stubborn").start()
+    pid_file = tmp_path / "run" / "grandchild.pid"
+    deadline = time.monotonic() + 15
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "stubborn worker did not start its child"
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    r.cancel(grace_s=0.5)
+    assert not r.poll().finished  # still inside the grace period
+    result = r.wait(timeout_s=10)
+    assert result.status == "cancelled" and result.killed and result.outputs == {}
+    deadline = time.monotonic() + 5
+    while not _dead(grandchild):
+        assert time.monotonic() < deadline, "grandchild survived the tree kill"
+        time.sleep(0.05)
+
+
+def test_oom_maps_to_kind_oom_exit_4_and_advice(tmp_path):
+    r = make_runner(tmp_path, "oom").start()
+    result = r.wait(timeout_s=30)
+    assert result.status == "failed" and result.exit_code == 4
+    assert result.error.kind == "oom" and result.outputs == {}
+    assert "smaller patch size or batch size" in result.error.advice
+    assert "patch 96" in result.error.advice  # the worker's hint is kept
+
+
+def test_crash_without_events_and_exit_0_without_done_are_failures(tmp_path):
+    crash = make_runner(tmp_path / "a", "crash").start().wait(timeout_s=30)
+    assert crash.status == "failed" and crash.exit_code == 1 and crash.error.kind == "other"
+    silent_ok = make_runner(tmp_path / "b", "no_done").start().wait(timeout_s=30)
+    assert silent_ok.status == "failed" and "no 'done' event" in silent_ok.error.message
+
+
+def test_unresponsive_watchdog(tmp_path):
+    r = make_runner(tmp_path, "silent").start()
+    try:
+        assert not r.is_unresponsive(timeout_s=5)
+        deadline = time.monotonic() + 10
+        while not r.events:  # the start event, then silence
+            r.poll()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.0)
+        r.poll()
+        assert r.seconds_since_last_event() >= 1.0
+        assert r.is_unresponsive(timeout_s=0.5)
+        r.keep_waiting()
+        assert not r.is_unresponsive(timeout_s=0.5)
+    finally:
+        r.kill()
+        r.wait(timeout_s=10)
+    assert not r.is_unresponsive(timeout_s=0.0)  # a finished worker is never "unresponsive"
+
+
+def test_heartbeats_keep_the_watchdog_quiet(tmp_path):
+    r = make_runner(tmp_path, "cooperative").start()
+    try:
+        time.sleep(1.0)
+        r.poll()
+        assert r.seconds_since_last_event() < 0.6
+    finally:
+        r.cancel(grace_s=5)
+        r.wait(timeout_s=10)
+
+
+def test_start_errors_and_empty_command(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        WorkerRunner([], tmp_path, tmp_path / "e.jsonl")
+    with pytest.raises(RuntimeError, match="could not start the worker"):
+        WorkerRunner([str(tmp_path / "missing-exe")], tmp_path, tmp_path / "e.jsonl").start()
+
+
+def test_command_builders_are_pure():
+    assert python_slicer_executable("/opt/Slicer/bin", "linux") == str(Path("/opt/Slicer/bin/PythonSlicer"))
+    assert python_slicer_executable("C:/Slicer/bin", "win32").endswith("PythonSlicer.exe")
+    cmd = worker_command("/opt/Slicer/bin/PythonSlicer", ["train", "--seed", 3])
+    assert cmd == ["/opt/Slicer/bin/PythonSlicer", "-m", "QGSegmentationLib.cli.main", "train", "--seed", "3"]
+    with pytest.raises(ValueError):
+        worker_command("", [])
+    env = worker_environment({"PYTHONPATH": os.pathsep.join(["/a", "/lib"]), "X": "1"}, "/lib")
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/lib", "/a"] and env["X"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_advice_per_kind():
+    assert "CPU" in advice_for("cuda_unavailable") or "cpu" in advice_for("cuda_unavailable")
+    assert "images/a.nrrd" in advice_for("data", "images/a.nrrd: not a 3D image")
+    assert "worker.log" in advice_for("something new", "boom")
+    assert set(runner_mod.ERROR_ADVICE) >= {"oom", "cuda_unavailable", "data", "other", "cancelled"}
