@@ -189,9 +189,9 @@ def l_shape():
 def test_convex_hull_matches_delaunay_and_fills_concavity():
     mask = l_shape()
     hull = shape.convex_hull(mask)
-    pts = np.argwhere(mask)
+    corners = np.array([[5, 5], [5, 14], [34, 5], [34, 34], [25, 34]])  # the L's extreme voxels
     grid = np.indices(mask.shape).reshape(2, -1).T
-    expected = (Delaunay(pts).find_simplex(grid, tol=1e-9) >= 0).reshape(mask.shape)
+    expected = (Delaunay(corners).find_simplex(grid, tol=1e-9) >= 0).reshape(mask.shape)
     np.testing.assert_array_equal(hull, expected | mask)
     assert hull[20, 20] and not mask[20, 20]
     mask3 = ellipsoid_3d()
@@ -225,7 +225,7 @@ def test_polygon_is_convex_and_inside_the_hull(case):
         angles = np.array([0.0, 2.0, 4.0]) * np.pi / 3
         directions = np.stack([np.sin(angles), np.cos(angles)], axis=1)
     else:
-        directions = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+        directions = shape.fibonacci_sphere(8)
     triangle = shape.support_polygon(mask, np.asarray(spacing), directions)
     assert 0.3 * hull.sum() < triangle.sum() < 0.8 * hull.sum()
 
@@ -425,9 +425,9 @@ def test_catastrophic():
 
 
 def test_corrupt_labelmap_per_class():
-    labels = np.zeros((24, 40, 36), np.uint8)
-    labels[ellipsoid_3d()] = 1
-    labels[2:6, 2:12, 2:12] = 2
+    labels = np.zeros((24, 40, 60), np.uint8)
+    labels[:, :, :36][ellipsoid_3d()] = 1
+    labels[4:20, 8:30, 40:58] = 2
     eroded = corrupt_labelmap(labels, "erosion", rng(), spacing=(1.0, 1.0, 1.0), unit=1.0)
     assert set(np.unique(eroded)) == {0, 1, 2}
     for c in (1, 2):

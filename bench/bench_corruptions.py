@@ -27,9 +27,8 @@ from QGSegmentationLib.quality.corruptions import CORRUPTIONS  # noqa: E402
 from QGSegmentationLib.quality.dice import mask_dice  # noqa: E402
 
 
-def ellipsoid_like(size: int, seed: int) -> np.ndarray:
-    """A tilted ellipsoid with a bump, filling roughly half of each axis."""
-    rng = np.random.default_rng(seed)
+def ellipsoid_like(size: int) -> np.ndarray:
+    """A tilted ellipsoid with a spherical bump, spanning roughly half of each axis."""
     z, y, x = np.ogrid[:size, :size, :size]
     c = size / 2
     a, b, d = 0.32 * size, 0.26 * size, 0.22 * size
@@ -37,8 +36,7 @@ def ellipsoid_like(size: int, seed: int) -> np.ndarray:
     v = -(y - c) * np.sin(0.4) + (x - c) * np.cos(0.4)
     body = ((z - c) / a) ** 2 + (u / b) ** 2 + (v / d) ** 2 <= 1
     bump = ((z - c - 0.25 * size) ** 2 + (y - c) ** 2 + (x - c - 0.2 * size) ** 2) <= (0.1 * size) ** 2
-    noise = rng.random((size, size, size)) < 0.0  # deterministic shape; rng kept for extensions
-    return body | bump | noise
+    return body | bump
 
 
 def main(argv=None) -> int:
@@ -48,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    mask = ellipsoid_like(args.size, args.seed)
+    mask = ellipsoid_like(args.size)
     rng = np.random.default_rng(args.seed)
     print(f"mask {mask.shape}, {int(mask.sum())} foreground voxels, spacing 1, 1 thread, "
           f"{platform.processor() or platform.machine()}, numpy {np.__version__}\n")

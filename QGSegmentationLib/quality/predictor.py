@@ -232,7 +232,7 @@ def read_predictor_file(path: str | os.PathLike) -> Dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, TRAIN_FORMAT):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path}: expected a quality predictor checkpoint ({FORMAT}), found {found!r}",
-                        hint="pass the quality_best.pt written by `qgseg quality train`")
+                        hint="pass checkpoints/best.pt of a `qgseg quality train` run folder")
     return state
 
 

@@ -24,9 +24,9 @@ making samples.
 
 Optimisation follows the paper: AdamW (lr 3e-4, wd 5e-4), cosine warm restarts (T0 10, Tmult 2,
 eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clipping 1, AMP on CUDA,
-early stopping on validation MAE (patience 25). `quality_best.pt` (lowest validation MAE) and
-`quality_last.pt` (full training state; a rerun in the same folder resumes from it) are written
-atomically into the run folder with a training curve PNG and the history as JSON.
+early stopping on validation MAE (patience 25). `checkpoints/best.pt` (lowest validation MAE) and
+`checkpoints/last.pt` (full training state; a rerun in the same folder resumes from it) are
+written atomically into the run folder with a training curve PNG and the history as JSON.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from ..errors import CancelledError, ConfigError, DataError
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
 
-BEST_FILE = "quality_best.pt"
-LAST_FILE = "quality_last.pt"
+BEST_FILE = "checkpoints/best.pt"   # relative to the run folder
+LAST_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "quality_history.json"
 CURVE_FILE = "quality_training_curve.png"
 CALIBRATION_FILE = "quality_calibration_validation.png"
@@ -192,16 +192,26 @@ def dice_per_class(candidate: np.ndarray, reference: np.ndarray, n_foreground: i
 
 
 def _make_vqm_config(options: Mapping, p_weak: float):
-    from . import vqm
+    """VQMConfig from the `vqm` section; `p_weak` comes from the training config unless given."""
+    from .vqm import VQMConfig
 
-    fields = {f.name for f in dataclasses.fields(vqm.VQMConfig)}
     options = dict(options or {})
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"unknown VQM option(s) {unknown}; known: {', '.join(sorted(fields))}")
-    if "p_weak" in fields and "p_weak" not in options:
-        options["p_weak"] = p_weak
-    return vqm.VQMConfig(**options)
+    options.setdefault("p_weak", p_weak)
+    return VQMConfig.from_dict(options)
+
+
+_SAMPLERS: Dict[int, Any] = {}
+
+
+def _sampler(vqm_config):
+    """One VQMSampler per config object and process (its category pools are built once)."""
+    from .vqm import VQMSampler
+
+    key = id(vqm_config)
+    if key not in _SAMPLERS:
+        _SAMPLERS.clear()
+        _SAMPLERS[key] = (vqm_config, VQMSampler(vqm_config))
+    return _SAMPLERS[key][1]
 
 
 class SwapPools:
@@ -282,8 +292,6 @@ def vqm_candidate(label: np.ndarray, spacing: Sequence[float], n_foreground: int
     Returns (candidate label map like `label`, categories drawn per class, true Dice per class).
     `weak_label` (a weak-segmenter label map on the same grid) is offered to the sampler, which
     uses it with probability p_weak."""
-    from .vqm import VQMSampler
-
     roi = crop_box(label > 0, spacing, ROI_MARGIN_FRACTION, MIN_MARGIN_MM)
     reference_roi = np.ascontiguousarray(label[roi])
     candidate_roi = np.zeros_like(reference_roi)
@@ -293,9 +301,9 @@ def vqm_candidate(label: np.ndarray, spacing: Sequence[float], n_foreground: int
         if weak_label is not None:
             weak_roi = np.ascontiguousarray(weak_label[roi] == c)
             weak_c = lambda *_args, _m=weak_roi, **_kw: _m  # noqa: E731 - the sampler decides when
-        swap = swap_pools.for_case(c, case_id) if swap_pools is not None else None
-        sampler = VQMSampler(vqm_config, seed=int(rng.integers(2**31 - 1)))
-        drawn = sampler.sample(reference_roi == c, spacing, swap_pool=swap or None, weak_pool=weak_c)
+        swap = swap_pools.by_class[c] if swap_pools is not None else None
+        drawn = _sampler(vqm_config).sample(reference_roi == c, spacing, swap_pool=swap or None,
+                                            weak_pool=weak_c, case_id=case_id, rng=rng)
         candidate_roi[np.asarray(drawn.mask, bool)] = c
         categories.append(str(drawn.category))
     candidate = np.zeros_like(label)
@@ -416,13 +424,13 @@ def _split_cases(source, config: QualityTrainConfig):
     return train, val, {int(k): str(v) for k, v in dict(labels).items()}
 
 
-def _loader(dataset, batch_size, shuffle, workers, seed):
+def _loader(dataset, batch_size, shuffle, workers, seed, drop_last=False):
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(int(seed))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, generator=generator, drop_last=False)
+                      collate_fn=collate, generator=generator, drop_last=drop_last)
 
 
 def predict_batches(model, batches, device, amp_dtype=None) -> np.ndarray:
@@ -491,7 +499,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                             run_dir: str | os.PathLike = "runs/quality", events=None, cancel=None,
                             progress: bool = True, device: str = "auto") -> Dict[str, Any]:
     """Train g on `source` (a DatasetSpec, a list of cases, or {"training": [...],
-    "validation": [...], "labels": {...}}) into `run_dir`; resumes from `quality_last.pt` there.
+    "validation": [...], "labels": {...}}) into `run_dir`; resumes from `checkpoints/last.pt` there.
 
     Returns a dict with the checkpoint paths, the best epoch and its validation MAE/Pearson, the
     history, and timing (seconds per sample made, share of time spent making samples)."""
@@ -599,7 +607,12 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
             events.warning(f"resuming quality predictor training at epoch {start_epoch + 1} "
                            f"from {last_path}")
 
-    n_batches = math.ceil(len(train_set) / config.batch_size)
+    if len(train_set) < 2:
+        raise ConfigError("g's batch norm needs at least 2 training samples per epoch; raise "
+                          "samples_per_case or add training cases")
+    # a last batch of one sample would break batch norm: drop the incomplete batch when possible
+    drop_last = len(train_set) > config.batch_size
+    n_batches = len(train_set) // config.batch_size if drop_last else 1
     total_steps = config.epochs * n_batches
     meta = {"labels": {str(k): v for k, v in labels.items()}, "train_config": config.to_dict(),
             "training_cases": [c.id for c in train_cases], "validation_cases": [c.id for c in val_cases]}
@@ -627,7 +640,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                 losses = []
                 tick = time.time()
                 for b, batch in enumerate(_loader(train_set, config.batch_size, True, workers,
-                                                  config.seed * 100003 + epoch)):
+                                                  config.seed * 100003 + epoch, drop_last)):
                     got = time.time()
                     make_s += got - tick
                     made += len(batch["target"])
@@ -682,7 +695,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                 _save_state(last_path, _training_state(model, optimizer, scheduler, scaler, epoch + 1,
                                                        history, best, config, labels))
                 write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
-    finally:  # a cancelled run resumes from the last completed epoch's state (quality_last.pt)
+    finally:  # a cancelled run resumes from the last completed epoch's state (checkpoints/last.pt)
         if bar is not None:
             bar.close()
     if best["epoch"] < 0:

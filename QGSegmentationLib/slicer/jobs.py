@@ -6,9 +6,13 @@ One run = one folder the user can open:
         job.json            the job spec (cases, node IDs, options, versions) written by the panel
         dataset.json        Decathlon-style dataset description (training + unlabeled)
         images/<case>.nrrd  exported volumes          labels/<case>.nrrd  reference label maps
-        events.jsonl        training events           predict-events.jsonl  inference events
-        run/                the worker's run folder (checkpoints, manifest.json, CANCEL)
-        predictions/<case>.seg.nrrd, predictions/scores.csv
+        quality/            stage 1: `qgseg quality train` run folder (quality predictor g)
+        run/                stage 2: `qgseg train` run folder (segmenter checkpoints, manifest)
+        predict-run/        stage 3: `qgseg predict` run folder
+        quality-events.jsonl, events.jsonl, predict-events.jsonl   one event stream per stage
+        predictions/<case>.nrrd, <case>.seg.nrrd, scores.csv
+
+Each run folder receives its own CANCEL file; worker.log holds the worker's console output.
 
 Pure Python; the argument lists for `qgseg train` / `qgseg predict` are built here so they are
 tested without Slicer.
@@ -28,8 +32,10 @@ from ..fileio import write_json_atomic
 
 ROLES = ("labeled", "unlabeled", "ignore")
 JOB_SPEC_VERSION = 1
-ARCHITECTURES = ("unet", "vnet", "segresnet")
-SSL_METHODS = ("sup", "mean_teacher", "uamt", "cps", "fixmatch", "unimatch")
+# Names registered in QGSegmentationLib.networks.NETWORKS / ssl.methods.METHODS (kept here as
+# plain strings so the panel lists them without importing torch; a test checks they exist).
+ARCHITECTURES = ("unet", "vnet", "segresnet", "basicunet", "attentionunet")
+SSL_METHODS = ("mt", "uamt", "cps", "fixmatch", "ict", "pl", "pl_c", "pl_t", "cl", "dualnet", "sup")
 DEVICES = ("auto", "cuda", "cpu")
 MODES = ("3d", "2d")
 
@@ -39,7 +45,7 @@ class TrainingOptions:
     """The Training section's values (mirrors the module's parameter node)."""
 
     architecture: str = "unet"
-    ssl_method: str = "mean_teacher"
+    ssl_method: str = "mt"
     guidance_qar: bool = True
     guidance_qw: bool = True
     mode: str = "3d"
@@ -49,6 +55,7 @@ class TrainingOptions:
     patch_size: int = 96
     seed: int = 0
     device: str = "auto"
+    quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
 
     def validate(self) -> "TrainingOptions":
         """Raise ValueError naming the option and the problem."""
@@ -59,6 +66,7 @@ class TrainingOptions:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.patch_size >= 8, f"patch size must be >= 8 voxels, got {self.patch_size}"),
             (self.target_spacing >= 0, f"target spacing must be >= 0 mm, got {self.target_spacing}"),
+            (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
             (bool(self.architecture), "architecture is empty"),
             (bool(self.ssl_method), "SSL method is empty"),
         ]
@@ -68,9 +76,13 @@ class TrainingOptions:
         return self
 
     def guidance(self) -> str:
-        """"qar+qw", "qar", "qw" or "none" (the worker's --guidance value)."""
+        """"qar,qw", "qar", "qw" or "none" (the worker's --guidance value)."""
         parts = [name for name, on in (("qar", self.guidance_qar), ("qw", self.guidance_qw)) if on]
-        return "+".join(parts) or "none"
+        return ",".join(parts) or "none"
+
+    def patch(self) -> List[str]:
+        """--patch values: z y x in 3d mode, y x in 2d mode (cubic/square patches)."""
+        return [str(self.patch_size)] * (3 if self.mode == "3d" else 2)
 
 
 @dataclass
@@ -152,9 +164,16 @@ class JobFolder:
         return self.predictions_dir / "scores.csv"
 
     @property
-    def predict_input(self) -> Path:
-        """The dataset description of the cases to segment (written by the panel)."""
-        return self.root / "predict.json"
+    def quality_dir(self) -> Path:
+        return self.root / "quality"
+
+    @property
+    def quality_events(self) -> Path:
+        return self.root / "quality-events.jsonl"
+
+    @property
+    def predict_run_dir(self) -> Path:
+        return self.root / "predict-run"
 
     def image_path(self, case: str) -> Path:
         return self.images_dir / f"{case}.nrrd"
@@ -174,9 +193,9 @@ def new_run_id(prefix: str = "run", now: Optional[float] = None) -> str:
 def create_job_folder(output_dir: str | os.PathLike, run_id: Optional[str] = None,
                       prefix: str = "run") -> JobFolder:
     """Create a fresh, empty job folder under `output_dir` (never reuses an existing one)."""
-    output_dir = Path(output_dir)
-    if not str(output_dir).strip():
+    if not os.fspath(output_dir).strip():
         raise ValueError("output folder is empty: choose one in the Training section")
+    output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output folder {output_dir} exists and is not a folder")
     base = run_id or new_run_id(prefix)
@@ -185,7 +204,7 @@ def create_job_folder(output_dir: str | os.PathLike, run_id: Optional[str] = Non
         n += 1
         candidate = f"{base}-{n}"
     root = output_dir / candidate
-    for sub in ("images", "labels", "run", "predictions"):
+    for sub in ("images", "labels", "quality", "run", "predict-run", "predictions"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return JobFolder(root)
 
@@ -253,65 +272,73 @@ def write_dataset_json(folder: JobFolder, cases: Iterable[CaseEntry],
     return write_json_atomic(folder.dataset_json, dataset_description(folder, cases, label_names))
 
 
-def write_predict_input(folder: JobFolder, cases: Iterable[CaseEntry]) -> Path:
-    """A dataset description listing the images to segment under "test"."""
-    desc = {"name": "QGSegmentation prediction", "test": [
-        folder.image_path(c.case).relative_to(folder.root).as_posix() for c in cases]}
-    return write_json_atomic(folder.predict_input, desc)
-
-
 # --- worker argument lists ---------------------------------------------------------------------
-# One table maps each Training option to the worker's flag, so a renamed flag is one edit here.
-TRAIN_FLAGS = {
-    "architecture": "--network",
-    "ssl_method": "--method",
-    "mode": "--mode",
-    "iterations": "--iterations",
-    "batch_size": "--batch-size",
-    "patch_size": "--patch-size",
-    "seed": "--seed",
-    "device": "--device",
-}
-
-
-def train_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
-    """`qgseg train ...` arguments (without the executable) for this job folder."""
+# The three stages of a Train click, as `qgseg` arguments (without the executable). Flags follow
+# QGSegmentationLib/cli (quality.py, train.py, predict.py, common.py).
+def quality_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
+    """Stage 1: train the quality predictor g on the labeled cases."""
     options.validate()
-    args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(folder.run_dir),
-            "--events", str(folder.train_events)]
-    values = asdict(options)
-    for key, flag in TRAIN_FLAGS.items():
-        args += [flag, str(values[key])]
-    args += ["--guidance", options.guidance()]
-    if options.target_spacing > 0:
-        args += ["--spacing", repr(float(options.target_spacing))]
+    args = ["quality", "train", "--dataset", str(folder.dataset_json),
+            "--run-dir", str(folder.quality_dir), "--events", str(folder.quality_events),
+            "--mode", options.mode, "--seed", str(options.seed), "--device", options.device]
+    if options.quality_epochs:
+        args += ["--epochs", str(options.quality_epochs)]
     return args
 
 
-def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike,
-                      device: str = "auto") -> List[str]:
-    """`qgseg predict ...` arguments writing predictions + scores.csv into the job folder."""
+def train_arguments(folder: JobFolder, options: TrainingOptions,
+                    quality_checkpoint: str | os.PathLike | None = None) -> List[str]:
+    """Stage 2: train the segmenter (SSL method, guided by g when guidance is on)."""
+    options.validate()
+    guidance = options.guidance()
+    if guidance != "none" and not quality_checkpoint:
+        raise ValueError(f"training options: guidance {guidance} needs a quality predictor checkpoint")
+    args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(folder.run_dir),
+            "--events", str(folder.train_events), "--network", options.architecture,
+            "--method", options.ssl_method, "--mode", options.mode,
+            "--iterations", str(options.iterations), "--batch", str(options.batch_size),
+            "--patch", *options.patch(), "--seed", str(options.seed), "--device", options.device,
+            "--guidance", guidance]
+    if quality_checkpoint:
+        args += ["--quality-checkpoint", str(quality_checkpoint)]
+    if options.target_spacing > 0:
+        args += ["--spacing", *[repr(float(options.target_spacing))] * 3]
+    return args
+
+
+def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike, device: str = "auto",
+                      quality_checkpoint: str | os.PathLike | None = None,
+                      from_dataset: bool = True) -> List[str]:
+    """Stage 3: segment (and score, with g) into predictions/. A train job segments the
+    dataset's "unlabeled" list; a segment-only job every image in images/."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    return ["predict", "--checkpoint", str(checkpoint), "--input", str(folder.predict_input),
-            "--output", str(folder.predictions_dir), "--events", str(folder.predict_events),
-            "--device", device]
+    source = (["--input", str(folder.dataset_json), "--split", "unlabeled"] if from_dataset
+              else ["--input", str(folder.images_dir)])
+    args = ["predict", "--checkpoint", str(checkpoint), *source,
+            "--output", str(folder.predictions_dir), "--run-dir", str(folder.predict_run_dir),
+            "--events", str(folder.predict_events), "--device", device]
+    if quality_checkpoint:
+        args += ["--quality-checkpoint", str(quality_checkpoint)]
+    return args
 
 
-def find_checkpoint(folder: JobFolder, done_outputs: Optional[Dict[str, str]] = None) -> Path:
-    """The trained model to segment with: the `checkpoint` output of the train `done` event
-    when given, else the newest best*/last* checkpoint in the run folder."""
+def find_checkpoint(run_dir: str | os.PathLike, done_outputs: Optional[Dict[str, str]] = None) -> Path:
+    """The model a finished stage produced: its `done` event's checkpoint output when given
+    (`checkpoint` for quality train, `best_checkpoint` for train), else the best*/last*
+    checkpoint in its run folder."""
+    run_dir = Path(run_dir)
     if done_outputs:
         for key in ("checkpoint", "best_checkpoint", "model"):
             if done_outputs.get(key):
                 path = Path(done_outputs[key])
                 if not path.is_absolute():
-                    path = folder.run_dir / path
+                    path = run_dir / path
                 if path.exists():
                     return path
-    candidates = sorted(folder.run_dir.rglob("*.pt"), key=lambda p: (
+    candidates = sorted(run_dir.rglob("*.pt"), key=lambda p: (
         0 if p.name.startswith("best") else 1 if p.name.startswith("last") else 2,
         -p.stat().st_mtime))
     if not candidates:
-        raise ValueError(f"{folder.run_dir}: the training run left no checkpoint (*.pt)")
+        raise ValueError(f"{run_dir}: the run left no checkpoint (*.pt)")
     return candidates[0]

@@ -139,7 +139,7 @@ class Corruption:
         params = self.draw(mask, rng, grid, severity)
         out = self.apply(mask, grid, **params)
         out = np.asarray(out, dtype=bool)
-        if out is mask or np.shares_memory(out, mask):
+        if out is mask or np.may_share_memory(out, mask):
             out = out.copy()
         return out
 

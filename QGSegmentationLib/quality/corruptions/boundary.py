@@ -13,7 +13,7 @@
   voxels within that margin of the boundary can change and only those are resampled.
 - grid_distortion: albumentations-style separable grid distortion: each axis is cut into
   `steps` cells whose lengths are scaled by 1 + U(-limit, limit) and the output samples the input
-  along the resulting piecewise-linear map; (steps, limit) = (5, 0.2) or (8, 0.4), heavy (12, 0.6).
+  along the resulting piecewise-linear map (exactly the identity when every factor is 1); (steps, limit) = (5, 0.2) or (8, 0.4), heavy (12, 0.6).
   Positions mapped outside the array are background.
 """
 
@@ -96,7 +96,7 @@ def elastic(mask: np.ndarray, grid: Grid, alpha: float, sigma: float, rng: np.ra
     if region is None:
         return np.zeros_like(mask)
     sub = mask[region]
-    sizes = tuple(int(2 * m + 1) for m in margin)
+    sizes = tuple(int(2 * m - 1) for m in margin)  # a voxel moves by at most margin - 1
     band = box_dilate(sub, sizes) & ~box_erode(sub, sizes)
     points = np.nonzero(band)
     coords = np.stack(points).astype(np.float32)
@@ -123,9 +123,9 @@ def grid_axis_map(length: int, steps: int, factors: np.ndarray) -> np.ndarray:
     previous = 0.0
     for i, start in enumerate(range(0, length, step)):
         end = min(start + step, length)
-        current = previous + step * factors[min(i, len(factors) - 1)]
-        positions[start:end] = np.linspace(previous, current, end - start)
-        previous = current
+        slope = factors[min(i, len(factors) - 1)]
+        positions[start:end] = previous + slope * np.arange(end - start)
+        previous += slope * step
     return positions
 
 

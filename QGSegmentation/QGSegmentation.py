@@ -1,0 +1,1008 @@
+"""QGSegmentation: quality-guided semi-supervised segmentation inside 3D Slicer.
+
+Qt glue only. The substance lives in the backend package `QGSegmentationLib`, shipped next to
+this file: `QGSegmentationLib.slicer` (scene I/O, job folders, worker runner, review model, panel
+state machine, dependency checks; Qt-free and unit-tested without Slicer) and the `qgseg` worker
+that trains and segments in a child process (PythonSlicer), so the GUI never freezes and torch is
+never imported into Slicer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+from typing import Callable, List, Optional
+
+import qt
+import slicer
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this file
+    sys.path.insert(0, MODULE_DIR)
+
+from QGSegmentationLib.slicer import environment, jobs, scene_io  # noqa: E402
+from QGSegmentationLib.slicer.review import (FILTERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
+                                             read_scores_csv)
+from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
+                                             python_slicer_executable, worker_command,
+                                             worker_environment)
+from QGSegmentationLib.slicer.signal import Signal  # noqa: E402
+from QGSegmentationLib.slicer.state import PanelInputs, PanelStateMachine, RunState  # noqa: E402
+
+POLL_INTERVAL_MS = 500
+UNRESPONSIVE_AFTER_S = 120.0
+LOG_MAX_LINES = 500
+OUTPUT_FOLDER_SETTING = "QGSegmentation/OutputFolder"  # a user preference, not scene state
+ROLE_CHOICES = ("labeled", "unlabeled", "ignore")
+CASE_COLUMNS = ("Use", "Volume", "Role", "Reference segmentation")
+REVIEW_COLUMNS = ("Case", "Quality", "Status", "Comment")
+
+
+#
+# Module
+#
+class QGSegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "QG Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["QGSegmentation developers"]
+        self.parent.helpText = (
+            "Train a segmentation model from a few labeled volumes plus many unlabeled ones, "
+            "guided by a quality predictor that estimates the Dice of every predicted "
+            "segmentation. Then review the results worst-first: approve, flag or edit them. "
+            "Training and inference run in a separate process; the run folder keeps inputs, "
+            "events, checkpoints, predictions and scores. "
+            "See <a href='https://github.com/QGSegmentation/SlicerQGSegmentation'>the documentation</a>.")
+        self.parent.acknowledgementText = (
+            "Built on 3D Slicer, PyTorch (through the SlicerPyTorch extension) and MONAI. "
+            "Patterns from SlicerMONAIAuto3DSeg, SlicerNNUnet and SlicerTotalSegmentator.")
+
+
+#
+# Parameter node (saved with the scene; widgets bind through their SlicerParameterName)
+#
+@parameterNodeWrapper
+class QGSegmentationParameterNode:
+    architecture: str = "unet"
+    sslMethod: str = "mean_teacher"
+    guidanceQAR: bool = True
+    guidanceQW: bool = True
+    mode: str = "3d"
+    device: str = "auto"
+    targetSpacing: float = 0.0
+    iterations: int = 2000
+    batchSize: int = 2
+    patchSize: int = 96
+    seed: int = 0
+    lowThreshold: float = 0.7
+    highThreshold: float = 0.85
+
+
+def training_options_from(parameters) -> jobs.TrainingOptions:
+    return jobs.TrainingOptions(
+        architecture=parameters.architecture, ssl_method=parameters.sslMethod,
+        guidance_qar=parameters.guidanceQAR, guidance_qw=parameters.guidanceQW,
+        mode=parameters.mode, target_spacing=parameters.targetSpacing,
+        iterations=parameters.iterations, batch_size=parameters.batchSize,
+        patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device)
+
+
+def handler(message: str, wait_cursor: bool = False) -> Callable:
+    """Wrap a widget slot in slicer.util.tryWithErrorDisplay: a failing handler shows one error
+    box (with the exception text) instead of a silent traceback in the Python console."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapped(self, *args, **kwargs):
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=wait_cursor):
+                return function(self, *args, **kwargs)
+        return wrapped
+    return decorate
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+#
+# Widget
+#
+class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: Cases, Training, Run, Review, Models, Environment (top to bottom)."""
+
+    def __init__(self, parent=None, logic=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = logic  # tests inject a logic with a fake runner factory
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+        self._refreshTimer = None
+        self._askedUnresponsive = False
+        self._currentReviewCase = None
+        self._deviceInfo = None
+        self._shortcuts = []
+
+    # --- setup -----------------------------------------------------------------------------------
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/QGSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        if self.logic is None:
+            self.logic = QGSegmentationLogic()
+
+        self._fillChoices()
+        self._setupTables()
+        self.ui.logTextEdit.setMaximumBlockCount(LOG_MAX_LINES)
+        self.ui.advancedCollapsibleButton.collapsed = True
+        self.ui.environmentCollapsibleButton.collapsed = True
+
+        self.ui.selectAllButton.connect("clicked(bool)", self.onSelectAll)
+        self.ui.selectNoneButton.connect("clicked(bool)", self.onSelectNone)
+        self.ui.refreshCasesButton.connect("clicked(bool)", self.onRefreshCases)
+        self.ui.casesTable.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onPrimaryButton)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentSelected)
+        self.ui.openRunFolderButton.connect("clicked(bool)", self.onOpenRunFolder)
+        self.ui.reviewTable.connect("itemSelectionChanged()", self.onReviewSelectionChanged)
+        self.ui.reviewFilterComboBox.connect("currentIndexChanged(int)", self.onReviewFilterChanged)
+        self.ui.approveButton.connect("clicked(bool)", self.onApprove)
+        self.ui.flagButton.connect("clicked(bool)", self.onFlag)
+        self.ui.editButton.connect("clicked(bool)", self.onEdit)
+        self.ui.nextUnreviewedButton.connect("clicked(bool)", self.onNextUnreviewed)
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.lowThresholdSpinBox.connect("valueChanged(double)", self.onThresholdsChanged)
+        self.ui.highThresholdSpinBox.connect("valueChanged(double)", self.onThresholdsChanged)
+        self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self.ui.checkEnvironmentButton.connect("clicked(bool)", self.onCheckEnvironment)
+        self.ui.copyDiagnosticsButton.connect("clicked(bool)", self.onCopyDiagnostics)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onReinstallDependencies)
+        self.ui.outputFolderPathLineEdit.currentPath = qt.QSettings().value(OUTPUT_FOLDER_SETTING, "")
+        self.ui.outputFolderPathLineEdit.connect("currentPathChanged(QString)", self.onOutputFolderChanged)
+
+        for key, slot in (("A", self.onApprove), ("F", self.onFlag), ("E", self.onEdit),
+                          ("N", self.onNextUnreviewed)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), self.ui.reviewCollapsibleButton)
+            shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self._refreshTimer = qt.QTimer()
+        self._refreshTimer.setSingleShot(True)
+        self._refreshTimer.setInterval(300)
+        self._refreshTimer.connect("timeout()", self.refreshCases)
+
+        self.logic.state.changed.connect(self._onStateChanged)
+        self.logic.runEvent.connect(self._onRunEvent)
+        self.logic.message.connect(self._appendLog)
+        self.logic.review.changed.connect(self._onReviewChanged)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+
+        self.initializeParameterNode()
+        self.refreshCases()
+        self.logic.loadReviewFromScene(slicer.mrmlScene)
+        self._showEnvironment(probe=False)
+        self.updateControls()
+
+    def _fillChoices(self):
+        self.ui.architectureComboBox.addItems(list(jobs.ARCHITECTURES))
+        self.ui.sslMethodComboBox.addItems(list(jobs.SSL_METHODS))
+        self.ui.modeComboBox.addItems(list(jobs.MODES))
+        self.ui.deviceComboBox.addItems(list(jobs.DEVICES))
+        self.ui.reviewFilterComboBox.addItems(list(FILTERS))
+
+    def _setupTables(self):
+        table = self.ui.casesTable
+        table.setColumnCount(len(CASE_COLUMNS))
+        table.setHorizontalHeaderLabels(list(CASE_COLUMNS))
+        table.horizontalHeader().setStretchLastSection(True)
+        table.verticalHeader().setVisible(False)
+        review = self.ui.reviewTable
+        review.setColumnCount(len(REVIEW_COLUMNS))
+        review.setHorizontalHeaderLabels(list(REVIEW_COLUMNS))
+        review.horizontalHeader().setStretchLastSection(True)
+        review.verticalHeader().setVisible(False)
+        review.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        review.setSelectionMode(qt.QAbstractItemView.SingleSelection)
+        review.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+
+    def cleanup(self):
+        self.removeObservers()
+        if self._pollTimer:
+            self._pollTimer.stop()
+        if self.logic is not None and self.logic.running:
+            self.logic.cancel()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.logic.review.replace_rows([])
+        self.refreshCases()
+
+    def onSceneNodesChanged(self, caller, event):
+        self._refreshTimer.start()  # debounce: loading a scene adds many nodes at once
+
+    # --- parameter node ----------------------------------------------------------------------------
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    # --- Cases section -------------------------------------------------------------------------------
+    def refreshCases(self):
+        """Rebuild the Cases table from the scene's scalar volumes, keeping each row's choices."""
+        table = self.ui.casesTable
+        previous = {row["volume_id"]: row for row in self._caseRows()}
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        table.blockSignals(True)
+        table.setRowCount(len(volumes))
+        for row, volume in enumerate(volumes):
+            old = previous.get(volume.GetID(), {})
+            use = qt.QTableWidgetItem()
+            use.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+            use.setCheckState(qt.Qt.Checked if old.get("use", True) else qt.Qt.Unchecked)
+            table.setItem(row, 0, use)
+            name = qt.QTableWidgetItem(volume.GetName())
+            name.setData(qt.Qt.UserRole, volume.GetID())
+            name.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
+            table.setItem(row, 1, name)
+            role = qt.QComboBox()
+            role.addItems(list(ROLE_CHOICES))
+            reference = slicer.qMRMLNodeComboBox()
+            reference.nodeTypes = ["vtkMRMLSegmentationNode"]
+            reference.noneEnabled = True
+            reference.addEnabled = False
+            reference.removeEnabled = False
+            reference.setMRMLScene(slicer.mrmlScene)
+            guess = old.get("segmentation_id") or self.logic.guessReference(volume)
+            reference.setCurrentNodeID(guess or "")
+            role.setCurrentText(old.get("role") or ("labeled" if guess else "unlabeled"))
+            role.connect("currentIndexChanged(int)", self.updateControls)
+            reference.connect("currentNodeChanged(vtkMRMLNode*)", self.updateControls)
+            table.setCellWidget(row, 2, role)
+            table.setCellWidget(row, 3, reference)
+        table.blockSignals(False)
+        table.resizeColumnsToContents()
+        self.updateControls()
+
+    def _caseRows(self) -> List[dict]:
+        table = self.ui.casesTable
+        rows = []
+        for row in range(table.rowCount):
+            name = table.item(row, 1)
+            if name is None:
+                continue
+            role = table.cellWidget(row, 2)
+            reference = table.cellWidget(row, 3)
+            rows.append({
+                "use": table.item(row, 0).checkState() == qt.Qt.Checked,
+                "volume_id": name.data(qt.Qt.UserRole),
+                "volume_name": name.text(),
+                "role": role.currentText if role else "unlabeled",
+                "segmentation_id": reference.currentNodeID if reference and reference.currentNodeID else "",
+            })
+        return rows
+
+    def selectedCases(self) -> List[jobs.CaseEntry]:
+        rows = [r for r in self._caseRows() if r["use"] and r["role"] != "ignore"]
+        ids = jobs.make_case_ids([r["volume_name"] for r in rows])
+        return [jobs.CaseEntry(case=i, volume_id=r["volume_id"], volume_name=r["volume_name"],
+                               role=r["role"], segmentation_id=r["segmentation_id"] if r["role"] == "labeled" else "")
+                for i, r in zip(ids, rows)]
+
+    @handler("Failed to update the selection.")
+    def onSelectAll(self, _=None):
+        self._setAllChecked(qt.Qt.Checked)
+
+    @handler("Failed to update the selection.")
+    def onSelectNone(self, _=None):
+        self._setAllChecked(qt.Qt.Unchecked)
+
+    def _setAllChecked(self, state):
+        table = self.ui.casesTable
+        for row in range(table.rowCount):
+            table.item(row, 0).setCheckState(state)
+        self.updateControls()
+
+    @handler("Failed to refresh the cases.")
+    def onRefreshCases(self, _=None):
+        self.refreshCases()
+
+    def onOutputFolderChanged(self, path):
+        qt.QSettings().setValue(OUTPUT_FOLDER_SETTING, path)
+        self.updateControls()
+
+    def onCaseItemChanged(self, item):
+        self.updateControls()
+
+    def panelInputs(self) -> PanelInputs:
+        cases = self.selectedCases()
+        labeled = [c for c in cases if c.role == "labeled"]
+        dependencies_ok, message = self.logic.dependencySummary()
+        return PanelInputs(
+            n_labeled=len(labeled),
+            n_labeled_without_reference=sum(1 for c in labeled if not c.segmentation_id),
+            n_unlabeled=sum(1 for c in cases if c.role == "unlabeled"),
+            n_selected=len(cases), has_model=self.logic.checkpoint is not None,
+            output_folder=self.ui.outputFolderPathLineEdit.currentPath,
+            dependencies_ok=dependencies_ok, dependencies_message=message)
+
+    # --- controls from the state machine -------------------------------------------------------------
+    def updateControls(self, *_):
+        if not hasattr(self, "ui") or self.logic is None:
+            return
+        inputs = self.panelInputs()
+        controls = self.logic.state.controls(inputs)
+        self.ui.trainButton.text = controls.primary_text
+        self.ui.trainButton.enabled = controls.primary_enabled
+        self.ui.trainButton.toolTip = controls.primary_tooltip
+        self.ui.segmentButton.enabled = controls.segment_enabled
+        self.ui.segmentButton.toolTip = controls.segment_tooltip
+        for section in (self.ui.casesCollapsibleButton, self.ui.trainingCollapsibleButton,
+                        self.ui.modelsCollapsibleButton):
+            section.enabled = controls.inputs_enabled
+        for button in (self.ui.approveButton, self.ui.flagButton, self.ui.editButton,
+                       self.ui.nextUnreviewedButton):
+            button.enabled = controls.review_enabled and self._currentReviewCase is not None
+        self.ui.exportCsvButton.enabled = len(self.logic.review) > 0
+        self.ui.statusLabel.text = controls.state_label
+        self.ui.progressBar.visible = controls.progress_visible
+        self.ui.openRunFolderButton.enabled = self.logic.job is not None
+        self.ui.casesCountLabel.text = (f"{inputs.n_labeled} labeled, {inputs.n_unlabeled} unlabeled, "
+                                        f"{inputs.n_selected} selected")
+        self.ui.modelLabel.text = (f"Model: {self.logic.checkpoint}" if self.logic.checkpoint
+                                   else "No model yet")
+
+    def _onStateChanged(self, old, new):
+        if new in (RunState.PREPARING, RunState.TRAINING, RunState.PREDICTING, RunState.CANCELLING):
+            if not self._pollTimer.isActive():
+                self._pollTimer.start()
+        if new in (RunState.IDLE, RunState.FAILED):
+            self._pollTimer.stop()
+            self._askedUnresponsive = False
+            if new is RunState.FAILED and self.logic.state.failure_message:
+                self._appendLog("ERROR: " + self.logic.state.failure_message)
+        self.updateControls()
+
+    # --- Run section -----------------------------------------------------------------------------------
+    @handler("Failed to start or cancel the run.", wait_cursor=True)
+    def onPrimaryButton(self, _=None):
+        if self.logic.running:
+            self.logic.cancel()
+            return
+        if not self.ensureDependencies():
+            return
+        self.ui.logTextEdit.clear()
+        self.logic.startTraining(slicer.mrmlScene, self.selectedCases(),
+                                 training_options_from(self._parameterNode),
+                                 self.ui.outputFolderPathLineEdit.currentPath)
+
+    @handler("Failed to start segmenting.", wait_cursor=True)
+    def onSegmentSelected(self, _=None):
+        if not self.ensureDependencies():
+            return
+        self.ui.logTextEdit.clear()
+        cases = [jobs.CaseEntry(c.case, c.volume_id, c.volume_name, "unlabeled")
+                 for c in self.selectedCases()]
+        self.logic.startSegmenting(slicer.mrmlScene, cases, self._parameterNode.device,
+                                   self.ui.outputFolderPathLineEdit.currentPath)
+
+    def onPollTimer(self):
+        with slicer.util.tryWithErrorDisplay("Failed while following the run."):
+            try:
+                self.logic.poll(slicer.mrmlScene)
+            except Exception:
+                self._pollTimer.stop()
+                raise
+            if self.logic.isUnresponsive(UNRESPONSIVE_AFTER_S) and not self._askedUnresponsive:
+                self._askedUnresponsive = True
+                self._pollTimer.stop()
+                kill = slicer.util.confirmYesNoDisplay(
+                    f"The worker has reported nothing for {UNRESPONSIVE_AFTER_S:.0f} seconds.\n\n"
+                    "Kill it (Yes) or keep waiting (No)?", windowTitle="Worker unresponsive")
+                if kill:
+                    self.logic.kill()
+                else:
+                    self.logic.keepWaiting()
+                    self._askedUnresponsive = False
+                if self.logic.running:
+                    self._pollTimer.start()
+
+    def _onRunEvent(self, event):
+        kind = event["event"]
+        if kind == "stage":
+            self.ui.stageLabel.text = f"Stage {event['index']}/{event['total']}: {event['name']}"
+        elif kind == "progress":
+            total = max(int(event["total"]), 1)
+            self.ui.progressBar.maximum = total
+            self.ui.progressBar.value = min(int(event["step"]), total)
+            epoch = f"epoch {event['epoch']}  " if event.get("epoch") is not None else ""
+            eta = format_eta(event.get("eta_s"))
+            self.ui.etaLabel.text = epoch + (f"ETA {eta}" if eta else "")
+        elif kind == "metric":
+            split = f"{event['split']} " if event.get("split") else ""
+            self.ui.metricLabel.text = f"{split}{event['name']}: {float(event['value']):.4f}"
+            if event.get("split") == "validation":
+                self._appendLog(f"{split}{event['name']} = {float(event['value']):.4f}")
+        elif kind == "case_done":
+            self._appendLog(f"done: {event['case']}")
+        elif kind == "warning":
+            self._appendLog("WARNING: " + event["message"])
+        elif kind == "error":
+            self._appendLog(f"ERROR ({event['kind']}): {event['message']}")
+        elif kind == "start":
+            self._appendLog(f"worker started (pid {event.get('pid')})")
+
+    def _appendLog(self, text):
+        self.ui.logTextEdit.appendPlainText(text)
+
+    @handler("Failed to open the run folder.")
+    def onOpenRunFolder(self, _=None):
+        if self.logic.job is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.logic.job.root)))
+
+    # --- Review section ----------------------------------------------------------------------------------
+    def _onReviewChanged(self, case=None):
+        self.refreshReviewTable()
+
+    def refreshReviewTable(self):
+        model = self.logic.review
+        rows = model.rows(self.ui.reviewFilterComboBox.currentText or "all")
+        table = self.ui.reviewTable
+        table.blockSignals(True)
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            quality = row.quality
+            cells = [row.case, "" if quality is None else f"{quality:.3f}", row.status, row.comment]
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, row.case)
+                if column == 1:
+                    r, g, b = model.thresholds.color(quality)
+                    item.setBackground(qt.QBrush(qt.QColor(r, g, b)))
+                    tip = "; ".join(f"{name}: {value:.3f}" for name, value in row.scores.items())
+                    item.setToolTip(f"Predicted quality (estimated Dice) per segment: {tip}")
+                table.setItem(index, column, item)
+            if row.case == self._currentReviewCase:
+                table.selectRow(index)
+        table.blockSignals(False)
+        self.ui.reviewProgressLabel.text = model.progress_text()
+        self.updateControls()
+
+    @handler("Failed to filter the review table.")
+    def onReviewFilterChanged(self, _=None):
+        self.refreshReviewTable()
+
+    @handler("Failed to apply the thresholds.")
+    def onThresholdsChanged(self, _=None):
+        low = self.ui.lowThresholdSpinBox.value
+        high = self.ui.highThresholdSpinBox.value
+        if low <= high:
+            self.logic.setThresholds(Thresholds(low, high))
+            self.refreshReviewTable()
+
+    @handler("Failed to show the case.")
+    def onReviewSelectionChanged(self):
+        items = self.ui.reviewTable.selectedItems()
+        if not items:
+            return
+        case = items[0].data(qt.Qt.UserRole)
+        self._currentReviewCase = case
+        self.logic.showCase(slicer.mrmlScene, case)
+        self.updateControls()
+
+    def _selectCase(self, case):
+        self._currentReviewCase = case
+        self.refreshReviewTable()
+        if case is not None:
+            self.logic.showCase(slicer.mrmlScene, case)
+
+    @handler("Failed to approve the case.")
+    def onApprove(self, _=None):
+        if self._currentReviewCase:
+            self.logic.setReviewStatus(slicer.mrmlScene, self._currentReviewCase, "approved",
+                                       self.ui.commentLineEdit.text)
+            self.onNextUnreviewed()
+
+    @handler("Failed to flag the case.")
+    def onFlag(self, _=None):
+        if self._currentReviewCase:
+            self.logic.setReviewStatus(slicer.mrmlScene, self._currentReviewCase, "flagged",
+                                       self.ui.commentLineEdit.text)
+            self.onNextUnreviewed()
+
+    @handler("Failed to open the Segment Editor.")
+    def onEdit(self, _=None):
+        if not self._currentReviewCase:
+            return
+        row = self.logic.review.row(self._currentReviewCase)
+        segmentation = slicer.mrmlScene.GetNodeByID(row.segmentation_id)
+        volume = slicer.mrmlScene.GetNodeByID(row.volume_id)
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        if hasattr(editor, "setSourceVolumeNode"):  # Slicer >= 5.4
+            editor.setSourceVolumeNode(volume)
+        else:
+            editor.setMasterVolumeNode(volume)
+
+    @handler("Failed to go to the next case.")
+    def onNextUnreviewed(self, _=None):
+        row = self.logic.review.next_unreviewed(self._currentReviewCase)
+        self.ui.commentLineEdit.text = ""
+        if row is None:
+            self._appendLog("Every case is reviewed.")
+            self._selectCase(None)
+            return
+        self._selectCase(row.case)
+
+    @handler("Failed to export the review table.")
+    def onExportCsv(self, _=None):
+        default = os.path.join(self.ui.outputFolderPathLineEdit.currentPath or "", "review.csv")
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Export review", default, "CSV (*.csv)")
+        if path:
+            self.logic.review.export_csv(path)
+            self._appendLog(f"review exported to {path}")
+
+    # --- Models section ------------------------------------------------------------------------------------
+    @handler("Failed to save the model.", wait_cursor=True)
+    def onSaveModel(self, _=None):
+        folder = self.ui.modelFolderPathLineEdit.currentPath
+        self.logic.saveModel(folder)
+        self._appendLog(f"model saved to {folder}")
+
+    @handler("Failed to load the model.", wait_cursor=True)
+    def onLoadModel(self, _=None):
+        self.logic.loadModel(self.ui.modelFolderPathLineEdit.currentPath)
+        self.updateControls()
+
+    # --- Environment section ---------------------------------------------------------------------------------
+    def _showEnvironment(self, probe: bool):
+        if probe:
+            self._deviceInfo = environment.probe_torch(self.logic.pythonExecutable())
+            self.ui.deviceInfoLabel.text = self._deviceInfo.summary
+        statuses = self.logic.requirementStatuses()
+        self.ui.environmentTextEdit.setPlainText(environment.diagnostics_text(
+            statuses, self._deviceInfo, {"Slicer": slicer.app.applicationVersion,
+                                         "worker python": self.logic.pythonExecutable()}))
+
+    @handler("Failed to check the environment.", wait_cursor=True)
+    def onCheckEnvironment(self, _=None):
+        self._showEnvironment(probe=True)
+
+    @handler("Failed to copy the diagnostics.")
+    def onCopyDiagnostics(self, _=None):
+        qt.QApplication.clipboard().setText(self.ui.environmentTextEdit.toPlainText())
+
+    @handler("Failed to install dependencies.", wait_cursor=True)
+    def onReinstallDependencies(self, _=None):
+        self.ensureDependencies(force=True)
+        self._showEnvironment(probe=True)
+
+    def ensureDependencies(self, force: bool = False) -> bool:
+        """At first use: one confirmation listing what is missing, torch through PyTorchUtils
+        (with a minimum version), the rest through pip. Runs in the GUI thread, never a worker
+        thread. Never installs Slicer's own numpy/vtk/SimpleITK/scipy."""
+        statuses = self.logic.requirementStatuses()
+        torch = environment.torch_status()
+        to_pip = environment.pip_requirements_to_install(statuses) if not force else [
+            f"{s.name}>={s.minimum}" for s in statuses if not s.slicer_provided]
+        broken = environment.slicer_provided_problems(statuses)
+        if broken:
+            slicer.util.errorDisplay("This Slicer lacks packages it normally provides:\n"
+                                     + "\n".join(broken) + "\nPlease use a newer Slicer release.")
+            return False
+        need_torch = force or not torch.ok
+        if not to_pip and not need_torch:
+            return True
+        listing = ([f"PyTorch {environment.TORCH_REQUIREMENT}"] if need_torch else []) + to_pip
+        if not slicer.util.confirmOkCancelDisplay(
+                "QGSegmentation needs these Python packages:\n\n  " + "\n  ".join(listing)
+                + "\n\nInstall them now? This can take several minutes.",
+                windowTitle="Install dependencies"):
+            return False
+        if need_torch:
+            try:
+                import PyTorchUtils  # provided by the SlicerPyTorch extension (EXTENSION_DEPENDS)
+            except ImportError:
+                slicer.util.errorDisplay("The PyTorch extension is required: install 'PyTorch' "
+                                         "from the Extensions Manager and restart Slicer.")
+                return False
+            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+            if force or not torch_logic.torchInstalled():
+                if torch_logic.installTorch(askConfirmation=False,
+                                            torchVersionRequirement=environment.TORCH_REQUIREMENT) is None:
+                    slicer.util.errorDisplay("PyTorch could not be installed; see the Python console.")
+                    return False
+        if to_pip:
+            self._pipInstall(to_pip, force)
+        self.logic.invalidateRequirementCache()
+        self.updateControls()
+        return True
+
+    @staticmethod
+    def _pipInstall(requirements: List[str], force: bool):
+        pydeps = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
+        if pydeps is not None and hasattr(pydeps, "pip_ensure") and not force:
+            from packaging.requirements import Requirement
+            pydeps.pip_ensure([Requirement(r) for r in requirements], requester="QGSegmentation")
+        else:
+            slicer.util.pip_install(requirements + (["--force-reinstall", "--no-deps"] if force else []))
+
+
+#
+# Logic (thin; never opens a dialog)
+#
+class QGSegmentationLogic(ScriptedLoadableModuleLogic):
+    """Runs the pipeline panel -> job folder -> worker(s) -> scene, one step per `poll()`.
+
+    `runner_factory(command, run_dir, events_path, env)` builds the worker runner; the widget
+    tests pass a fake that replays a recorded events.jsonl."""
+
+    def __init__(self, runner_factory=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runner_factory = runner_factory or (
+            lambda command, run_dir, events, env: WorkerRunner(command, run_dir, events, env=env))
+        self.state = PanelStateMachine()
+        self.review = ReviewModel()
+        self.runEvent = Signal("run event")
+        self.message = Signal("log message")
+        self.job: Optional[jobs.JobFolder] = None
+        self.spec: Optional[jobs.JobSpec] = None
+        self.runner = None
+        self.checkpoint: Optional[str] = None
+        self.options = jobs.TrainingOptions()
+        self.cancelGraceS = DEFAULT_GRACE_S
+        self._requirements = None
+
+    def getParameterNode(self):
+        return QGSegmentationParameterNode(super().getParameterNode())
+
+    @property
+    def running(self) -> bool:
+        return self.state.running
+
+    # environment --------------------------------------------------------------------------------
+    def pythonExecutable(self) -> str:
+        candidate = python_slicer_executable(os.path.join(slicer.app.slicerHome, "bin"))
+        return candidate if os.path.exists(candidate) else (shutil.which("PythonSlicer") or sys.executable)
+
+    def requirementStatuses(self):
+        if self._requirements is None:
+            self._requirements = environment.check_requirements()
+        return self._requirements
+
+    def invalidateRequirementCache(self):
+        self._requirements = None
+
+    def dependencySummary(self):
+        """(ok, why not). Missing pip-installable packages do not block Train: its first click
+        offers to install them. Only packages Slicer itself must provide do."""
+        broken = environment.slicer_provided_problems(self.requirementStatuses())
+        if broken:
+            return False, "This Slicer lacks " + ", ".join(broken) + ": use a newer Slicer release."
+        return True, ""
+
+    # cases ------------------------------------------------------------------------------------------
+    @staticmethod
+    def guessReference(volume) -> Optional[str]:
+        """A segmentation whose reference geometry is `volume` and that we did not create."""
+        for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+            if node.GetAttribute(scene_io.ATTR_RUN_ID):
+                continue
+            role = node.GetReferenceImageGeometryReferenceRole()
+            if node.GetNodeReferenceID(role) == volume.GetID():
+                return node.GetID()
+        return None
+
+    # runs -------------------------------------------------------------------------------------------
+    def startTraining(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
+                      output_folder: str):
+        options.validate()
+        self.state.transition(RunState.PREPARING)
+        try:
+            self.options = options
+            self.job = jobs.create_job_folder(output_folder)
+            self.message.emit(f"run folder: {self.job.root}")
+            _, label_names = scene_io.export_dataset(scene, cases, self.job)
+            self.spec = jobs.JobSpec(kind="train", run_id=self.job.run_id, cases=list(cases),
+                                     options=vars(options).copy(), label_names=label_names,
+                                     versions=self._versions())
+            jobs.write_job_spec(self.job, self.spec)
+            jobs.write_predict_input(self.job, self._casesToSegment())
+            self._startWorker(jobs.train_arguments(self.job, options), self.job.train_events)
+            self.state.transition(RunState.TRAINING)
+        except Exception as exc:
+            self.state.transition(RunState.FAILED, str(exc))
+            raise
+
+    def startSegmenting(self, scene, cases: List[jobs.CaseEntry], device: str, output_folder: str):
+        if self.checkpoint is None:
+            raise ValueError("no model: train one or load a model folder first")
+        self.state.transition(RunState.PREPARING)
+        try:
+            self.job = jobs.create_job_folder(output_folder, prefix="segment")
+            for case in cases:
+                scene_io.write_volume(scene.GetNodeByID(case.volume_id), self.job.image_path(case.case))
+            label_names = self.spec.label_names if self.spec else []
+            self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
+                                     label_names=label_names, checkpoint=self.checkpoint,
+                                     options={"device": device}, versions=self._versions())
+            jobs.write_job_spec(self.job, self.spec)
+            jobs.write_predict_input(self.job, cases)
+            self.options = jobs.TrainingOptions(device=device)
+            self._startWorker(jobs.predict_arguments(self.job, self.checkpoint, device),
+                              self.job.predict_events)
+            self.state.transition(RunState.PREDICTING)
+        except Exception as exc:
+            self.state.transition(RunState.FAILED, str(exc))
+            raise
+
+    def _casesToSegment(self):
+        return [c for c in self.spec.cases if c.role == "unlabeled"]
+
+    def _startWorker(self, arguments, events_path):
+        command = worker_command(self.pythonExecutable(), arguments)
+        env = worker_environment(os.environ, MODULE_DIR)
+        self.runner = self.runner_factory(command, self.job.run_dir, events_path, env)
+        self.runner.start()
+        self.message.emit("$ " + " ".join(command))
+
+    def poll(self, scene):
+        """One timer tick: forward new events; on the worker's end, go to the next stage."""
+        if self.runner is None:
+            return
+        update = self.runner.poll()
+        for event in update.events:
+            self.runEvent.emit(event)
+        if not update.finished:
+            return
+        result = update.result
+        self.runner = None
+        if self.state.state is RunState.CANCELLING or result.status == "cancelled":
+            self.message.emit("cancelled: " + (result.error.advice if result.error else ""))
+            self.state.transition(RunState.IDLE)
+            return
+        if not result.ok:
+            self.state.transition(RunState.FAILED, result.error.advice if result.error else "failed")
+            return
+        if self.state.state is RunState.TRAINING:
+            self.checkpoint = str(jobs.find_checkpoint(self.job, result.outputs))
+            self.spec.checkpoint = self.checkpoint
+            jobs.write_job_spec(self.job, self.spec)
+            if not self._casesToSegment():
+                self.state.transition(RunState.IDLE)
+                return
+            self._startWorker(jobs.predict_arguments(self.job, self.checkpoint, self.options.device),
+                              self.job.predict_events)
+            self.state.transition(RunState.PREDICTING)
+        elif self.state.state is RunState.PREDICTING:
+            self.state.transition(RunState.IMPORTING)
+            try:
+                self.importResults(scene)
+            except Exception as exc:
+                self.state.transition(RunState.FAILED, f"import failed: {exc}")
+                raise
+            self.state.transition(RunState.IDLE)
+
+    def cancel(self):
+        if self.runner is not None and self.state.request_cancel():
+            self.runner.cancel(self.cancelGraceS)
+            self.message.emit("cancel requested; the worker stops after its current step")
+
+    def kill(self):
+        if self.runner is not None:
+            if self.state.state is not RunState.CANCELLING:
+                self.state.request_cancel()
+            self.runner.kill()
+
+    def keepWaiting(self):
+        if self.runner is not None:
+            self.runner.keep_waiting()
+
+    def isUnresponsive(self, timeout_s: float) -> bool:
+        return self.runner is not None and self.runner.is_unresponsive(timeout_s)
+
+    def runToCompletion(self, scene, timeout_s: float = 600.0, interval_s: float = 0.2):
+        """Blocking loop for scripts and the module self-test (the GUI polls from a timer)."""
+        import time
+        end = time.monotonic() + timeout_s
+        while self.runner is not None:
+            self.poll(scene)
+            if time.monotonic() > end:
+                self.kill()
+                raise TimeoutError(f"run still going after {timeout_s:.0f} s")
+            time.sleep(interval_s)
+
+    # results ------------------------------------------------------------------------------------------
+    def importResults(self, scene):
+        """Predictions + scores of a finished ok run -> segmentation nodes, statuses, table."""
+        scores = read_scores_csv(self.job.scores_csv) if self.job.scores_csv.exists() else {}
+        if not scores:
+            self.message.emit(f"warning: no scores in {self.job.scores_csv}")
+        for case in self._casesToSegment() if self.spec.kind == "train" else self.spec.cases:
+            path = self.job.prediction_path(case.case)
+            if not path.exists():
+                self.message.emit(f"warning: no prediction for {case.case} ({path})")
+                continue
+            volume = scene.GetNodeByID(case.volume_id)
+            if volume is None:
+                self.message.emit(f"warning: volume of {case.case} was removed; skipped")
+                continue
+            segmentation = scene_io.import_prediction(scene, path, volume, self.spec.label_names or None,
+                                                      case=case.case, run_id=self.spec.run_id)
+            case_scores = scores.get(case.case, {})
+            scene_io.apply_quality(segmentation, case_scores, self.review.thresholds, self.spec.run_id)
+            self.review.add(ReviewRow(case=case.case, volume=volume.GetName(), volume_id=volume.GetID(),
+                                      segmentation=segmentation.GetName(),
+                                      segmentation_id=segmentation.GetID(), scores=case_scores,
+                                      run_id=self.spec.run_id), notify=False)
+        scene_io.write_review_table(scene, self.review.rows())
+        self.review.changed.emit(None)
+
+    def loadReviewFromScene(self, scene):
+        table = scene_io.find_review_table(scene)
+        if table is not None:
+            self.review.replace_rows(scene_io.read_review_table(table))
+
+    def setThresholds(self, thresholds: Thresholds):
+        self.review.thresholds = thresholds
+
+    def setReviewStatus(self, scene, case: str, status: str, comment: str = ""):
+        row = self.review.set_status(case, status, comment)
+        segmentation = scene.GetNodeByID(row.segmentation_id)
+        if segmentation is not None:
+            scene_io.apply_review_status(segmentation, status, comment)
+        scene_io.write_review_table(scene, self.review.rows())
+
+    def showCase(self, scene, case: str):
+        """Show the case's volume with only its segmentation, centred on it."""
+        row = self.review.row(case)
+        volume = scene.GetNodeByID(row.volume_id)
+        segmentation = scene.GetNodeByID(row.segmentation_id)
+        if volume is None or segmentation is None:
+            raise ValueError(f"case {case}: its volume or segmentation is no longer in the scene")
+        slicer.util.setSliceViewerLayers(background=volume, foreground=None, label=None, fit=True)
+        scene_io.show_only_segmentation(scene, segmentation)
+        center = scene_io.segmentation_center_ras(segmentation)
+        if center is not None:
+            slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    # models -------------------------------------------------------------------------------------------
+    def saveModel(self, folder: str):
+        if not self.checkpoint:
+            raise ValueError("no model to save: train one first")
+        if not folder:
+            raise ValueError("choose a model folder")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy2(self.checkpoint, os.path.join(folder, os.path.basename(self.checkpoint)))
+        if self.job is not None and self.job.job_json.exists():
+            shutil.copy2(self.job.job_json, os.path.join(folder, "job.json"))
+        manifest = self.job.run_dir / "manifest.json" if self.job else None
+        if manifest is not None and manifest.exists():
+            shutil.copy2(manifest, os.path.join(folder, "manifest.json"))
+
+    def loadModel(self, folder: str):
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(f"model folder {folder!r} does not exist")
+        candidates = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+        if not candidates:
+            raise ValueError(f"model folder {folder} holds no checkpoint (*.pt)")
+        best = [f for f in candidates if f.startswith("best")] or candidates
+        self.checkpoint = os.path.join(folder, best[0])
+        spec_path = os.path.join(folder, "job.json")
+        if os.path.exists(spec_path):
+            self.spec = jobs.read_job_spec(spec_path)
+
+    @staticmethod
+    def _versions():
+        import QGSegmentationLib
+        out = {"QGSegmentationLib": QGSegmentationLib.__version__}
+        try:
+            out["Slicer"] = slicer.app.applicationVersion
+        except AttributeError:
+            pass
+        for status in environment.check_requirements() + [environment.torch_status()]:
+            out[status.name] = status.installed or "missing"
+        return out
+
+
+#
+# Test (runs inside Slicer: Slicer --testing / Reload and Test)
+#
+class QGSegmentationTest(ScriptedLoadableModuleTest):
+    """Builds a tiny scene and runs a tiny CPU training through the logic (real worker)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_tiny_training_run()
+
+    def test_tiny_training_run(self):
+        import tempfile
+        self.delayDisplay("Building a tiny phantom scene")
+        from QGSegmentationLib.data.phantom import make_phantom_case
+        logic = QGSegmentationLogic()
+        cases = []
+        for index in range(3):
+            image, label = make_phantom_case((16, 24, 24), n_classes=2, seed=index)
+            volume = slicer.util.addVolumeFromArray(image, name=f"phantom {index}")
+            volume.SetSpacing(1.2, 1.0, 1.5)
+            volume.SetOrigin(-10.0 * index, 5.0, 2.0)
+            role = "labeled" if index < 2 else "unlabeled"
+            segmentation_id = ""
+            if role == "labeled":
+                labelmap = slicer.util.addVolumeFromArray(label, name=f"phantom {index} label",
+                                                          nodeClassName="vtkMRMLLabelMapVolumeNode")
+                labelmap.CopyOrientation(volume)
+                segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+                slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+                segmentation.GetSegmentation().GetNthSegment(0).SetName("organ")
+                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+                slicer.mrmlScene.RemoveNode(labelmap)
+                segmentation_id = segmentation.GetID()
+            cases.append(jobs.CaseEntry(f"phantom_{index}", volume.GetID(), volume.GetName(), role,
+                                        segmentation_id))
+
+        self.delayDisplay("Training for a few iterations on the CPU")
+        options = jobs.TrainingOptions(architecture="unet", ssl_method="mean_teacher",
+                                       iterations=4, batch_size=1, patch_size=16, device="cpu")
+        output = tempfile.mkdtemp(prefix="qgseg-selftest-")
+        logic.startTraining(slicer.mrmlScene, cases, options, output)
+        logic.runToCompletion(slicer.mrmlScene, timeout_s=600)
+        self.assertEqual(logic.state.state, RunState.IDLE, logic.state.failure_message)
+        self.assertEqual(len(logic.review), 1)
+        row = logic.review.rows()[0]
+        segmentation = slicer.mrmlScene.GetNodeByID(row.segmentation_id)
+        self.assertIsNotNone(segmentation)
+        self.assertEqual(segmentation.GetAttribute(scene_io.ATTR_RUN_ID), logic.spec.run_id)
+        self.assertIsNotNone(scene_io.find_review_table(slicer.mrmlScene))
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(
+            segmentation, segmentation.GetSegmentation().GetNthSegmentID(0),
+            slicer.mrmlScene.GetNodeByID(row.volume_id))
+        self.assertEqual(array.shape, (16, 24, 24))
+        self.assertIsNotNone(row.quality, "scores.csv gave no quality for the unlabeled case")
+        self.assertTrue(0.0 <= row.quality <= 1.0)
+        self.delayDisplay("Tiny training run passed")

@@ -1,0 +1,220 @@
+"""`qgseg quality ...`: train, evaluate and apply the quality predictor g.
+
+    qgseg quality train    --dataset dataset.json --run-dir runs/g
+    qgseg quality evaluate --dataset dataset.json --checkpoint runs/g/checkpoints/best.pt
+    qgseg quality score    --checkpoint runs/g/checkpoints/best.pt --images a.nrrd --masks a_seg.nrrd \\
+                           --output scores.csv
+
+Heavy modules (torch, monai) are imported inside the command bodies, so building the parser is
+cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+from ..errors import ConfigError
+from .common import HelpFormatter, add_run_options, run_with_events
+
+TRAIN_EPILOG = """\
+What it does:
+  Trains g(image, mask) -> Dice on variable-quality masks (VQM) made on the fly from the labeled
+  training cases: corrupted references (morphology, shape, boundary, structural, geometric, blob,
+  heavy and catastrophic corruptions, swaps with other cases) and snapshots of a deliberately
+  weak segmenter. The target of each mask is its true Dice. Writes into --run-dir:
+  checkpoints/best.pt (lowest validation MAE; use it for scoring and for QAR/QW training),
+  checkpoints/last.pt (resume point: rerunning the same command continues from it),
+  quality_training_curve.png, quality_calibration_validation.png, quality_history.json.
+
+Defaults: paper settings (AdamW 3e-4, cosine warm restarts, SmoothL1, early stop 25 epochs on
+validation MAE), 50 masks per case per epoch on a GPU, 8 on a CPU, backbone 'convnet'.
+
+Examples:
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g --epochs 40 --backbone resnet18 \\
+      --set samples_per_case=20 --set vqm.p_weak=0.1
+"""
+
+EVALUATE_EPILOG = """\
+What it does:
+  Draws synthetic VQM masks (default 5 per case) for the labeled cases of --group, compares g's
+  predictions with their true Dice, and writes quality_evaluation.json (MAE, Pearson, Spearman,
+  failure-detection AUROC for Dice < 0.7, image-dependence check), quality_evaluation_rows.csv
+  and quality_calibration.png into --run-dir.
+
+Example:
+  qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test
+"""
+
+SCORE_EPILOG = """\
+What it does:
+  Predicts the Dice of each foreground class of each mask against its (unknown) reference.
+  Image and mask must share the same voxel grid; mask values must be labels 0..K of the
+  predictor (0/1 for a binary one). Writes one row per (case, class) to --output (.csv or .json).
+
+Examples:
+  qgseg quality score --checkpoint runs/g/checkpoints/best.pt --images ct1.nrrd ct2.nrrd \\
+      --masks ct1_seg.nrrd ct2_seg.nrrd --output scores.csv
+  qgseg quality score --checkpoint runs/g/checkpoints/best.pt --pairs pairs.csv --output scores.json
+  (pairs.csv has the header 'image,mask'; relative paths are relative to the CSV)
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `quality` with subcommands train, evaluate and score."""
+    parser = subparsers.add_parser(
+        "quality", help="train, evaluate and apply the quality predictor g(image, mask) -> Dice",
+        description="The quality predictor g estimates the Dice of a segmentation without a "
+                    "reference. Train it once per dataset, then use it to score masks or to guide "
+                    "semi-supervised training (QAR, QW).", formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="quality_command", metavar="{train,evaluate,score}")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train g on variable-quality masks of a labeled dataset",
+                           description="Train the quality predictor g.", epilog=TRAIN_EPILOG,
+                           formatter_class=HelpFormatter)
+    train.add_argument("--dataset", required=True, metavar="dataset.json",
+                       help="Decathlon/nnU-Net style dataset description; g uses its labeled cases")
+    train.add_argument("--config", metavar="FILE", help="YAML/JSON file of QualityTrainConfig options")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one option, e.g. --set batch_size=16 --set vqm.p_weak=0.1")
+    train.add_argument("--epochs", type=int, help="maximum epochs (default from config: 150)")
+    train.add_argument("--backbone", help="g's backbone: convnet, resnet18, resnet34, densenet121, "
+                                          "efficientnet-b0 (default convnet)")
+    train.add_argument("--mode", choices=["3d", "2d"], help="3d volumes or 2d slices (default 3d)")
+    train.add_argument("--samples-per-case", type=int,
+                       help="VQM masks per training case per epoch (default 50 on GPU, 8 on CPU)")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_run_options(train)
+    train.set_defaults(func=run_train)
+
+    evaluate = sub.add_parser("evaluate", help="measure g against true Dice on synthetic masks",
+                              description="Evaluate a trained quality predictor.",
+                              epilog=EVALUATE_EPILOG, formatter_class=HelpFormatter)
+    evaluate.add_argument("--dataset", required=True, metavar="dataset.json", help="dataset description")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a `quality train` run folder")
+    evaluate.add_argument("--group", default="test", choices=["test", "validation", "training"],
+                          help="which labeled cases to evaluate on (falls back to validation, then "
+                               "training, when the group is empty)")
+    evaluate.add_argument("--samples-per-case", type=int, default=5, help="VQM masks per case")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed of the VQM masks")
+    add_run_options(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+    score = sub.add_parser("score", help="predict the Dice of masks without a reference",
+                           description="Score (image, mask) pairs with a trained quality predictor.",
+                           epilog=SCORE_EPILOG, formatter_class=HelpFormatter)
+    score.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a `quality train` run folder")
+    score.add_argument("--images", nargs="+", metavar="IMAGE", help="image files")
+    score.add_argument("--masks", nargs="+", metavar="MASK", help="mask/label files, one per image")
+    score.add_argument("--pairs", metavar="CSV", help="CSV with columns image,mask (instead of --images/--masks)")
+    score.add_argument("--output", required=True, metavar="FILE", help="scores.csv or scores.json")
+    add_run_options(score)
+    score.set_defaults(func=run_score)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen subcommand; returns the exit code."""
+    return args.func(args) if args.func is not run else 2
+
+
+def _train_config(args) -> Dict[str, Any]:
+    from ..engine.config import apply_overrides, load_config_file
+
+    data = load_config_file(args.config) if args.config else {}
+    for key, option in (("epochs", "epochs"), ("backbone", "backbone"), ("mode", "mode"),
+                        ("samples_per_case", "samples_per_case"), ("seed", "seed")):
+        value = getattr(args, option, None)
+        if value is not None:
+            data[key] = value
+    return apply_overrides(data, args.set)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    def body(ctx):
+        from ..data.dataset import load_dataset
+        from ..engine.cancel import CancelToken
+        from ..quality.train import QualityTrainConfig, train_quality_predictor
+
+        config = QualityTrainConfig.from_dict(_train_config(args), source=args.config or "options")
+        spec = load_dataset(args.dataset)
+        result = train_quality_predictor(spec, config, ctx.run_dir, events=ctx.events,
+                                         cancel=CancelToken(ctx.run_dir), progress=ctx.show_progress,
+                                         device=args.device)
+        ctx.say(f"best epoch {result['best_epoch']}: validation MAE {result['best_val_mae']:.4f}, "
+                f"Pearson {result['best_val_pearson']:.3f}\ncheckpoint: {result['best_checkpoint']}")
+        return {"checkpoint": result["best_checkpoint"], "last_checkpoint": result["last_checkpoint"],
+                "curve": result["curve"], "calibration": result["calibration"]}
+
+    return run_with_events(args, "quality train", body)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    def body(ctx):
+        from ..data.dataset import load_dataset
+        from ..engine.device import resolve_device
+        from ..quality.evaluate import evaluate_predictor, make_vqm_pairs, write_evaluation
+        from ..quality.predictor import load_predictor
+        from ..quality.train import load_cases
+
+        device = resolve_device(args.device)
+        model = load_predictor(args.checkpoint, device)
+        spec = load_dataset(args.dataset)
+        group = args.group
+        for candidate in (args.group, "validation", "training"):
+            if spec.group(candidate):
+                group = candidate
+                break
+        if group != args.group:
+            ctx.events.warning(f"dataset has no '{args.group}' cases; evaluating on '{group}'")
+        cases = load_cases(spec.group(group), spec.labels)
+        mode = model.config["mode"]
+        pairs = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode)
+        result = evaluate_predictor(model, pairs, device)
+        result["group"] = group
+        paths = write_evaluation(result, ctx.run_dir, title=f"{group} VQMs")
+        m = result["metrics"]
+        ctx.say(f"{group}: n={m['n']} MAE {m['mae']:.4f} Pearson {m['pearson']:.3f} "
+                f"Spearman {m['spearman']:.3f} AUROC(Dice<0.7) {m['auroc_failure']:.3f}; "
+                f"image dependence ok: {result['image_dependence_ok']}")
+        for name in ("mae", "pearson", "spearman", "auroc_failure"):
+            if m[name] == m[name]:  # not NaN
+                ctx.events.metric(name, m[name], split=group if group != "training" else "train")
+        return paths
+
+    return run_with_events(args, "quality evaluate", body)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        args.run_dir = str(Path(args.output).resolve().parent)
+
+    def body(ctx):
+        from ..engine.cancel import CancelToken
+        from ..engine.device import resolve_device
+        from ..quality.predictor import load_predictor
+        from ..quality.score import pairs_from_lists, read_pairs_csv, score_pairs
+
+        if args.pairs and (args.images or args.masks):
+            raise ConfigError("give either --pairs or --images/--masks, not both")
+        if args.pairs:
+            pairs = read_pairs_csv(args.pairs)
+        elif args.images and args.masks:
+            pairs = pairs_from_lists(args.images, args.masks)
+        else:
+            raise ConfigError("give the pairs to score: --images A.nrrd ... --masks A_mask.nrrd ... "
+                              "or --pairs pairs.csv")
+        device = resolve_device(args.device)
+        model = load_predictor(args.checkpoint, device)
+        rows = score_pairs(model, pairs, device, output=args.output, events=ctx.events,
+                           cancel=CancelToken(ctx.run_dir))
+        if not args.json:
+            for row in rows:
+                ctx.say(f"{row['case']}\t{row['class_name']}\t{row['predicted_quality']:.4f}")
+        return {"scores": args.output}
+
+    return run_with_events(args, "quality score", body)

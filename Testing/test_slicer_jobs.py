@@ -1,0 +1,124 @@
+"""Job folders, job specs, worker argument lists and dependency checks (pure Python)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+
+import pytest
+
+from QGSegmentationLib.slicer import environment as env
+from QGSegmentationLib.slicer.jobs import (CaseEntry, JobSpec, TrainingOptions, create_job_folder,
+                                          find_checkpoint, make_case_ids, predict_arguments,
+                                          read_job_spec, train_arguments, write_dataset_json,
+                                          write_job_spec, write_predict_input)
+
+
+def test_case_ids_are_file_safe_and_unique():
+    assert make_case_ids(["CT chest", "CT chest", "ct CHEST", "", "a/b:c"]) == [
+        "CT_chest", "CT_chest_2", "ct_CHEST_3", "case", "a_b_c"]
+
+
+def test_job_folder_never_reused(tmp_path):
+    a = create_job_folder(tmp_path, run_id="run-1")
+    b = create_job_folder(tmp_path, run_id="run-1")
+    assert a.root.name == "run-1" and b.root.name == "run-1-2"
+    assert a.images_dir.is_dir() and a.run_dir.is_dir() and a.predictions_dir.is_dir()
+    assert a.prediction_path("x") == a.root / "predictions" / "x.seg.nrrd"
+    with pytest.raises(ValueError, match="output folder is empty"):
+        create_job_folder("")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        create_job_folder(tmp_path / "file")
+
+
+def test_job_spec_round_trip_and_dataset_json(tmp_path):
+    folder = create_job_folder(tmp_path, run_id="r")
+    cases = [CaseEntry("A", "vtkMRMLScalarVolumeNode1", "A", "labeled", "vtkMRMLSegmentationNode1"),
+             CaseEntry("B", "vtkMRMLScalarVolumeNode2", "B", "unlabeled")]
+    spec = JobSpec(kind="train", run_id="r", cases=cases, options={"iterations": 5},
+                   label_names=["organ"], versions={"QGSegmentationLib": "0.1.0"})
+    write_job_spec(folder, spec)
+    back = read_job_spec(folder.job_json)
+    assert back == spec and back.case("B").role == "unlabeled"
+    with pytest.raises(KeyError):
+        back.case("Z")
+    desc = json.loads(write_dataset_json(folder, cases, ["organ"]).read_text())
+    assert desc["training"] == [{"image": "images/A.nrrd", "label": "labels/A.nrrd"}]
+    assert desc["unlabeled"] == ["images/B.nrrd"] and desc["labels"]["1"] == "organ"
+    assert json.loads(write_predict_input(folder, cases[1:]).read_text())["test"] == ["images/B.nrrd"]
+    with pytest.raises(ValueError, match="role"):
+        CaseEntry("C", "id", "C", "teacher")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: job spec is not valid JSON"):
+        read_job_spec(tmp_path / "bad.json")
+
+
+def test_train_and_predict_arguments(tmp_path):
+    folder = create_job_folder(tmp_path, run_id="r")
+    opts = TrainingOptions(iterations=7, batch_size=1, patch_size=32, seed=5, device="cpu",
+                           guidance_qw=False, target_spacing=1.5)
+    args = train_arguments(folder, opts)
+    assert args[:7] == ["train", "--dataset", str(folder.dataset_json), "--run-dir",
+                        str(folder.run_dir), "--events", str(folder.train_events)]
+    pairs = dict(zip(args[7::2], args[8::2]))
+    assert pairs["--iterations"] == "7" and pairs["--device"] == "cpu" and pairs["--seed"] == "5"
+    assert pairs["--guidance"] == "qar" and pairs["--spacing"] == "1.5"
+    assert "--spacing" not in train_arguments(folder, TrainingOptions(target_spacing=0))
+    assert TrainingOptions(guidance_qar=False, guidance_qw=False).guidance() == "none"
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        train_arguments(folder, TrainingOptions(iterations=0))
+    with pytest.raises(ValueError, match="device"):
+        TrainingOptions(device="tpu").validate()
+    pred = predict_arguments(folder, "/m/best.pt", "cuda")
+    assert pred[:3] == ["predict", "--checkpoint", "/m/best.pt"]
+    assert pred[pred.index("--output") + 1] == str(folder.predictions_dir)
+    with pytest.raises(ValueError):
+        predict_arguments(folder, "/m/best.pt", "gpu")
+
+
+def test_find_checkpoint(tmp_path):
+    folder = create_job_folder(tmp_path, run_id="r")
+    with pytest.raises(ValueError, match="left no checkpoint"):
+        find_checkpoint(folder)
+    (folder.run_dir / "checkpoints").mkdir()
+    last = folder.run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(b"x")
+    best = folder.run_dir / "checkpoints" / "best.pt"
+    best.write_bytes(b"x")
+    assert find_checkpoint(folder) == best
+    assert find_checkpoint(folder, {"checkpoint": "checkpoints/last.pt"}) == last
+    assert find_checkpoint(folder, {"checkpoint": str(tmp_path / "missing.pt")}) == best
+
+
+def test_versions_and_requirements():
+    assert env.parse_version("2.5.1+cu121") == (2, 5, 1)
+    assert env.version_at_least("2.10", "2.2") and not env.version_at_least("1.13.1", "2.2")
+    assert env.version_at_least("2", "2.0.0") and not env.version_at_least("garbage", "1")
+    fake = {"monai": "1.3.0", "pyyaml": "6.0.1", "numpy": "1.20"}
+
+    def lookup(name):
+        if name in fake:
+            return fake[name]
+        raise metadata.PackageNotFoundError(name)
+
+    statuses = env.check_requirements(lookup=lookup)
+    by_name = {s.name: s for s in statuses}
+    assert not by_name["monai"].ok and by_name["pyyaml"].ok and by_name["tqdm"].installed is None
+    to_install = env.pip_requirements_to_install(statuses)
+    assert "monai>=1.4" in to_install and "tqdm>=4.60" in to_install
+    # Slicer's own packages are never pip-installed from the panel.
+    assert not any(r.split(">=")[0].lower() in env.SLICER_PROVIDED for r in to_install)
+    assert any("numpy" in p for p in env.slicer_provided_problems(statuses))
+    assert env.torch_status(lookup=lookup).installed is None
+
+
+def test_probe_torch_in_a_child_process_and_diagnostics():
+    info = env.probe_torch(sys.executable, timeout_s=300)
+    assert info.error is None, info.error
+    assert info.torch.split("+")[0] == metadata.version("torch").split("+")[0]
+    text = env.diagnostics_text(env.check_requirements(), info, {"slicer": "test"})
+    assert "slicer: test" in text and "torch probe" in text and info.summary in text
+    broken = env.probe_torch(sys.executable + "-missing")
+    assert broken.error and "probe failed" in broken.error

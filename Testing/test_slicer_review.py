@@ -1,0 +1,103 @@
+"""Review model (pure Python): worst-first order, filters, progress, actions, CSV export."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from QGSegmentationLib.slicer.review import ReviewModel, ReviewRow, Thresholds, read_scores_csv
+
+
+def model():
+    rows = [ReviewRow("a", scores={"organ": 0.9, "lesion": 0.6}),   # worst 0.6
+            ReviewRow("b", scores={"organ": 0.95}),                   # 0.95
+            ReviewRow("c", scores={"organ": 0.75, "lesion": 0.8}),   # 0.75
+            ReviewRow("d", scores={}),                                # unscored: last
+            ReviewRow("e", scores={"organ": 0.3})]                    # 0.3
+    return ReviewModel(rows, Thresholds(low=0.7, high=0.85))
+
+
+def test_worst_first_and_unscored_last():
+    m = model()
+    assert [r.case for r in m.rows()] == ["e", "a", "c", "b", "d"]
+    assert m.row("a").quality == 0.6 and m.row("d").quality is None
+    assert m.suggested_flags() == ["e", "a"]
+    assert m.segment_names() == ["organ", "lesion"]
+
+
+def test_thresholds_categories_and_validation():
+    t = Thresholds(0.7, 0.85)
+    assert [t.category(q) for q in (0.69, 0.7, 0.849, 0.85, None, math.nan)] == [
+        "poor", "uncertain", "uncertain", "good", "unknown", "unknown"]
+    assert t.color(0.1) != t.color(0.99)
+    with pytest.raises(ValueError, match="low <= high"):
+        Thresholds(0.9, 0.5)
+
+
+def test_actions_filters_progress_and_signal():
+    m = model()
+    events = []
+    m.changed.connect(events.append)
+    assert m.progress_text() == "reviewed 0/5"
+    m.approve("b")
+    m.flag("e", "leaks into liver")
+    assert events == ["b", "e"]
+    assert m.progress() == (2, 5) and m.progress_text() == "reviewed 2/5"
+    assert [r.case for r in m.rows("approved")] == ["b"]
+    assert [r.case for r in m.rows("flagged")] == ["e"] and m.row("e").comment == "leaks into liver"
+    assert [r.case for r in m.rows("unreviewed")] == ["a", "c", "d"]
+    m.set_comment("a", "check apex")
+    assert m.row("a").comment == "check apex"
+    with pytest.raises(ValueError, match="filter"):
+        m.rows("mine")
+    with pytest.raises(ValueError, match="status"):
+        m.set_status("a", "done")
+    with pytest.raises(KeyError, match="zzz"):
+        m.approve("zzz")
+
+
+def test_next_unreviewed_wraps_and_ends():
+    m = model()
+    assert m.next_unreviewed().case == "e"
+    assert m.next_unreviewed("e").case == "a"
+    assert m.next_unreviewed("d").case == "e"  # wraps around
+    for case in "abcde":
+        m.approve(case)
+    assert m.next_unreviewed("a") is None
+
+
+def test_export_csv_atomic_and_complete(tmp_path):
+    m = model()
+    m.flag("a", 'says "hi", twice')
+    path = tmp_path / "sub" / "review.csv"
+    m.export_csv(path)
+    rows = list(csv.DictReader(path.open()))
+    assert [r["case"] for r in rows] == ["e", "a", "c", "b", "d"]
+    assert rows[1]["comment"] == 'says "hi", twice' and rows[1]["status"] == "flagged"
+    assert rows[1]["quality"] == "0.6000" and rows[1]["category"] == "poor"
+    assert rows[1]["quality_lesion"] == "0.6000" and rows[3]["quality_lesion"] == ""
+    assert rows[4]["category"] == "unknown"
+    assert [p.name for p in path.parent.iterdir()] == ["review.csv"]  # no temporary left
+
+
+def test_read_scores_csv(tmp_path):
+    good = tmp_path / "scores.csv"
+    good.write_text("case,segment,predicted_quality\nA,organ,0.81\nA,lesion,0.4\nB,organ,0.9\n")
+    assert read_scores_csv(good) == {"A": {"organ": 0.81, "lesion": 0.4}, "B": {"organ": 0.9}}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case,segment,predicted_quality\nA,organ,high\n")
+    with pytest.raises(ValueError, match="bad.csv line 2"):
+        read_scores_csv(bad)
+    cols = tmp_path / "cols.csv"
+    cols.write_text("case,quality\nA,1\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_scores_csv(cols)
+    with pytest.raises(ValueError, match="not found"):
+        read_scores_csv(tmp_path / "nope.csv")
+
+
+def test_row_status_validated():
+    with pytest.raises(ValueError, match="case 'x'"):
+        ReviewRow("x", status="done")
