@@ -10,7 +10,6 @@ never imported into Slicer.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import sys
@@ -73,7 +72,7 @@ class QGSegmentation(ScriptedLoadableModule):
 @parameterNodeWrapper
 class QGSegmentationParameterNode:
     architecture: str = "unet"
-    sslMethod: str = "mean_teacher"
+    sslMethod: str = "mt"
     guidanceQAR: bool = True
     guidanceQW: bool = True
     mode: str = "3d"
@@ -690,7 +689,9 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.job: Optional[jobs.JobFolder] = None
         self.spec: Optional[jobs.JobSpec] = None
         self.runner = None
-        self.checkpoint: Optional[str] = None
+        self.checkpoint: Optional[str] = None         # segmenter
+        self.qualityCheckpoint: Optional[str] = None  # quality predictor g
+        self._stage = 0
         self.options = jobs.TrainingOptions()
         self.cancelGraceS = DEFAULT_GRACE_S
         self._requirements = None
@@ -736,6 +737,10 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         return None
 
     # runs -------------------------------------------------------------------------------------------
+    # A Train click runs three workers one after the other (stage k/3): the quality predictor g,
+    # the segmenter (guided by g), then segmenting + scoring the unlabeled volumes.
+    STAGES = ("quality predictor", "segmenter", "segment and score")
+
     def startTraining(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
                       output_folder: str):
         options.validate()
@@ -749,8 +754,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                                      options=vars(options).copy(), label_names=label_names,
                                      versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
-            jobs.write_predict_input(self.job, self._casesToSegment())
-            self._startWorker(jobs.train_arguments(self.job, options), self.job.train_events)
+            self._startStage(0, jobs.quality_arguments(self.job, options), self.job.quality_dir,
+                             self.job.quality_events)
             self.state.transition(RunState.TRAINING)
         except Exception as exc:
             self.state.transition(RunState.FAILED, str(exc))
@@ -761,68 +766,87 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("no model: train one or load a model folder first")
         self.state.transition(RunState.PREPARING)
         try:
+            label_names = self.spec.label_names if self.spec else []
+            quality = self.qualityCheckpoint
             self.job = jobs.create_job_folder(output_folder, prefix="segment")
             for case in cases:
                 scene_io.write_volume(scene.GetNodeByID(case.volume_id), self.job.image_path(case.case))
-            label_names = self.spec.label_names if self.spec else []
             self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
                                      label_names=label_names, checkpoint=self.checkpoint,
+                                     quality_checkpoint=quality or "",
                                      options={"device": device}, versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
-            jobs.write_predict_input(self.job, cases)
             self.options = jobs.TrainingOptions(device=device)
-            self._startWorker(jobs.predict_arguments(self.job, self.checkpoint, device),
-                              self.job.predict_events)
+            self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, device, quality,
+                                                       from_dataset=False),
+                             self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
         except Exception as exc:
             self.state.transition(RunState.FAILED, str(exc))
             raise
 
     def _casesToSegment(self):
+        if self.spec.kind == "predict":
+            return list(self.spec.cases)
         return [c for c in self.spec.cases if c.role == "unlabeled"]
 
-    def _startWorker(self, arguments, events_path):
+    def _startStage(self, index: int, arguments, run_dir, events_path):
+        self._stage = index
+        self.runEvent.emit({"event": "stage", "name": self.STAGES[index], "index": index + 1,
+                            "total": len(self.STAGES)})
         command = worker_command(self.pythonExecutable(), arguments)
         env = worker_environment(os.environ, MODULE_DIR)
-        self.runner = self.runner_factory(command, self.job.run_dir, events_path, env)
+        self.runner = self.runner_factory(command, run_dir, events_path, env)
         self.runner.start()
         self.message.emit("$ " + " ".join(command))
 
     def poll(self, scene):
-        """One timer tick: forward new events; on the worker's end, go to the next stage."""
+        """One timer tick: forward new events; when a worker ends, start the next stage."""
         if self.runner is None:
             return
         update = self.runner.poll()
         for event in update.events:
-            self.runEvent.emit(event)
+            if event["event"] != "stage":  # the panel shows its own overall stage k/3
+                self.runEvent.emit(event)
         if not update.finished:
             return
         result = update.result
         self.runner = None
         if self.state.state is RunState.CANCELLING or result.status == "cancelled":
-            self.message.emit("cancelled: " + (result.error.advice if result.error else ""))
+            self.message.emit("cancelled: nothing from this run was imported")
             self.state.transition(RunState.IDLE)
             return
         if not result.ok:
             self.state.transition(RunState.FAILED, result.error.advice if result.error else "failed")
             return
-        if self.state.state is RunState.TRAINING:
-            self.checkpoint = str(jobs.find_checkpoint(self.job, result.outputs))
-            self.spec.checkpoint = self.checkpoint
+        try:
+            self._afterStage(scene, result)
+        except Exception as exc:
+            if self.state.state is not RunState.FAILED:
+                self.state.transition(RunState.FAILED, str(exc))
+            raise
+
+    def _afterStage(self, scene, result):
+        if self._stage == 0:
+            self.spec.quality_checkpoint = str(jobs.find_checkpoint(self.job.quality_dir, result.outputs))
+            jobs.write_job_spec(self.job, self.spec)
+            self.qualityCheckpoint = self.spec.quality_checkpoint
+            self._startStage(1, jobs.train_arguments(self.job, self.options, self.qualityCheckpoint),
+                             self.job.run_dir, self.job.train_events)
+        elif self._stage == 1:
+            self.checkpoint = self.spec.checkpoint = str(jobs.find_checkpoint(self.job.run_dir, result.outputs))
             jobs.write_job_spec(self.job, self.spec)
             if not self._casesToSegment():
+                self.message.emit("trained; no unlabeled volume to segment")
                 self.state.transition(RunState.IDLE)
                 return
-            self._startWorker(jobs.predict_arguments(self.job, self.checkpoint, self.options.device),
-                              self.job.predict_events)
+            self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, self.options.device,
+                                                       self.qualityCheckpoint),
+                             self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
-        elif self.state.state is RunState.PREDICTING:
+        else:
             self.state.transition(RunState.IMPORTING)
-            try:
-                self.importResults(scene)
-            except Exception as exc:
-                self.state.transition(RunState.FAILED, f"import failed: {exc}")
-                raise
+            self.importResults(scene)
             self.state.transition(RunState.IDLE)
 
     def cancel(self):
@@ -860,7 +884,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         scores = read_scores_csv(self.job.scores_csv) if self.job.scores_csv.exists() else {}
         if not scores:
             self.message.emit(f"warning: no scores in {self.job.scores_csv}")
-        for case in self._casesToSegment() if self.spec.kind == "train" else self.spec.cases:
+        for case in self._casesToSegment():
             path = self.job.prediction_path(case.case)
             if not path.exists():
                 self.message.emit(f"warning: no prediction for {case.case} ({path})")
@@ -909,27 +933,35 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
     # models -------------------------------------------------------------------------------------------
+    SEGMENTER_FILE = "segmenter.pt"
+    QUALITY_FILE = "quality.pt"
+
     def saveModel(self, folder: str):
+        """Copy the segmenter, the quality predictor and the job spec into `folder`."""
         if not self.checkpoint:
             raise ValueError("no model to save: train one first")
         if not folder:
-            raise ValueError("choose a model folder")
+            raise ValueError("choose a model folder in the Models section")
         os.makedirs(folder, exist_ok=True)
-        shutil.copy2(self.checkpoint, os.path.join(folder, os.path.basename(self.checkpoint)))
+        shutil.copy2(self.checkpoint, os.path.join(folder, self.SEGMENTER_FILE))
+        if self.qualityCheckpoint:
+            shutil.copy2(self.qualityCheckpoint, os.path.join(folder, self.QUALITY_FILE))
         if self.job is not None and self.job.job_json.exists():
             shutil.copy2(self.job.job_json, os.path.join(folder, "job.json"))
-        manifest = self.job.run_dir / "manifest.json" if self.job else None
-        if manifest is not None and manifest.exists():
-            shutil.copy2(manifest, os.path.join(folder, "manifest.json"))
+        if self.job is not None and (self.job.run_dir / "manifest.json").exists():
+            shutil.copy2(self.job.run_dir / "manifest.json", os.path.join(folder, "manifest.json"))
 
     def loadModel(self, folder: str):
         if not folder or not os.path.isdir(folder):
             raise ValueError(f"model folder {folder!r} does not exist")
-        candidates = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
-        if not candidates:
-            raise ValueError(f"model folder {folder} holds no checkpoint (*.pt)")
-        best = [f for f in candidates if f.startswith("best")] or candidates
-        self.checkpoint = os.path.join(folder, best[0])
+        segmenter = os.path.join(folder, self.SEGMENTER_FILE)
+        if not os.path.exists(segmenter):
+            raise ValueError(f"model folder {folder} holds no {self.SEGMENTER_FILE}")
+        self.checkpoint = segmenter
+        quality = os.path.join(folder, self.QUALITY_FILE)
+        self.qualityCheckpoint = quality if os.path.exists(quality) else None
+        if self.qualityCheckpoint is None:
+            self.message.emit(f"{folder} has no {self.QUALITY_FILE}: segmentations will have no quality scores")
         spec_path = os.path.join(folder, "job.json")
         if os.path.exists(spec_path):
             self.spec = jobs.read_job_spec(spec_path)
@@ -987,8 +1019,8 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
                                         segmentation_id))
 
         self.delayDisplay("Training for a few iterations on the CPU")
-        options = jobs.TrainingOptions(architecture="unet", ssl_method="mean_teacher",
-                                       iterations=4, batch_size=1, patch_size=16, device="cpu")
+        options = jobs.TrainingOptions(architecture="unet", ssl_method="mt", iterations=4,
+                                       batch_size=1, patch_size=16, device="cpu", quality_epochs=1)
         output = tempfile.mkdtemp(prefix="qgseg-selftest-")
         logic.startTraining(slicer.mrmlScene, cases, options, output)
         logic.runToCompletion(slicer.mrmlScene, timeout_s=600)

@@ -111,7 +111,7 @@ def sliding_window_probs(network: Callable, image: Any, roi_size: Sequence[int],
     for m in modules:
         m.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.float16,
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16,
                                                     enabled=bool(amp) and device.type == "cuda"):
             probs = sliding_window_inference(inputs, roi, int(sw_batch_size), predict,
                                              overlap=float(overlap), mode="gaussian",

@@ -55,7 +55,8 @@ def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
     dims = 2 if state["mode"] == "2d" else 3
     nets = []
     for index in state["inference_networks"]:
-        net = build_network(state["network_names"][index], dims, 1, state["n_classes"], **cfg["network_options"])
+        options = {"img_size": tuple(state["patch_size"]), **cfg["network_options"]}
+        net = build_network(state["network_names"][index], dims, 1, state["n_classes"], **options)
         net.load_state_dict(state["networks"][index])
         nets.append(net.to(device).eval())
     pre = state["preprocess"]

@@ -212,3 +212,29 @@ def test_package_import_does_not_import_torch():
     code = ("import sys, QGSegmentationLib.networks as n; n.network_names(); "
             "assert 'torch' not in sys.modules and 'monai' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_deep_copies_keep_their_feature_layer():
+    """EMA teachers are deep copies of the student: features must still be found."""
+    import copy
+
+    net = build_network("resunet", 2, 1, 2, **TINY["resunet"])
+    teacher = copy.deepcopy(net)
+    assert feature_module(teacher) is teacher.output_block
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name,dims", CASES)
+def test_autocast_on_cuda(name, dims):
+    _needs(name)
+    patch = _tiny_patch(name, dims)
+    net = build_network(name, dims, 1, 2, img_size=patch, **TINY[name]).cuda()
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    net = net.to(memory_format=fmt)
+    x = torch.randn(2, 1, *patch, device="cuda").to(memory_format=fmt)
+    with torch.autocast("cuda", dtype=torch.float16):
+        features, logits = features_and_logits(net, x)
+        loss = logits.float().mean() + features.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (2, 2) + patch

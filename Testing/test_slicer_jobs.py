@@ -9,10 +9,11 @@ from importlib import metadata
 import pytest
 
 from QGSegmentationLib.slicer import environment as env
+from QGSegmentationLib.slicer import jobs
 from QGSegmentationLib.slicer.jobs import (CaseEntry, JobSpec, TrainingOptions, create_job_folder,
                                           find_checkpoint, make_case_ids, predict_arguments,
-                                          read_job_spec, train_arguments, write_dataset_json,
-                                          write_job_spec, write_predict_input)
+                                          quality_arguments, read_job_spec, train_arguments,
+                                          write_dataset_json, write_job_spec)
 
 
 def test_case_ids_are_file_safe_and_unique():
@@ -47,7 +48,6 @@ def test_job_spec_round_trip_and_dataset_json(tmp_path):
     desc = json.loads(write_dataset_json(folder, cases, ["organ"]).read_text())
     assert desc["training"] == [{"image": "images/A.nrrd", "label": "labels/A.nrrd"}]
     assert desc["unlabeled"] == ["images/B.nrrd"] and desc["labels"]["1"] == "organ"
-    assert json.loads(write_predict_input(folder, cases[1:]).read_text())["test"] == ["images/B.nrrd"]
     with pytest.raises(ValueError, match="role"):
         CaseEntry("C", "id", "C", "teacher")
     (tmp_path / "bad.json").write_text("{")
@@ -55,41 +55,75 @@ def test_job_spec_round_trip_and_dataset_json(tmp_path):
         read_job_spec(tmp_path / "bad.json")
 
 
-def test_train_and_predict_arguments(tmp_path):
+def test_stage_arguments(tmp_path):
     folder = create_job_folder(tmp_path, run_id="r")
     opts = TrainingOptions(iterations=7, batch_size=1, patch_size=32, seed=5, device="cpu",
-                           guidance_qw=False, target_spacing=1.5)
-    args = train_arguments(folder, opts)
+                           guidance_qw=False, target_spacing=1.5, quality_epochs=3)
+    q = quality_arguments(folder, opts)
+    assert q[:2] == ["quality", "train"] and q[q.index("--run-dir") + 1] == str(folder.quality_dir)
+    assert q[q.index("--epochs") + 1] == "3"
+    args = train_arguments(folder, opts, quality_checkpoint="/q/best.pt")
     assert args[:7] == ["train", "--dataset", str(folder.dataset_json), "--run-dir",
                         str(folder.run_dir), "--events", str(folder.train_events)]
-    pairs = dict(zip(args[7::2], args[8::2]))
-    assert pairs["--iterations"] == "7" and pairs["--device"] == "cpu" and pairs["--seed"] == "5"
-    assert pairs["--guidance"] == "qar" and pairs["--spacing"] == "1.5"
-    assert "--spacing" not in train_arguments(folder, TrainingOptions(target_spacing=0))
-    assert TrainingOptions(guidance_qar=False, guidance_qw=False).guidance() == "none"
+    at = args.index
+    assert args[at("--iterations") + 1] == "7" and args[at("--device") + 1] == "cpu"
+    assert args[at("--patch") + 1: at("--patch") + 4] == ["32", "32", "32"]
+    assert args[at("--guidance") + 1] == "qar" and args[at("--quality-checkpoint") + 1] == "/q/best.pt"
+    assert args[at("--spacing") + 1: at("--spacing") + 4] == ["1.5", "1.5", "1.5"]
+    two_d = train_arguments(folder, TrainingOptions(mode="2d", patch_size=64, guidance_qar=False,
+                                                    guidance_qw=False))
+    assert two_d[two_d.index("--patch") + 1: two_d.index("--patch") + 3] == ["64", "64"]
+    assert "--spacing" not in two_d and "--quality-checkpoint" not in two_d
+    with pytest.raises(ValueError, match="needs a quality predictor checkpoint"):
+        train_arguments(folder, TrainingOptions())
     with pytest.raises(ValueError, match="iterations must be >= 1"):
-        train_arguments(folder, TrainingOptions(iterations=0))
+        train_arguments(folder, TrainingOptions(iterations=0), "/q.pt")
     with pytest.raises(ValueError, match="device"):
         TrainingOptions(device="tpu").validate()
-    pred = predict_arguments(folder, "/m/best.pt", "cuda")
+    pred = predict_arguments(folder, "/m/best.pt", "cuda", quality_checkpoint="/q/best.pt")
     assert pred[:3] == ["predict", "--checkpoint", "/m/best.pt"]
+    assert pred[pred.index("--split") + 1] == "unlabeled"
     assert pred[pred.index("--output") + 1] == str(folder.predictions_dir)
+    assert pred[pred.index("--run-dir") + 1] == str(folder.predict_run_dir)
+    only = predict_arguments(folder, "/m/best.pt", from_dataset=False)
+    assert only[only.index("--input") + 1] == str(folder.images_dir) and "--split" not in only
     with pytest.raises(ValueError):
         predict_arguments(folder, "/m/best.pt", "gpu")
 
 
-def test_find_checkpoint(tmp_path):
+def test_stage_arguments_parse_with_the_real_command_line(tmp_path):
+    """The argument lists are accepted by the worker's own parser (flags and choices exist)."""
+    main = pytest.importorskip("QGSegmentationLib.cli.main")
+    parser = main.build_parser()
     folder = create_job_folder(tmp_path, run_id="r")
+    opts = TrainingOptions(mode="2d", target_spacing=0.8, quality_epochs=2)
+    for args in (quality_arguments(folder, opts), train_arguments(folder, opts, "/q/best.pt"),
+                 predict_arguments(folder, "/m/best.pt", "cpu", "/q/best.pt"),
+                 predict_arguments(folder, "/m/best.pt", from_dataset=False)):
+        parsed = parser.parse_args(args)
+        assert callable(parsed.func), args
+
+
+def test_listed_networks_and_methods_are_registered():
+    networks = pytest.importorskip("QGSegmentationLib.networks")
+    methods = pytest.importorskip("QGSegmentationLib.ssl.methods")
+    assert set(jobs.ARCHITECTURES) <= set(networks.NETWORKS.names())
+    assert set(jobs.SSL_METHODS) <= set(methods.METHODS.names())
+
+
+def test_find_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     with pytest.raises(ValueError, match="left no checkpoint"):
-        find_checkpoint(folder)
-    (folder.run_dir / "checkpoints").mkdir()
-    last = folder.run_dir / "checkpoints" / "last.pt"
+        find_checkpoint(run_dir)
+    (run_dir / "checkpoints").mkdir()
+    last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(b"x")
-    best = folder.run_dir / "checkpoints" / "best.pt"
+    best = run_dir / "checkpoints" / "best.pt"
     best.write_bytes(b"x")
-    assert find_checkpoint(folder) == best
-    assert find_checkpoint(folder, {"checkpoint": "checkpoints/last.pt"}) == last
-    assert find_checkpoint(folder, {"checkpoint": str(tmp_path / "missing.pt")}) == best
+    assert find_checkpoint(run_dir) == best
+    assert find_checkpoint(run_dir, {"best_checkpoint": "checkpoints/last.pt"}) == last
+    assert find_checkpoint(run_dir, {"checkpoint": str(tmp_path / "missing.pt")}) == best
 
 
 def test_versions_and_requirements():

@@ -229,6 +229,27 @@ def test_import_seg_nrrd_header_names_and_grid_mismatch(headless, masks, tmp_pat
         scene_io.import_prediction(scene, bad, vol)
 
 
+def test_import_backend_seg_nrrd_writer_output(headless, masks, tmp_path):
+    """Contract with the worker: a .seg.nrrd written by data.io.write_segmentation (what
+    `qgseg predict` writes) on the volume's oblique grid imports voxel for voxel."""
+    io = pytest.importorskip("QGSegmentationLib.data.io")
+    scene = headless.scene
+    image, organ, lesion = masks
+    matrix, _ = oblique_ijk_to_ras()
+    vol = add_volume(scene, "CT", image, matrix)
+    spacing, origin, direction = expected_lps(matrix)
+    geometry = io.Geometry(size=SHAPE[::-1], spacing=spacing, origin=origin, direction=direction)
+    path = tmp_path / "CT.seg.nrrd"
+    io.write_segmentation(path, (organ + 2 * lesion).astype(np.uint8), geometry,
+                          names={1: "liver", 2: "tumour"}, colors={1: (1.0, 0.0, 0.0), 2: (0.0, 1.0, 0.0)})
+    seg = scene_io.import_prediction(scene, path, vol)
+    arrays = scene_io.segment_arrays(seg, vol)
+    assert list(arrays) == ["liver", "tumour"]
+    np.testing.assert_array_equal(arrays["liver"], organ)
+    np.testing.assert_array_equal(arrays["tumour"], lesion)
+    np.testing.assert_allclose(seg.GetSegmentation().GetNthSegment(1).GetColor(), (0, 1, 0), atol=1e-3)
+
+
 def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
     scene = headless.scene
     image, organ, lesion = masks

@@ -20,6 +20,15 @@ GUIDANCE = {"none": (False, False), "qar": (True, False), "qw": (False, True), "
 FEATURE_METHODS = ("cl", "dualnet")   # need networks.build_network (features_and_logits)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread is faster than two on the shared CPU; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class TinyQuality(nn.Module):
     """A real (tiny) quality predictor with the contract's signature g(image, mask) -> (B, K)."""
 

@@ -139,7 +139,7 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
         truth_label = read_label(label_path)[0] if label_path else None
         row = {"case": ref.id, "split": "test" if ref in spec.test else "unlabeled"}
         if truth_label is not None:
-            row["true_dice"] = evaluate_case(label, truth_label, tuple(reversed(geometry.spacing)), [1])["mean"]["dice"]
+            row["true_dice"] = evaluate_case(label, truth_label, tuple(reversed(geometry.spacing)), [1])["dice"]
         if scorer:
             row["predicted_quality"] = float(np.mean(list(scorer(ref.image, label, geometry).values())))
         rows.append(row)

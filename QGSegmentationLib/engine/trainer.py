@@ -154,7 +154,8 @@ class Trainer:
         self.networks = []
         for index, name in enumerate(self.network_names()):
             torch.manual_seed(cfg.seed * 1009 + index)  # differently initialised networks (CPS)
-            net = build_network(name, dims, 1, self.n_classes, **cfg.network_options)
+            options = {"img_size": tuple(cfg.patch_size), **cfg.network_options}
+            net = build_network(name, dims, 1, self.n_classes, **options)
             self.networks.append(net.to(self.device))
         if self.use_channels_last:
             fmt = torch.channels_last if dims == 2 else torch.channels_last_3d

@@ -107,7 +107,8 @@ class JobSpec:
     cases: List[CaseEntry] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)
     label_names: List[str] = field(default_factory=list)  # label value i+1 -> name
-    checkpoint: str = ""                        # predict jobs: the model used
+    checkpoint: str = ""                        # the segmenter used / produced
+    quality_checkpoint: str = ""                # the quality predictor g used / produced
     created: float = field(default_factory=time.time)
     versions: Dict[str, str] = field(default_factory=dict)
     version: int = JOB_SPEC_VERSION

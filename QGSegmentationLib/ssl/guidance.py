@@ -50,7 +50,14 @@ class QualityGuidance:
         """g(image, masks) as (B, K), with g forced to eval mode and its output shape checked."""
         if self.predictor.training:
             self.predictor.eval()
-        q = self.predictor(image, masks)
+        try:
+            q = self.predictor(image, masks)
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise
+            raise ConfigError(f"quality predictor failed on an image {tuple(image.shape)} with a "
+                              f"{masks.shape[1]}-channel mask (was it trained for "
+                              f"{masks.shape[1] + 1} classes?): {exc}") from exc
         if q.ndim == 1 and masks.shape[1] == 1:
             q = q[:, None]
         if tuple(q.shape) != (image.shape[0], masks.shape[1]):

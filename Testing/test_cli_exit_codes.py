@@ -1,0 +1,85 @@
+"""The `qgseg` command line: --help teaches, bad input -> 2, cancel -> 3, out of memory -> 4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from QGSegmentationLib.engine.events import read_events, validate_stream
+
+from conftest import run_cli
+
+
+def test_help_lists_commands_and_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from QGSegmentationLib.cli.main import build_parser; build_parser(); "
+            "print('torch' in sys.modules, 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for command in ("train", "predict", "evaluate", "demo", "ssl"):
+        assert command in res.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "demo"])
+def test_each_command_has_help_with_examples(command):
+    res = run_cli(command, "--help")
+    assert res.returncode == 0 and "usage: qgseg" in res.stdout
+
+
+def test_missing_dataset_exits_2_with_clear_error(tmp_path):
+    missing = tmp_path / "nope" / "dataset.json"
+    res = run_cli("train", "--dataset", str(missing), "--run-dir", str(tmp_path / "r"),
+                  "--events", str(tmp_path / "ev.jsonl"), "--quiet")
+    assert res.returncode == 2
+    assert str(missing) in res.stderr or "dataset.json" in res.stderr
+    events = read_events(tmp_path / "ev.jsonl")
+    validate_stream(events)
+    error = next(e for e in events if e["event"] == "error")
+    assert error["kind"] == "data"
+    assert events[-1]["status"] == "failed" and events[-1]["exit_code"] == 2
+
+
+def test_bad_option_value_exits_2(phantom_3d, tmp_path):
+    res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 2 and "patch_size" in res.stderr
+
+
+def test_cuda_requested_without_gpu_is_reported(phantom_3d, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = run_cli("train", "--dataset", str(phantom_3d), "--device", "cuda", "--run-dir", str(tmp_path / "r"),
+                  "--json", "--quiet")
+    assert res.returncode == 2
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "error" and e["kind"] == "cuda_unavailable" for e in events)
+
+
+def test_injected_out_of_memory_exits_4_with_kind_oom(phantom_3d, tmp_path):
+    res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "2",
+                  "--run-dir", str(tmp_path / "r"), "--events", str(tmp_path / "ev.jsonl"), "--quiet",
+                  "--set", "network_options={channels: [4, 8, 16]}", env={"QGSEG_INJECT_FAULT": "oom"})
+    assert res.returncode == 4, res.stderr
+    events = read_events(tmp_path / "ev.jsonl")
+    error = next(e for e in events if e["event"] == "error")
+    assert error["kind"] == "oom" and "patch" in error["hint"]
+    assert events[-1]["exit_code"] == 4
+
+
+def test_cancel_file_before_start_exits_3(phantom_3d, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "CANCEL").write_text("stop")
+    res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "5",
+                  "--run-dir", str(run_dir), "--events", str(tmp_path / "ev.jsonl"), "--quiet",
+                  "--set", "network_options={channels: [4, 8, 16]}")
+    assert res.returncode == 3, res.stderr
+    events = read_events(tmp_path / "ev.jsonl")
+    assert events[-1]["status"] == "cancelled"
+    assert (run_dir / "checkpoints" / "last.pt").exists()

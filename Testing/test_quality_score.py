@@ -1,0 +1,189 @@
+"""Scoring and evaluating g: metrics against hand computation, CLI round trip, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from QGSegmentationLib.cli.main import main
+from QGSegmentationLib.data.phantom import make_phantom_case, make_phantom_dataset
+from QGSegmentationLib.errors import DataError
+from QGSegmentationLib.quality.evaluate import (EvalPair, agreement_metrics, auroc, evaluate_predictor,
+                                                image_dependence_ok, make_vqm_pairs, spearman)
+from QGSegmentationLib.quality.predictor import QualityPredictor, save_predictor
+from QGSegmentationLib.quality.score import read_pairs_csv, score_pair
+from QGSegmentationLib.quality.train import pearson
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    image, label = make_phantom_case((16, 24, 24), 2, seed=3)
+    torch.manual_seed(0)
+    checkpoint = save_predictor(root / "g.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    wrong = label.astype(np.uint8) * 2  # values 0/2: not binary
+    return {"root": root, "checkpoint": checkpoint,
+            "image": _write(root / "img.nrrd", image, (1.2, 1.0, 1.0)),
+            "mask": _write(root / "mask.nrrd", label, (1.2, 1.0, 1.0)),
+            "shifted": _write(root / "shifted.nrrd", label, (1.2, 1.0, 1.0), origin=(5.0, 0.0, 0.0)),
+            "nonbinary": _write(root / "nonbinary.nrrd", wrong, (1.2, 1.0, 1.0))}
+
+
+# ------------------------------------------------------------------------------- metrics
+
+def test_auroc_matches_pairwise_counting():
+    # positives {0.35, 0.8} vs negatives {0.1, 0.4}: 0.35 beats 0.1 only, 0.8 beats both -> 3/4
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5], [True, False]) == pytest.approx(0.5)  # a tie counts one half
+    assert np.isnan(auroc([0.2, 0.3], [True, True]))
+
+
+def test_pearson_and_spearman_match_hand_computation():
+    # a = [1,2,3], b = [2,4,7]: cov sum 5, sum sq 2 and 114/9
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / np.sqrt(2 * 114 / 9))
+    # ranks (1,2,3) vs (3,1,2): cov sum -1, sum sq 2 and 2 -> -0.5
+    assert spearman([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_agreement_metrics_failure_detection():
+    predicted = [0.9, 0.3, 0.6, 0.95]
+    true = [0.85, 0.2, 0.75, 0.9]            # one failure (0.2 < 0.7)
+    m = agreement_metrics(predicted, true)
+    assert m["mae"] == pytest.approx((0.05 + 0.1 + 0.15 + 0.05) / 4)
+    assert m["n_failures"] == 1
+    assert m["auroc_failure"] == pytest.approx(1.0)  # the failure has the lowest prediction
+
+
+def test_image_dependence_criterion():
+    assert image_dependence_ok(0.9, 0.2, -0.1)
+    assert not image_dependence_ok(0.9, 0.6, 0.1)   # 0.6 > 0.5 * 0.9
+    assert not image_dependence_ok(-0.2, 0.0, 0.0)
+    assert image_dependence_ok(0.8, 0.3, None)
+
+
+def test_evaluate_predictor_reports_rows_metrics_and_ablations(files):
+    cases = []
+    from QGSegmentationLib.quality.train import VolumeCase
+
+    for seed in (1, 2):
+        image, label = make_phantom_case((16, 24, 24), 2, seed=seed)
+        cases.append(VolumeCase(f"c{seed}", image, label))
+    pairs = make_vqm_pairs(cases, per_case=3, seed=0)
+    assert len(pairs) == 6 and all(isinstance(p, EvalPair) for p in pairs)
+    from QGSegmentationLib.quality.predictor import load_predictor
+
+    model = load_predictor(files["checkpoint"])
+    result = evaluate_predictor(model, pairs)
+    assert len(result["rows"]) == 6
+    assert {"true_dice", "predicted", "predicted_black_image", "predicted_shuffled_image"} <= set(result["rows"][0])
+    assert result["metrics"]["n"] == 6
+    assert "image_dependence_ok" in result and result["image_dependence"]["pearson_shuffled"] is not None
+    for row, pair in zip(result["rows"], pairs):
+        ref, cand = pair.reference == 1, pair.mask == 1
+        total = ref.sum() + cand.sum()
+        expected = 1.0 if total == 0 else 2 * (ref & cand).sum() / total
+        assert row["true_dice"] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------- scoring
+
+def test_score_cli_round_trip_in_a_subprocess(files, tmp_path):
+    out = tmp_path / "scores.csv"
+    cmd = [sys.executable, "-m", "QGSegmentationLib.cli.main", "quality", "score",
+           "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+           "--masks", str(files["mask"]), "--output", str(out), "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and rows[0]["case"] == "mask" and rows[0]["class"] == "1"
+    assert 0.0 <= float(rows[0]["predicted_quality"]) <= 1.0
+
+
+def test_score_pairs_csv_and_json_output(files, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,mask\n{files['image']},{files['mask']}\n")
+    out = tmp_path / "scores.json"
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--pairs", str(pairs),
+                 "--output", str(out), "--quiet"])
+    assert code == 0
+    import json
+
+    scores = json.loads(out.read_text())["scores"]
+    assert scores[0]["class_name"] == "label_1"
+
+
+def test_geometry_mismatch_exits_2_naming_the_files(files, tmp_path, capsys):
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+                 "--masks", str(files["shifted"]), "--output", str(tmp_path / "s.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "shifted.nrrd" in err and "img.nrrd" in err and "origin" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_non_binary_mask_for_binary_model_is_a_data_error(files):
+    from QGSegmentationLib.quality.predictor import load_predictor
+
+    with pytest.raises(DataError, match=r"nonbinary\.nrrd.*\[2\].*binary"):
+        score_pair(load_predictor(files["checkpoint"]), files["image"], files["nonbinary"])
+
+
+def test_pairs_csv_without_mask_column_is_rejected(tmp_path):
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("image,label\na.nrrd,b.nrrd\n")
+    with pytest.raises(DataError, match="pairs.csv.*'mask'"):
+        read_pairs_csv(bad)
+
+
+def test_scoring_an_la_sized_volume_is_fast(tmp_path):
+    """~180x140x88 voxels + mask must score in <= 1 s on 2 cores; here 1 thread on a shared
+    machine, so the bound is loose (the measured time is printed)."""
+    image, label = make_phantom_case((88, 140, 180), 2, seed=5)
+    img = _write(tmp_path / "la.nrrd", image, (0.625, 0.625, 0.625))
+    msk = _write(tmp_path / "la_mask.nrrd", label, (0.625, 0.625, 0.625))
+    model = QualityPredictor().eval()  # the default 48^3 convnet
+    score_pair(model, img, msk)       # warm-up
+    start = time.perf_counter()
+    rows = score_pair(model, img, msk)
+    elapsed = time.perf_counter() - start
+    print(f"LA-sized scoring: {elapsed:.3f} s")
+    assert len(rows) == 1
+    assert elapsed < 2.0
+
+
+def test_evaluate_cli_on_phantom_dataset(files, tmp_path):
+    dataset = make_phantom_dataset(tmp_path / "ds", n_labeled=2, n_unlabeled=0, n_test=2, shape=(16, 24, 24))
+    code = main(["quality", "evaluate", "--dataset", str(dataset), "--checkpoint", str(files["checkpoint"]),
+                 "--samples-per-case", "2", "--run-dir", str(tmp_path / "ev"), "--quiet"])
+    assert code == 0
+    for name in ("quality_evaluation.json", "quality_evaluation_rows.csv", "quality_calibration.png"):
+        assert (tmp_path / "ev" / name).is_file()

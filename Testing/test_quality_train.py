@@ -1,0 +1,134 @@
+"""Training g: a tiny real run on phantom data, checkpoints, resume, cancel, weak-model pool."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from QGSegmentationLib.data.dataset import load_dataset
+from QGSegmentationLib.data.phantom import make_phantom_dataset
+from QGSegmentationLib.engine.cancel import request_cancel
+from QGSegmentationLib.engine.events import EventWriter, read_events
+from QGSegmentationLib.errors import CancelledError, ConfigError
+from QGSegmentationLib.quality.predictor import load_predictor
+from QGSegmentationLib.quality.train import (QualityTrainConfig, _make_vqm_config, dice_per_class,
+                                             train_quality_predictor, vqm_candidate)
+from QGSegmentationLib.quality.weak import WeakPool, load_predictions
+
+TINY = {"samples_per_case": 3, "val_samples_per_case": 2, "batch_size": 4, "grid_size": [16, 16, 16],
+        "weak": {"epochs": 2, "snapshot_epochs": [1, 2], "patch_size": [16, 24, 24]}, "p_weak": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    return load_dataset(make_phantom_dataset(root, n_labeled=4, n_unlabeled=0, shape=(16, 24, 24)))
+
+
+def test_tiny_training_writes_checkpoints_events_and_resumes(spec, tmp_path):
+    run = tmp_path / "g"
+    events = EventWriter.open(run / "events.jsonl")
+    result = train_quality_predictor(spec, {**TINY, "epochs": 2}, run, events=events, progress=False,
+                                     device="cpu")
+    events.close()
+    assert result["epochs_run"] == 2 and len(result["history"]) == 2
+    assert result["n_training_cases"] == 3 and result["n_validation_cases"] == 1
+    for key in ("best_checkpoint", "last_checkpoint", "curve", "calibration"):
+        assert (tmp_path / "g" / result[key].split("/g/")[-1]).is_file(), key
+    state = torch.load(result["last_checkpoint"], weights_only=True)
+    assert state["epoch"] == 2 and "optimizer" in state and "torch_rng" in state
+    model = load_predictor(result["best_checkpoint"])
+    assert model.n_foreground == 1 and model.grid_size == (16, 16, 16)
+    kinds = [e["event"] for e in read_events(run / "events.jsonl")]
+    assert {"stage", "progress", "metric"} <= set(kinds)
+    names = {e["name"] for e in read_events(run / "events.jsonl") if e["event"] == "metric"}
+    assert {"val_mae", "val_pearson"} <= names
+    assert result["weak_snapshots"] == 2
+    weak_file = run / "weak" / "weak_predictions.npz"
+    weak_mtime = weak_file.stat().st_mtime_ns
+
+    # a rerun with more epochs continues from checkpoints/last.pt (same first two epochs)
+    again = train_quality_predictor(spec, {**TINY, "epochs": 3}, run, progress=False, device="cpu")
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    assert again["history"][:2] == json.loads(json.dumps(result["history"]))
+    assert weak_file.stat().st_mtime_ns == weak_mtime  # weak predictions were reused from the cache
+
+
+def test_cancel_file_stops_training(spec, tmp_path):
+    run = tmp_path / "g"
+    request_cancel(run)
+    from QGSegmentationLib.engine.cancel import CancelToken
+
+    with pytest.raises(CancelledError):
+        train_quality_predictor(spec, {**TINY, "epochs": 1, "weak": None}, run, cancel=CancelToken(run),
+                                progress=False, device="cpu")
+
+
+def test_2d_mode_trains_from_case_list(spec, tmp_path):
+    from QGSegmentationLib.quality.train import load_cases
+
+    cases = load_cases(spec.training, spec.labels)
+    result = train_quality_predictor(cases, {"mode": "2d", "grid_size": [16, 16], "epochs": 1,
+                                             "samples_per_case": 2, "batch_size": 4, "weak": None},
+                                     tmp_path / "g2", progress=False, device="cpu")
+    assert load_predictor(result["best_checkpoint"]).spatial_dims == 2
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="unknown quality training option"):
+        QualityTrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ConfigError, match="p_weak"):
+        QualityTrainConfig.from_dict({"p_weak": 2})
+    assert QualityTrainConfig().resolved_samples_per_case("cpu") == 8
+    assert QualityTrainConfig().resolved_samples_per_case("cuda") == 50
+
+
+def test_weak_pool_serves_class_masks_and_none_for_unknown_cases():
+    label = np.array([[0, 1, 2], [2, 2, 0]], np.uint8)
+    pool = WeakPool({"a": [label]}, snapshots=[1])
+    assert pool("b") is None
+    assert pool("a").tolist() == (label > 0).tolist()
+    assert pool.for_class(2)("a").tolist() == (label == 2).tolist()
+
+
+def test_weak_mask_used_with_p_weak_one_gets_its_true_dice():
+    reference = np.zeros((20, 20), np.uint8)
+    reference[5:15, 5:15] = 1                      # 100 voxels
+    weak = np.zeros_like(reference)
+    weak[5:15, 10:20] = 1                           # 100 voxels, 50 overlap -> Dice 0.5
+    config = _make_vqm_config({}, 1.0)
+    candidate, categories, dice = vqm_candidate(reference, (1.0, 1.0), 1, config,
+                                                np.random.default_rng(0), None, "a", weak)
+    assert categories == ["weak"]
+    assert np.array_equal(candidate, weak)
+    assert dice[0] == pytest.approx(2 * 50 / 200)
+
+
+def test_dice_per_class_conventions():
+    a = np.array([0, 1, 1, 2, 0])
+    b = np.array([0, 1, 0, 0, 0])
+    d = dice_per_class(a, b, 3)
+    assert d[0] == pytest.approx(2 * 1 / 3)   # class 1: |a|=2, |b|=1, overlap 1
+    assert d[1] == 0.0                        # class 2 only in a
+    assert d[2] == 1.0                        # class 3 empty in both
+
+
+def test_weak_cache_round_trip(tmp_path):
+    from QGSegmentationLib.quality.weak import save_predictions
+
+    maps = {"x": [np.ones((2, 3), np.uint8), np.zeros((2, 3), np.uint8)]}
+    save_predictions(tmp_path, maps, [1, 3], key="k1")
+    assert load_predictions(tmp_path, "other") is None
+    loaded, snaps = load_predictions(tmp_path, "k1")
+    assert snaps == [1, 3] and np.array_equal(loaded["x"][0], maps["x"][0])

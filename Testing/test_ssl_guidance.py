@@ -1,0 +1,205 @@
+"""Quality guidance (QAR, QW), EMA teacher, ramps, SSLConfig and per-sample losses, by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from QGSegmentationLib.errors import ConfigError
+from QGSegmentationLib.ssl.base import SSLConfig, StepInfo
+from QGSegmentationLib.ssl.config import ssl_config_of
+from QGSegmentationLib.ssl.ema import EMATeacher, ema_decay_at
+from QGSegmentationLib.ssl.guidance import QualityGuidance
+from QGSegmentationLib.ssl.losses import dice_ce_per_sample, soft_dice_loss_per_sample
+from QGSegmentationLib.ssl.ramps import delayed_linear, linear_rampup, sigmoid_rampup
+
+
+class MeanIntensityQuality(nn.Module):
+    """A real conv net whose output we can compute by hand: q_k = mean(image) for every class k
+    (a 1x1 conv that reads only the image channel, then global average pooling), plus dropout
+    that would change the output if the module were left in training mode."""
+
+    def __init__(self, k: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(1 + k, k, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0] = 1.0
+            self.conv.bias.zero_()
+        self.drop = nn.Dropout(0.9)
+
+    def forward(self, image, mask):
+        return self.drop(self.conv(torch.cat([image, mask], 1)).flatten(2).mean(-1))
+
+
+class SoftQuality(nn.Module):
+    """Tiny learnable-looking g whose output depends on the mask, so QAR has a gradient."""
+
+    def __init__(self, k: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(1 + k, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, k)
+
+    def forward(self, image, mask):
+        h = torch.relu(self.bn(self.conv(torch.cat([image, mask], 1)))).flatten(2).mean(-1)
+        return torch.sigmoid(self.head(h))
+
+
+# --- QW -----------------------------------------------------------------------------------
+def test_qw_weights_hand_example_through_g():
+    """q = [0.9, 0.4, 0.6], T = 2, tau = 0.5 -> [0.81, 0, 0.36]."""
+    g = MeanIntensityQuality(1)
+    guidance = QualityGuidance(g, SSLConfig(qw_temperature=2.0, qw_tau=0.5))
+    image = torch.tensor([0.9, 0.4, 0.6]).reshape(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    labels = torch.zeros(3, 4, 4, dtype=torch.long)
+    labels[:, 1:3, 1:3] = 1
+    g.train()  # guidance must put it back in eval mode (dropout 0.9 would scramble q)
+    w = guidance.qw_weights(image, labels)
+    assert torch.allclose(w, torch.tensor([0.81, 0.0, 0.36]), atol=1e-6)
+    assert not g.training and not w.requires_grad
+
+
+def test_qw_multiclass_weight_is_mean_over_present_classes():
+    guidance = QualityGuidance(MeanIntensityQuality(2), SSLConfig(qw_temperature=2.0, qw_tau=0.5))
+    q = torch.tensor([[0.9, 0.6], [0.9, 0.4], [0.8, 0.7]])
+    masks = torch.zeros(3, 2, 2, 2)
+    masks[0, 0, 0, 0] = masks[0, 1, 1, 1] = 1     # both classes present: (0.81 + 0.36) / 2
+    masks[1, 0, 0, 0] = 1                          # only class 1 present: 0.81
+    # sample 2: no foreground -> mean over all classes: (0.64 + 0.49) / 2
+    w = guidance.weights_from_quality(q, masks)
+    assert torch.allclose(w, torch.tensor([0.585, 0.81, 0.565]), atol=1e-6)
+
+
+def test_weighted_mean_and_all_zero_weights():
+    losses = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    w = torch.tensor([0.81, 0.0, 0.36])
+    value = QualityGuidance.weighted_mean(losses, w)
+    assert math.isclose(float(value.detach()), (0.81 * 1 + 0.36 * 3) / (1.17 + 1e-8), rel_tol=1e-6)
+    zero = QualityGuidance.weighted_mean(losses, torch.zeros(3))
+    assert float(zero) == 0.0
+    zero.backward()
+    assert losses.grad is not None and torch.equal(losses.grad, torch.zeros(3))
+
+
+# --- QAR ------------------------------------------------------------------------------------
+def test_qar_gradient_reaches_segmenter_not_g():
+    torch.manual_seed(0)
+    segmenter = nn.Conv2d(1, 2, 3, padding=1)
+    g = SoftQuality(1)
+    g.train()
+    guidance = QualityGuidance(g, SSLConfig())
+    assert not g.training
+    g_before = {k: v.clone() for k, v in g.state_dict().items()}
+    x = torch.randn(2, 1, 8, 8)
+    logits = segmenter(x)
+    loss = guidance.qar_loss(x, logits)
+    with torch.no_grad():
+        expected = 1.0 - g(x, torch.softmax(logits, 1)[:, 1:]).mean()
+    assert torch.allclose(loss, expected)
+    opt = torch.optim.SGD(list(segmenter.parameters()) + list(g.parameters()), lr=1.0)
+    loss.backward()
+    assert segmenter.weight.grad is not None and segmenter.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in g.parameters())
+    opt.step()
+    assert not g.training
+    for k, v in g.state_dict().items():  # incl. BN running stats: eval mode leaves them alone
+        assert torch.equal(v, g_before[k]), k
+
+
+class PooledInputs(nn.Module):
+    """Returns one value per input channel: (B, 1 + K) instead of (B, K)."""
+
+    def forward(self, image, mask):
+        return torch.sigmoid(torch.cat([image, mask], 1).flatten(2).mean(-1))
+
+
+def test_quality_mismatches_are_clear_errors():
+    x = torch.randn(2, 1, 4, 4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="expected \\(2, 2\\)"):
+        QualityGuidance(PooledInputs(), SSLConfig()).qw_weights(x, labels, n_classes=3)
+    with pytest.raises(ConfigError, match="trained for 3 classes"):
+        QualityGuidance(MeanIntensityQuality(1), SSLConfig()).qw_weights(x, labels, n_classes=3)
+
+
+def test_guidance_schedules():
+    guidance = QualityGuidance(MeanIntensityQuality(1), SSLConfig())
+    assert guidance.lambda_qar(0) == 0.0 and guidance.lambda_qar(30) == 0.0
+    assert math.isclose(guidance.lambda_qar(50), 0.005)
+    assert math.isclose(guidance.lambda_qar(70), 0.01) and math.isclose(guidance.lambda_qar(200), 0.01)
+    assert guidance.lambda_qw(15) == 0.0
+    assert math.isclose(guidance.lambda_qw(30), 0.125) and math.isclose(guidance.lambda_qw(45), 0.25)
+
+
+# --- ramps, step info ---------------------------------------------------------------------------
+def test_ramps_at_chosen_epochs():
+    assert math.isclose(sigmoid_rampup(0, 40), math.exp(-5))
+    assert math.isclose(sigmoid_rampup(20, 40), math.exp(-1.25))
+    assert sigmoid_rampup(40, 40) == 1.0 and sigmoid_rampup(80, 40) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+    assert linear_rampup(10, 40) == 0.25
+    assert delayed_linear(14.9, 15, 30, 0.25) == 0.0 and math.isclose(delayed_linear(21, 15, 30, 0.25), 0.05)
+    assert StepInfo(iteration=75, total_iterations=1000, iterations_per_epoch=50).epoch == 1.5
+
+
+# --- EMA --------------------------------------------------------------------------------------
+def test_ema_update_hand_computed_with_warmup_and_bn_copy():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    teacher = EMATeacher(student, decay=0.99)
+    t0 = [p.clone() for p in teacher.module.parameters()]
+    assert all(not p.requires_grad for p in teacher.module.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()
+    student(torch.randn(8, 2))  # changes BN running statistics and the batch counter
+    alpha = teacher.update(student)
+    assert math.isclose(alpha, 1 / 10)  # min(0.99, (1 + 0) / (10 + 0))
+    for t, s, old in zip(teacher.module.parameters(), student.parameters(), t0):
+        assert torch.allclose(t, 0.1 * old + 0.9 * s)
+    for t, s in zip(teacher.module.buffers(), student.buffers()):
+        assert torch.equal(t, s)
+    t1 = [p.clone() for p in teacher.module.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(2.0)
+    alpha = teacher.update(student)
+    assert math.isclose(alpha, 2 / 11)
+    for t, s, old in zip(teacher.module.parameters(), student.parameters(), t1):
+        assert torch.allclose(t, 2 / 11 * old + 9 / 11 * s)
+    assert ema_decay_at(0.99, 10_000) == 0.99 and ema_decay_at(0.999, 0) == 0.1
+
+
+# --- config ---------------------------------------------------------------------------------
+def test_config_validation_and_lookup():
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) bogus"):
+        SSLConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="ssl.pl_t_threshold"):
+        SSLConfig(pl_t_threshold=1.5)
+    with pytest.raises(ConfigError, match="ssl.het_region_order"):
+        SSLConfig(het_region_order=("UC", "US", "DC"))
+    with pytest.raises(ConfigError, match="ssl.fixmatch_mix"):
+        SSLConfig(fixmatch_mix="mixup")
+    assert ssl_config_of(SimpleNamespace(ssl={"qw_tau": 0.7})).qw_tau == 0.7
+    assert ssl_config_of(SimpleNamespace(ssl=SSLConfig(qw_tau=0.6))).qw_tau == 0.6
+    assert ssl_config_of(None) == SSLConfig()
+    assert SSLConfig.from_dict(SSLConfig(cutmix_area=(0.2, 0.3)).to_dict()).cutmix_area == (0.2, 0.3)
+
+
+# --- per-sample losses ----------------------------------------------------------------------------
+def test_per_sample_dice_ce_by_hand():
+    # one sample, 2 pixels, 2 classes; logits = log-probabilities so softmax returns them exactly
+    probs = torch.tensor([[[0.8, 0.3], [0.2, 0.7]]])          # (B=1, C=2, N=2)
+    labels = torch.tensor([[0, 1]])
+    ce = (-math.log(0.8) - math.log(0.7)) / 2
+    dice = (2 * 0.7 + 1e-5) / (0.2 + 0.7 + 1 + 1e-5)
+    got = dice_ce_per_sample(torch.log(probs), labels)
+    assert torch.allclose(got, torch.tensor([0.5 * ce + 0.5 * (1 - dice)]), atol=1e-6)
+    # empty reference predicted (almost) empty scores (almost) perfectly
+    empty = soft_dice_loss_per_sample(torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]), torch.tensor([[0, 0]]))
+    assert float(empty) == 0.0
