@@ -999,7 +999,7 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
         logic = QGSegmentationLogic()
         cases = []
         for index in range(3):
-            image, label = make_phantom_case((16, 24, 24), n_classes=2, seed=index)
+            image, label = make_phantom_case((32, 32, 32), n_classes=2, seed=index)
             volume = slicer.util.addVolumeFromArray(image, name=f"phantom {index}")
             volume.SetSpacing(1.2, 1.0, 1.5)
             volume.SetOrigin(-10.0 * index, 5.0, 2.0)
@@ -1020,7 +1020,7 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Training for a few iterations on the CPU")
         options = jobs.TrainingOptions(architecture="unet", ssl_method="mt", iterations=4,
-                                       batch_size=1, patch_size=16, device="cpu", quality_epochs=1)
+                                       batch_size=1, patch_size=32, device="cpu", quality_epochs=1)
         output = tempfile.mkdtemp(prefix="qgseg-selftest-")
         logic.startTraining(slicer.mrmlScene, cases, options, output)
         logic.runToCompletion(slicer.mrmlScene, timeout_s=600)
@@ -1034,7 +1034,7 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
         array = slicer.util.arrayFromSegmentBinaryLabelmap(
             segmentation, segmentation.GetSegmentation().GetNthSegmentID(0),
             slicer.mrmlScene.GetNodeByID(row.volume_id))
-        self.assertEqual(array.shape, (16, 24, 24))
+        self.assertEqual(array.shape, (32, 32, 32))
         self.assertIsNotNone(row.quality, "scores.csv gave no quality for the unlabeled case")
         self.assertTrue(0.0 <= row.quality <= 1.0)
         self.delayDisplay("Tiny training run passed")

@@ -84,7 +84,9 @@ def test_agreement_metrics_failure_detection():
 
 def test_image_dependence_criterion():
     assert image_dependence_ok(0.9, 0.2, -0.1)
+    assert image_dependence_ok(0.9, -0.6, 0.1)      # anti-correlated: no usable signal left
     assert not image_dependence_ok(0.9, 0.6, 0.1)   # 0.6 > 0.5 * 0.9
+    assert not image_dependence_ok(0.9, 0.1, 0.5)
     assert not image_dependence_ok(-0.2, 0.0, 0.0)
     assert image_dependence_ok(0.8, 0.3, None)
 

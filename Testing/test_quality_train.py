@@ -132,3 +132,27 @@ def test_weak_cache_round_trip(tmp_path):
     assert load_predictions(tmp_path, "other") is None
     loaded, snaps = load_predictions(tmp_path, "k1")
     assert snaps == [1, 3] and np.array_equal(loaded["x"][0], maps["x"][0])
+
+
+def test_train_cli_streams_a_valid_event_protocol(spec, tmp_path, capsys):
+    from QGSegmentationLib.cli.main import main
+    from QGSegmentationLib.engine.events import parse_line, validate_stream
+
+    code = main(["quality", "train", "--dataset", str(spec.source), "--run-dir", str(tmp_path / "g"),
+                 "--epochs", "1", "--samples-per-case", "2", "--device", "cpu", "--json",
+                 "--set", "grid_size=[16,16,16]", "--set", "batch_size=4", "--set", "weak=null"])
+    out = capsys.readouterr().out
+    assert code == 0
+    events = [parse_line(line) for line in out.splitlines() if line.startswith("{")]
+    validate_stream(events)
+    assert events[-1]["status"] == "ok" and events[-1]["outputs"]["checkpoint"].endswith("best.pt")
+    assert (tmp_path / "g" / "checkpoints" / "best.pt").is_file()
+
+
+def test_train_cli_rejects_unknown_option_with_exit_2(spec, tmp_path, capsys):
+    from QGSegmentationLib.cli.main import main
+
+    code = main(["quality", "train", "--dataset", str(spec.source), "--run-dir", str(tmp_path / "g"),
+                 "--set", "bogus=1", "--quiet"])
+    assert code == 2
+    assert "bogus" in capsys.readouterr().err

@@ -81,7 +81,7 @@ def test_weighted_mean_and_all_zero_weights():
     value = QualityGuidance.weighted_mean(losses, w)
     assert math.isclose(float(value.detach()), (0.81 * 1 + 0.36 * 3) / (1.17 + 1e-8), rel_tol=1e-6)
     zero = QualityGuidance.weighted_mean(losses, torch.zeros(3))
-    assert float(zero) == 0.0
+    assert float(zero.detach()) == 0.0
     zero.backward()
     assert losses.grad is not None and torch.equal(losses.grad, torch.zeros(3))
 

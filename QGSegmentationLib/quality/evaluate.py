@@ -7,8 +7,10 @@
 - the image-dependence check of the paper: the same masks scored with blacked-out images and with
   images taken from other cases. A predictor that really reads the image must lose most of its
   correlation with the true Dice there. Criterion (`image_dependence_ok`): the real Pearson r is
-  positive and both |r_black| and |r_shuffled| are at most (1 - min_drop) * r, min_drop = 0.5 by
-  default, i.e. at least half of the correlation disappears without the right image. Some
+  positive and both r_black and r_shuffled are at most (1 - min_drop) * r, min_drop = 0.5 by
+  default, i.e. at least half of the correlation disappears without the right image. The ablated
+  correlations are compared signed: a negative one means the predictions point the wrong way,
+  which is no usable quality signal either (both values are reported as they are). Some positive
   correlation legitimately survives, since a mask alone reveals gross failures (empty, noise),
   which is why the criterion asks for a drop, not for zero.
 
@@ -78,12 +80,12 @@ def agreement_metrics(predicted: Sequence[float], true: Sequence[float],
 
 def image_dependence_ok(r_real: float, r_black: float, r_shuffled: float | None,
                         min_drop: float = MIN_CORRELATION_DROP) -> bool:
-    """True when the real correlation is positive and each ablated |r| is at most
+    """True when the real correlation is positive and each ablated (signed) r is at most
     (1 - min_drop) times it (a missing shuffled value is not held against the model)."""
     if not r_real > 0:
         return False
     limit = (1.0 - min_drop) * r_real
-    ablated = [abs(r_black)] + ([abs(r_shuffled)] if r_shuffled is not None else [])
+    ablated = [r_black] + ([r_shuffled] if r_shuffled is not None else [])
     return all(r <= limit for r in ablated)
 
 
@@ -163,7 +165,7 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
         result["image_dependence"] = {
             "pearson_real": r_real, "pearson_black": r_black, "pearson_shuffled": r_shuffled,
             "min_drop": min_drop,
-            "criterion": f"r_real > 0 and |r_black|, |r_shuffled| <= {1 - min_drop:g} * r_real",
+            "criterion": f"r_real > 0 and r_black, r_shuffled <= {1 - min_drop:g} * r_real",
             "image_dependence_ok": image_dependence_ok(r_real, r_black, r_shuffled, min_drop)}
         result["image_dependence_ok"] = result["image_dependence"]["image_dependence_ok"]
     return result

@@ -519,12 +519,14 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device) if isinstance(device, str) else device
     started = time.time()
+    if events is not None:
+        events.heartbeat_thread()  # no-op when already beating; the caller's close() stops it
 
     def stage(name, index, total):
         if events is not None:
             events.stage(name, index, total)
-        if progress and events is None:
-            print(f"[quality] {name}", file=sys.stderr, flush=True)
+        if progress:
+            print(f"[quality {index}/{total}] {name}", file=sys.stderr, flush=True)
 
     stage("loading cases", 1, 4)
     train_cases, val_cases, labels = _split_cases(source, config)
@@ -617,7 +619,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     meta = {"labels": {str(k): v for k, v in labels.items()}, "train_config": config.to_dict(),
             "training_cases": [c.id for c in train_cases], "validation_cases": [c.id for c in val_cases]}
     bar = None
-    if progress and events is None:
+    if progress:
         try:
             from tqdm import tqdm
 

@@ -22,6 +22,7 @@ REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
     ("monai", "1.4"),
     ("pyyaml", "6.0"),
     ("tqdm", "4.60"),
+    ("matplotlib", "3.7"),
     ("numpy", "1.24"),
     ("scipy", "1.10"),
     ("SimpleITK", "2.3"),
