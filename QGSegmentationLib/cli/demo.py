@@ -100,9 +100,10 @@ def _train_quality(ctx: RunContext, dataset: Path, args) -> Path:
     from ..data.dataset import load_dataset
     from ..quality.train import QualityTrainConfig, train_quality_predictor
 
-    cfg = QualityTrainConfig(mode="3d", epochs=args.quality_epochs, seed=args.seed, device=args.device)
+    cfg = QualityTrainConfig(mode="3d", epochs=args.quality_epochs, seed=args.seed, batch_size=16,
+                             samples_per_case=8)
     result = train_quality_predictor(load_dataset(dataset), cfg, ctx.run_dir / "quality", events=ctx.events,
-                                     progress=ctx.show_progress)
+                                     progress=ctx.show_progress, device=args.device)
     return Path(result["best_checkpoint"])
 
 

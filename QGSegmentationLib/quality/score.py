@@ -185,3 +185,29 @@ def pairs_from_lists(images: Sequence, masks: Sequence) -> List[Tuple[Path, Path
         raise DataError(f"--images has {len(images)} files but --masks has {len(masks)}; give one "
                         "mask per image, in the same order")
     return [(Path(i), Path(m)) for i, m in zip(images, masks)]
+
+
+class VolumeScorer:
+    """g bound to a device: `scorer(image_path or array, label_map, geometry) -> {label: quality}`.
+
+    Used by `qgseg predict --quality-checkpoint` and the demo to score a freshly predicted label
+    map that is still in memory (no round trip through a mask file)."""
+
+    def __init__(self, model, device="cpu"):
+        self.model = model
+        self.device = device
+
+    def __call__(self, image, label_map: np.ndarray, geometry) -> Dict[int, float]:
+        from ..data import io
+
+        if not isinstance(image, np.ndarray):
+            image, _ = io.read_image(image)
+        check_mask_for_model(label_map, self.model.n_foreground, "predicted label map")
+        predicted = predict_volume(self.model, image, label_map, tuple(geometry.spacing)[::-1], self.device)
+        return {c: float(predicted[c - 1]) for c in range(1, self.model.n_foreground + 1)}
+
+
+def load_scorer(path: str | os.PathLike, device="cpu") -> VolumeScorer:
+    from .predictor import load_predictor
+
+    return VolumeScorer(load_predictor(path, device=device), device)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -215,8 +214,9 @@ def _sampler(vqm_config):
 
 
 class SwapPools:
-    """For the cross-image swap category: per class, every training case's reference region
-    (case_id, mask, foreground volume in mm^3), served without the case being corrupted."""
+    """For the cross-image swap category: per class, every case's reference region (case_id,
+    mask, foreground volume in mm^3); the sampler skips the case being corrupted and fits the
+    donor to the target's shape."""
 
     def __init__(self, cases: Sequence[VolumeCase], n_foreground: int, mode: str):
         self.by_class: Dict[int, list] = {c: [] for c in range(1, n_foreground + 1)}
@@ -230,9 +230,6 @@ class SwapPools:
             for c in self.by_class:
                 mask = label[roi] == c
                 self.by_class[c].append((case.id, mask, float(mask.sum() * np.prod(spacing))))
-
-    def for_case(self, c: int, case_id: str) -> list:
-        return [entry for entry in self.by_class[c] if entry[0] != case_id]
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""What quality guidance costs per training step, measured side by side in one process.
+
+For each method the study runs with guidance, the method is built twice from the study's own
+settings (network, options, patch size, batch sizes, AMP on CUDA) - once as the host method, once
+with its guidance switched on and the guidance ramps at full weight from step 0, so that g really
+runs every step. Both are fed the same tiny random batches of the configured patch size; a step
+is the whole training step (forward, loss, backward, clipping, optimizer, EMA/teacher update).
+Host and guided alternate in `rounds` blocks of `warmup` untimed + `steps` timed steps, so slow
+drift of a shared machine hits both; the medians of the timed steps and their ratio are reported.
+
+The predictor is the study's trained g when there is one, otherwise a randomly initialised g of
+the configured architecture: its speed does not depend on its weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import BenchConfig, RunSpec
+
+
+def speed_methods(config: BenchConfig) -> List[Tuple[str, Tuple[str, ...]]]:
+    """(method, guidance) pairs to time: the guided runs of the study (or `speed.methods`, with
+    the guidance of their guided run, else qar+qw)."""
+    guided = {}
+    for run in config.runs:
+        if run.guidance:
+            guided.setdefault(run.method, run.guidance)
+    names = config.speed.methods if config.speed.methods is not None else list(guided)
+    return [(name, guided.get(name, ("qar", "qw"))) for name in names if name != "sup"]
+
+
+def _random_batches(train_cfg, n_classes: int, device, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    patch = tuple(train_cfg.patch_size)
+    labeled = {"image": torch.randn((train_cfg.batch_size, 1, *patch), generator=gen),
+               "label": torch.randint(0, n_classes, (train_cfg.batch_size, *patch), generator=gen)}
+    unlabeled = {"image": torch.randn((train_cfg.unlabeled_batch_size, 1, *patch), generator=gen)}
+    move = lambda batch: {k: v.to(device) for k, v in batch.items()}  # noqa: E731
+    return move(labeled), move(unlabeled)
+
+
+def _predictor(config: BenchConfig, n_classes: int, device, checkpoint: Optional[str]):
+    from ..quality.predictor import QualityPredictor, load_predictor, predictor_config
+
+    if checkpoint:
+        return load_predictor(checkpoint, device=device)
+    q = config.quality_config(0)
+    return QualityPredictor(predictor_config(n_foreground=n_classes - 1, mode=q.mode, backbone=q.backbone,
+                                             grid_size=q.grid_size, backbone_options=q.backbone_options)
+                            ).to(device).eval()
+
+
+class _Stepper:
+    """One method instance with its networks and optimizers, able to take a full training step."""
+
+    def __init__(self, config: BenchConfig, method: str, guidance: Sequence[str], n_classes: int,
+                 device, predictor=None):
+        import torch
+
+        from ..engine.trainer import _MethodConfig, make_optimizer
+        from ..networks import build_network
+        from ..ssl.base import SSLConfig
+        from ..ssl.guidance import QualityGuidance
+        from ..ssl.methods import METHODS
+
+        run = RunSpec(method, tuple(guidance))
+        self.cfg = config.train_config(run, 0, dataset="speed")
+        ssl = dict(self.cfg.ssl)
+        if guidance:  # ramps at full weight from the first step so g runs every step
+            ssl.update(qar_delay_epochs=0, qar_rampup_epochs=0, qw_delay_epochs=0, qw_rampup_epochs=0)
+        ssl_cfg = SSLConfig.from_dict(ssl)
+        method_cls = METHODS.get(method)
+        method_cfg = _MethodConfig(self.cfg, ssl_cfg)
+        names = None
+        if getattr(method_cls, "network_names", None) is not None:
+            names = method_cls.network_names(method_cfg)
+        names = [self.cfg.network if n is None else n for n in names] if names \
+            else [self.cfg.network] * int(getattr(method_cls, "num_networks", 1))
+        dims = 2 if self.cfg.mode == "2d" else 3
+        self.networks = []
+        for index, name in enumerate(names):
+            torch.manual_seed(index)
+            self.networks.append(build_network(name, dims, 1, n_classes, **self.cfg.network_options).to(device))
+        guide = QualityGuidance(predictor, ssl_cfg) if guidance else None
+        self.method = method_cls(self.networks, method_cfg, guide)
+        self.optimizers = [make_optimizer(n.parameters(), self.cfg) for n in self.networks]
+        self.device = device
+        self.amp = device.type == "cuda" and self.cfg.amp != "off"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.iteration = 0
+
+    def step(self, labeled, unlabeled) -> float:
+        import torch
+
+        from ..ssl.base import StepInfo
+
+        info = StepInfo(self.iteration, 10**6, 1)
+        _sync(self.device)
+        start = time.perf_counter()
+        for net in self.networks:
+            net.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.method.training_step(labeled, unlabeled if self.method.uses_unlabeled else None, info)
+        self.scaler.scale(out["loss"]).backward()
+        for opt, net in zip(self.optimizers, self.networks):
+            if self.cfg.grad_clip:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.method.after_optimizer_step(info)
+        _sync(self.device)
+        self.iteration += 1
+        return time.perf_counter() - start
+
+
+def measure_speed(config: BenchConfig, methods: Sequence[Tuple[str, Sequence[str]]], n_classes: int, device,
+                  quality_checkpoint: Optional[str] = None) -> List[Dict[str, Any]]:
+    """[{"method", "guidance", "host_step_s", "guided_step_s", "ratio", "host_steps", "guided_steps"}]."""
+    sp = config.speed
+    predictor = _predictor(config, n_classes, device, quality_checkpoint)
+    rows = []
+    for method, guidance in methods:
+        host = _Stepper(config, method, (), n_classes, device)
+        guided = _Stepper(config, method, guidance, n_classes, device, predictor)
+        labeled, unlabeled = _random_batches(host.cfg, n_classes, device)
+        times: Dict[str, List[float]] = {"host": [], "guided": []}
+        for _ in range(int(sp.rounds)):
+            for name, stepper in (("host", host), ("guided", guided)):
+                for i in range(int(sp.warmup) + int(sp.steps)):
+                    seconds = stepper.step(labeled, unlabeled)
+                    if i >= int(sp.warmup):
+                        times[name].append(seconds)
+        host_s, guided_s = float(np.median(times["host"])), float(np.median(times["guided"]))
+        rows.append({"method": method, "guidance": list(guidance), "host_step_s": host_s,
+                     "guided_step_s": guided_s, "ratio": guided_s / max(host_s, 1e-12),
+                     "host_steps": len(times["host"]), "guided_steps": len(times["guided"]),
+                     "patch_size": list(host.cfg.patch_size), "batch_size": host.cfg.batch_size,
+                     "unlabeled_batch_size": host.cfg.unlabeled_batch_size})
+        del host, guided
+    return rows
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
