@@ -203,3 +203,16 @@ def test_per_sample_dice_ce_by_hand():
     # empty reference predicted (almost) empty scores (almost) perfectly
     empty = soft_dice_loss_per_sample(torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]), torch.tensor([[0, 0]]))
     assert float(empty) == 0.0
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, QGSegmentationLib.ssl, QGSegmentationLib.ssl.config as c; "
+            "c.SSLConfig(); assert 'torch' not in sys.modules, 'torch imported'")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr

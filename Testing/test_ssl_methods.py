@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -310,3 +311,38 @@ def test_config_is_taken_from_an_engine_config_ssl_field():
     assert METHODS.get("dualnet").network_names(EngineConfig(ssl={})) == ["unet", "resunet"]
     assert METHODS.get("dualnet").network_names(EngineConfig(mode="3d", ssl={})) == ["vnet", "resunet"]
     assert METHODS.get("cps").network_names(EngineConfig()) is None
+
+
+@pytest.mark.parametrize("mix", ["copy_paste", "none"])
+def test_fixmatch_mixing_options(mix):
+    torch.manual_seed(4)
+    cfg = active_config(fixmatch_mix=mix, guidance_qw=True)
+    networks = make_networks("fixmatch", 2, cfg)
+    method = build_method("fixmatch", networks, cfg, QualityGuidance(TinyQuality(2, N_CLASSES - 1), cfg))
+    labeled, unlabeled = batches(2)
+    last = train_two_steps(method, networks, labeled, unlabeled)[-1]
+    assert float(last["strong"]) > 0 and float(last["confident_fraction"]) > 0
+
+
+def test_bench_step_overhead_reports_both_timings():
+    from QGSegmentationLib.ssl.bench import bench_step_overhead
+
+    labeled, unlabeled = batches(2)
+    result = bench_step_overhead("mt", lambda: make_networks("mt", 2, SSLConfig()),
+                                 TinyQuality(2, N_CLASSES - 1), labeled, unlabeled,
+                                 steps=1, warmup=0)
+    assert set(result) == {"host_s", "guided_s", "ratio"}
+    assert result["host_s"] > 0 and result["guided_s"] > 0
+    assert math.isclose(result["ratio"], result["guided_s"] / result["host_s"])
+
+
+def test_teacher_follows_a_loaded_student_when_the_checkpoint_has_no_teacher():
+    cfg = active_config()
+    networks = make_networks("mt", 2, cfg)
+    method = build_method("mt", networks, cfg, None)
+    with torch.no_grad():
+        for p in networks[0].parameters():
+            p.add_(1.0)
+    method.load_extra_state({})
+    for a, b in zip(method.teacher.module.parameters(), networks[0].parameters()):
+        assert torch.equal(a, b)

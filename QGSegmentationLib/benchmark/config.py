@@ -187,16 +187,18 @@ def load_bench_config(path: str | Path, quick: bool = False, only: Sequence[str]
                       overrides: Sequence[str] | None = None) -> BenchConfig:
     """Read and check a benchmark YAML/JSON file. `quick` applies its `quick` section, `only`
     keeps the runs whose method or label is listed, `overrides` are `key.sub=value` strings."""
-    from ..engine.config import apply_overrides, load_config_file
+    from ..engine.config import load_config_file
 
     path = Path(path)
-    data = load_config_file(path)
-    data = apply_overrides(data, list(overrides or []))
-    return parse_bench_config(data, source=path, quick=quick, only=only)
+    return parse_bench_config(load_config_file(path), source=path, quick=quick, only=only, overrides=overrides)
 
 
 def parse_bench_config(data: Mapping[str, Any], source: Optional[Path] = None, quick: bool = False,
-                       only: Sequence[str] | None = None) -> BenchConfig:
+                       only: Sequence[str] | None = None, overrides: Sequence[str] | None = None) -> BenchConfig:
+    """Check a config mapping. Order of precedence: `overrides` (--set) > `quick` (with --quick) >
+    the config's own entries."""
+    from ..engine.config import apply_overrides
+
     where = str(source) if source else "benchmark config"
     data = copy.deepcopy(dict(data))
     known = {"name", "description", "data", "train", "runs", "quality", "evaluation", "speed", "quick",
@@ -211,6 +213,9 @@ def parse_bench_config(data: Mapping[str, Any], source: Optional[Path] = None, q
         filters = {k: quick_section.pop(k) for k in QUICK_FILTERS if k in quick_section}
         _reject_unknown(quick_section, known - {"quick"}, where, "key in 'quick'")
         data = _deep_merge(data, quick_section)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        _reject_unknown(data, known - {"quick"}, where, "top-level key (from --set)")
     if "data" not in data:
         raise ConfigError(f"{where}: missing 'data' (e.g. data: {{dataset: path/to/dataset.json}})")
     data_section = normalise_data_section(data["data"], where)
@@ -222,9 +227,9 @@ def parse_bench_config(data: Mapping[str, Any], source: Optional[Path] = None, q
         runs = _select_runs(runs, filters["methods"], f"{where}: quick.methods")
     if only:
         runs = _select_runs(runs, only, "--only")
-    train_options = dict(data.get("train") or {})
-    if not isinstance(data.get("train", {}) or {}, Mapping):
+    if not isinstance(data.get("train") or {}, Mapping):
         raise ConfigError(f"{where}: 'train' must be a mapping of TrainConfig options")
+    train_options = dict(data.get("train") or {})
     clash = sorted(set(train_options) & set(RESERVED_TRAIN_FIELDS))
     if clash:
         raise ConfigError(f"{where}: train.{clash[0]} is set by the study itself (per run); remove it")

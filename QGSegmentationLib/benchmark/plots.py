@@ -47,6 +47,7 @@ def dice_per_method(groups: Sequence[Dict[str, Any]], out: str | Path) -> Path:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([g["name"] for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test Dice (mean over cases)")
+    ax.set_ylim(0, 1)
     ax.set_title("test Dice per method; points = seeds, bars = mean", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     if groups:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..engine.cancel import CancelToken
 from ..engine.events import EventWriter
-from ..errors import DataError
+from ..errors import CancelledError, DataError
 from ..fileio import write_json_atomic
 from .config import BenchConfig, Job, expand_jobs
 from .data import Split, prepare_splits
@@ -160,10 +160,17 @@ class StudyRunner:
                 for seed in self.config.quality_seeds():
                     self.cancel.check()
                     self.quality[f"{split.name}/seed{seed}"] = self.train_quality(split, seed)
+        failures: List[BaseException] = []
         for index, job in enumerate(jobs):
             self.cancel.check()
             self.events.emit("stage", name=f"run {job.key}", index=index + 1, total=len(jobs))
-            self.run_job(job, splits[job.split])
+            try:
+                self.run_job(job, splits[job.split])
+            except (CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one broken run must not cost the whole study
+                failures.append(exc)
+                self.record_failure(job, exc)
             self.events.progress(index + 1, len(jobs), stage="benchmark")
         if self.with_speed and self.config.speed.enabled:
             self.measure_speed(splits)
@@ -174,7 +181,25 @@ class StudyRunner:
 
             report = write_report(path, out=self.study_dir / "BENCHMARKS.md")
             self.say(f"report: {report}")
+        if failures:  # the study's exit code is that of its first failed run
+            self.say(f"[bench] {len(failures)} run(s) failed; see 'error' in their records of {path}")
+            raise failures[0]
         return path
+
+    def record_failure(self, job: Job, exc: BaseException) -> None:
+        """Keep going after a failed run: its record says why, its folder holds the traceback."""
+        import traceback
+
+        run_dir = self.run_dir(job)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        self.say(f"[bench] {job.key}: FAILED: {message}")
+        self.events.warning(f"run {job.key} failed: {message}")
+        self.results.put({"key": job.key, "split": job.split, "method": job.run.method,
+                          "guidance": list(job.run.guidance), "label": job.run.label, "seed": job.seed,
+                          "status": "failed", "error": message, "run_dir": str(run_dir),
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, self.order)
 
     # ------------------------------------------------------------------------------- quality
     def train_quality(self, split: Split, seed: int) -> Dict[str, Any]:
@@ -284,6 +309,12 @@ class StudyRunner:
         ev = self.config.evaluation
         return {"overlap": float(ev.overlap), "max_test_cases": ev.max_test_cases}
 
+    def predictions_dir(self, run_dir: Path, test_set: TestSet) -> Path:
+        """`predictions/` for the study's own test split; one folder per external test dataset."""
+        if self.test_dataset is None:
+            return run_dir / "predictions"
+        return run_dir / f"predictions-{self.config.fingerprint(test_set.source)[:8]}"
+
     def evaluate(self, job: Job, run_dir: Path, checkpoints: Dict[str, str], test_set: TestSet) -> Dict[str, Any]:
         """Both checkpoints on the test set; g of the run's split and seed scores the predictions
         when the study trained one (guided or not, so every method gets a predicted quality)."""
@@ -293,13 +324,14 @@ class StudyRunner:
         model = load_predictor(quality["checkpoint"], device=self.device) if quality else None
         out: Dict[str, Any] = {}
         for which in CHECKPOINTS:
-            folder = run_dir / "predictions" / which if self.config.evaluation.save_predictions else None
+            folder = self.predictions_dir(run_dir, test_set) / which if self.config.evaluation.save_predictions else None
             out[which] = evaluate_checkpoint(checkpoints[which], test_set, self.device,
                                              overlap=self.config.evaluation.overlap, out_dir=folder,
                                              quality_model=model, cancel=self.cancel)
         segment = [r["segment_s"] for which in CHECKPOINTS for r in out[which]["cases"]]
         scoring = [r["quality_s"] for which in CHECKPOINTS for r in out[which]["cases"] if "quality_s" in r]
-        return {"evaluation": out, "test_source": test_set.source, "test_cases": [c.id for c in test_set.cases],
+        return {"evaluation": out, "test_source": test_set.source,
+                "predictions": str(self.predictions_dir(run_dir, test_set)) if self.config.evaluation.save_predictions else None, "test_cases": [c.id for c in test_set.cases],
                 "evaluation_settings": self._eval_settings(),
                 "inference": {"segment_s_median": float(np.median(segment)),
                               "quality_s_median": float(np.median(scoring)) if scoring else None,

@@ -105,14 +105,22 @@ class Trainer:
             target_spacing=cfg.target_spacing, normalization=cfg.normalization,
             crop_foreground=cfg.crop_foreground))
         store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir, allowed_labels=sorted(spec.labels))
+        self.store = store
         self.labeled = store.load_many(spec.training, progress=self.progress_bar)
         self.validation = store.load_many(spec.validation, progress=self.progress_bar)
-        unlabeled_refs = list(spec.unlabeled)[: cfg.max_unlabeled] if cfg.max_unlabeled else list(spec.unlabeled)
-        self.unlabeled = store.load_many(unlabeled_refs, progress=self.progress_bar) if self._method_cls().uses_unlabeled else []
-        if self._method_cls().uses_unlabeled and not self.unlabeled:
+        self.n_classes = spec.n_classes
+
+    def load_unlabeled(self) -> None:
+        """Decode the unlabeled images, only when the method (as configured) uses them."""
+        cfg = self.cfg
+        self.unlabeled = []
+        if not getattr(self.method, "uses_unlabeled", False):
+            return
+        refs = list(self.spec.unlabeled)[: cfg.max_unlabeled] if cfg.max_unlabeled else list(self.spec.unlabeled)
+        if not refs:
             raise DataError(f"{cfg.dataset}: method '{cfg.method}' needs unlabeled images, but the dataset "
                             "lists none under \"unlabeled\"")
-        self.n_classes = spec.n_classes
+        self.unlabeled = self.store.load_many(refs, progress=self.progress_bar)
 
     def make_samplers(self):
         from ..data.samplers import PatchSampler
@@ -146,10 +154,7 @@ class Trainer:
         from ..ssl.base import SSLConfig
 
         cfg = self.cfg
-        try:
-            self.ssl_config = SSLConfig(**cfg.ssl)
-        except TypeError as exc:
-            raise ConfigError(f"invalid ssl option: {exc}") from None
+        self.ssl_config = SSLConfig.from_dict(cfg.ssl, source="ssl options")
         dims = 2 if cfg.mode == "2d" else 3
         self.networks = []
         for index, name in enumerate(self.network_names()):
@@ -250,8 +255,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.events.emit("stage", name="prepare data", index=1, total=2)
         self.prepare_data()
-        self.make_samplers()
         self.build()
+        self.load_unlabeled()
+        self.make_samplers()
         start = 0
         last_path = checkpoint_dir(self.run_dir) / "last.pt"
         if self.resume and last_path.exists():

@@ -203,6 +203,8 @@ class TeacherStudentMethod(SSLMethod):
         return {"teacher": self.teacher.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
+        self.teacher.follow_device(self.networks[0])
         if "teacher" in state:
-            self.teacher.follow_device(self.networks[0])
             self.teacher.load_state_dict(state["teacher"])
+        else:  # e.g. starting from a supervised checkpoint: the teacher starts as the loaded student
+            self.teacher.module.load_state_dict(self.networks[0].state_dict())
