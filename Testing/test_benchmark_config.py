@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
-from QGSegmentationLib.benchmark.config import load_bench_config, parse_bench_config
+from QGSegmentationLib.benchmark.config import load_bench_config
 from QGSegmentationLib.benchmark.data import make_la_split
 from QGSegmentationLib.benchmark.report import group_runs, render_markdown
 from QGSegmentationLib.errors import ConfigError, DataError
