@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "demo", help="run the whole pipeline on a synthetic dataset (CPU, a few minutes)",
         description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--iterations", type=int, default=300, help="segmenter training steps")
-    parser.add_argument("--quality-epochs", type=int, default=6, help="quality-predictor epochs")
+    parser.add_argument("--quality-epochs", type=int, default=30, help="quality-predictor epochs")
     parser.add_argument("--method", default="mt", help="SSL method to run with quality guidance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ssl", action="store_true", help="supervised + quality only (faster)")
@@ -101,7 +101,7 @@ def _train_quality(ctx: RunContext, dataset: Path, args) -> Path:
     from ..quality.train import QualityTrainConfig, train_quality_predictor
 
     cfg = QualityTrainConfig(mode="3d", epochs=args.quality_epochs, seed=args.seed, batch_size=16,
-                             samples_per_case=8)
+                             samples_per_case=16, grid_size=[32, 32, 32], patience=10)
     result = train_quality_predictor(load_dataset(dataset), cfg, ctx.run_dir / "quality", events=ctx.events,
                                      progress=ctx.show_progress, device=args.device)
     return Path(result["best_checkpoint"])
