@@ -48,7 +48,7 @@ def test_runs_expand_over_seeds_and_quick_filters(tmp_path):
     path = write_config(tmp_path, BASE)
     config = load_bench_config(path)
     assert [j.key for j in config.jobs()] == [
-        "main/sup/seed0", "main/sup/seed1", "main/mt+qar,qw/seed0", "main/mt+qar,qw/seed1", "main/mt+qar,qw/seed2"]
+        "main/sup/seed0", "main/mt+qar,qw/seed0", "main/sup/seed1", "main/mt+qar,qw/seed1", "main/mt+qar,qw/seed2"]
     assert config.quality_seeds() == [0, 1, 2]
     cfg = config.train_config(config.runs[1], 2, dataset="d.json", quality_checkpoint="g.pt")
     assert (cfg.method, cfg.seed, cfg.quality_checkpoint) == ("mt", 2, "g.pt")

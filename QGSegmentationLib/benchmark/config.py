@@ -177,8 +177,11 @@ class BenchConfig:
 
 
 def expand_jobs(config: BenchConfig) -> List[Job]:
-    """Every (split, run, seed) of the study in a stable order: split, then run order, then seed."""
-    return [Job(split, run, seed) for split in config.splits for run in config.runs for seed in run.seeds]
+    """Every (split, run, seed) of the study in a stable order: split, then seed, then run order, so
+    that an interrupted study already holds complete comparisons for its first seeds."""
+    seeds = sorted({seed for run in config.runs for seed in run.seeds})
+    return [Job(split, run, seed) for split in config.splits for seed in seeds for run in config.runs
+            if seed in run.seeds]
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -155,14 +155,13 @@ class StudyRunner:
         self.results.save()
         jobs = expand_jobs(self.config)
         self.order = [j.key for j in jobs]
-        if self.config.needs_quality:
-            for split in splits.values():
-                for seed in self.config.quality_seeds():
-                    self.cancel.check()
-                    self.quality[f"{split.name}/seed{seed}"] = self.train_quality(split, seed)
         failures: List[BaseException] = []
+        quality_seeds = set(self.config.quality_seeds()) if self.config.needs_quality else set()
         for index, job in enumerate(jobs):
             self.cancel.check()
+            key = f"{job.split}/seed{job.seed}"
+            if job.seed in quality_seeds and key not in self.quality:  # g when its seed first comes up
+                self.quality[key] = self.train_quality(splits[job.split], job.seed)
             self.events.emit("stage", name=f"run {job.key}", index=index + 1, total=len(jobs))
             try:
                 self.run_job(job, splits[job.split])
