@@ -99,6 +99,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           help="which labeled cases to evaluate on (falls back to validation, then "
                                "training, when the group is empty)")
     evaluate.add_argument("--samples-per-case", type=int, default=5, help="VQM masks per case")
+    evaluate.add_argument("--predictions", nargs="+", metavar="DIR",
+                          help="evaluate on masks made by real segmenters instead of synthetic VQMs: "
+                               "folders of <case>.nrrd written by `qgseg predict` (one per segmenter)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed of the VQM masks")
     add_run_options(evaluate)
     evaluate.set_defaults(func=run_evaluate)
@@ -173,10 +176,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
             ctx.events.warning(f"dataset has no '{args.group}' cases; evaluating on '{group}'")
         cases = load_cases(spec.group(group), spec.labels)
         mode = model.config["mode"]
-        pairs = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode)
+        if args.predictions:
+            from ..quality.evaluate import prediction_pairs
+
+            pairs, source = prediction_pairs(cases, args.predictions), "real-segmenter masks"
+        else:
+            pairs, source = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode), "VQMs"
         result = evaluate_predictor(model, pairs, device)
         result["group"] = group
-        paths = write_evaluation(result, ctx.run_dir, title=f"{group} VQMs")
+        result["source"] = source
+        paths = write_evaluation(result, ctx.run_dir, title=f"{group} {source}")
         m = result["metrics"]
         ctx.say(f"{group}: n={m['n']} MAE {m['mae']:.4f} Pearson {m['pearson']:.3f} "
                 f"Spearman {m['spearman']:.3f} AUROC(Dice<0.7) {m['auroc_failure']:.3f}; "

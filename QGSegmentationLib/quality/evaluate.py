@@ -194,6 +194,38 @@ def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict 
     return pairs
 
 
+def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPair]:
+    """Real-segmenter evaluation pairs: for every folder of predictions (`<case>.nrrd` on the case's
+    own grid, as `qgseg predict` writes them) and every case it holds, (image, prediction,
+    reference). The folder name becomes the pair's category, so results can be split by segmenter."""
+    from pathlib import Path
+
+    from ..data.io import read_label
+    from ..errors import DataError
+    from .train import as_volume_case
+
+    cases = [as_volume_case(c) for c in cases]
+    pairs: List[EvalPair] = []
+    for folder in map(Path, prediction_dirs):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: predictions folder not found")
+        found = 0
+        for case in cases:
+            path = folder / f"{case.id}.nrrd"
+            if not path.is_file():
+                continue
+            mask, _ = read_label(path)
+            if mask.shape != case.label.shape:
+                raise DataError(f"{path}: prediction shape {mask.shape} differs from the reference "
+                                f"{case.label.shape}; predictions must be on the image's own grid")
+            pairs.append(EvalPair(case.id, case.image, mask, case.label, tuple(case.spacing),
+                                  f"{folder.parent.name}/{folder.name}"))
+            found += 1
+        if not found:
+            raise DataError(f"{folder}: holds no <case>.nrrd for any of the {len(cases)} evaluated cases")
+    return pairs
+
+
 def write_evaluation(result: Dict[str, Any], out_dir, title: str = "") -> Dict[str, str]:
     """metrics JSON, per-pair CSV and calibration PNG under `out_dir`; returns their paths."""
     import csv
