@@ -3,6 +3,9 @@
 `run_with_events(args, body)` emits `start`, keeps a heartbeat going, calls `body(ctx)`, then
 emits exactly one `done` and maps failures to the protocol's exit codes and error kinds:
 DataError/ConfigError -> 2 (kind data), cancel -> 3, out of memory -> 4 (kind oom), other -> 1.
+
+Under torchrun (WORLD_SIZE > 1) only rank 0 writes events, progress bars and messages; every rank
+needs the same explicit --run-dir, and the process group is left at the end of the command.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+from ..engine import distributed
 from ..engine.events import EventWriter
 from ..errors import (EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY, CancelledError,
-                      OutOfMemoryError, QGSegError)
+                      ConfigError, OutOfMemoryError, QGSegError)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,25 +53,40 @@ class RunContext:
     outputs: Dict[str, Any] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
-        """Human-readable output: to stdout normally, to stderr when stdout carries JSON events."""
-        print(text, file=sys.stderr if self._json else sys.stdout, flush=True)
+        """Human-readable output: to stdout normally, to stderr when stdout carries JSON events
+        (rank 0 only under torchrun)."""
+        if self.is_main:
+            print(text, file=sys.stderr if self._json else sys.stdout, flush=True)
 
     _json: bool = False
+    is_main: bool = True
 
 
 def make_context(args: argparse.Namespace, command: str) -> RunContext:
+    launch = distributed.launch_env()
+    if launch.distributed and not args.run_dir:
+        raise ConfigError(f"under torchrun (WORLD_SIZE={launch.world_size}) pass --run-dir: every rank "
+                          "must use the same run folder")
     run_dir = Path(args.run_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{command}-{uuid.uuid4().hex[:8]}"
-    events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
+    if launch.is_main:
+        events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
+    else:  # other ranks report nothing: one event stream per run
+        events = EventWriter(run_id=run_id)
     ctx = RunContext(command=command, run_dir=run_dir, events=events,
-                     show_progress=not (args.json or args.quiet))
+                     show_progress=launch.is_main and not (args.json or args.quiet))
     ctx._json = bool(args.json)
+    ctx.is_main = launch.is_main
     return ctx
 
 
 def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunContext], Dict[str, Any]]) -> int:
-    ctx = make_context(args, command)
+    try:
+        ctx = make_context(args, command)
+    except QGSegError as exc:  # no run folder or event stream yet: report on stderr only
+        print(f"qgseg: error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code
     ctx.events.emit("start", command=command, argv=sys.argv[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
     ctx.events.heartbeat_thread()
     code, status = EXIT_OK, "ok"
@@ -83,6 +102,8 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
         ctx.events.emit("done", status=status, exit_code=code, outputs=ctx.outputs,
                         wall_s=round(time.time() - ctx.started, 2))
         ctx.events.close()
+        if code in (EXIT_OK, EXIT_CANCELLED):  # all ranks got here; after a failure torchrun
+            distributed.shutdown()              # tears the other ranks down itself
     return code
 
 

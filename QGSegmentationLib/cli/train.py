@@ -115,10 +115,12 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         result = trainer.fit()
         status = "ok"
     finally:
-        write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=cfg.to_dict(),
-                       device=str(trainer.device), seed=cfg.seed, started=ctx.started,
-                       status=status if status == "ok" else "interrupted")
-    write_json_atomic(ctx.run_dir / "history.json", result.history)
+        if ctx.is_main:  # under torchrun only rank 0 writes run files
+            write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=cfg.to_dict(),
+                           device=str(trainer.device), seed=cfg.seed, started=ctx.started,
+                           status=status if status == "ok" else "interrupted")
+    if ctx.is_main:
+        write_json_atomic(ctx.run_dir / "history.json", result.history)
     ctx.say(f"best validation Dice {result.best_metric:.4f} at iteration {result.best_iteration}; "
             f"{result.wall_time_s / 60:.1f} min")
     ctx.say(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")

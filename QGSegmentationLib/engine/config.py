@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: Optional[int] = None
+    sync_batchnorm: bool = False           # under torchrun on GPUs: BatchNorm statistics over the global batch
 
     def to_dict(self) -> Dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

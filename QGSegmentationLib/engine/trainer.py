@@ -6,6 +6,12 @@ one backward, clip, step, `method.after_optimizer_step`. Validation Dice on the 
 every `val_every` iterations selects `best.pt`; `last.pt` is written every `checkpoint_every`
 iterations and on cancel, so a crashed or cancelled run resumes exactly where it stopped
 (network, optimizer, scheduler, method state such as EMA teachers, sampler and torch RNG states).
+
+Under `torchrun` (see `engine.distributed`) the same loop runs on every rank: networks are
+wrapped in DistributedDataParallel and handed to the method, each rank samples its own batches
+(seeds `rank_seed(seed, rank)`), validation cases are split over the ranks and the Dice reduced,
+and only rank 0 writes checkpoints and events. Checkpoints keep every rank's sampler and RNG
+states, so a resumed run with the same number of processes continues exactly.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import CancelledError, ConfigError, DataError
 from .cancel import CancelToken
 from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
 from .config import TrainConfig
-from .device import maybe_inject_fault, resolve_device, translate_oom
+from .device import maybe_inject_fault, translate_oom
+from .distributed import DistributedContext, rank_seed, unwrap
 from .events import EventWriter
 from .manifest import package_versions
 
@@ -79,11 +86,13 @@ class Trainer:
         config.validate()
         self.cfg = config
         self.run_dir = Path(run_dir)
-        self.events = events or EventWriter()
-        self.progress_bar = progress_bar
+        self.dist = DistributedContext.setup(config.device)
+        self.device = self.dist.device
+        # only rank 0 reports and shows progress; other ranks stay silent
+        self.events = (events or EventWriter()) if self.dist.is_main else EventWriter()
+        self.progress_bar = progress_bar and self.dist.is_main
         self.resume = resume
         self.cancel = CancelToken(self.run_dir)
-        self.device = resolve_device(config.device)
         self.history: List[Dict[str, Any]] = []
         self.best_metric = -1.0
         self.best_iteration = -1
@@ -126,13 +135,14 @@ class Trainer:
         from ..data.samplers import PatchSampler
 
         cfg = self.cfg
+        seed = rank_seed(cfg.seed, self.dist.rank)  # every rank its own stream; rank 0 keeps cfg.seed
         self.labeled_sampler = PatchSampler(self.labeled, cfg.patch_size, cfg.batch_size, mode=cfg.mode,
-                                            fg_ratio=cfg.fg_ratio, augment=cfg.augment, seed=cfg.seed)
+                                            fg_ratio=cfg.fg_ratio, augment=cfg.augment, seed=seed)
         self.unlabeled_sampler = None
         if self.unlabeled:
             self.unlabeled_sampler = PatchSampler(self.unlabeled, cfg.patch_size, cfg.unlabeled_batch_size,
                                                   mode=cfg.mode, fg_ratio=0.0, augment=cfg.augment,
-                                                  seed=cfg.seed + 1, with_labels=False)
+                                                  seed=seed + 1, with_labels=False)
 
     # ------------------------------------------------------------------ model
     def _method_cls(self):
@@ -165,9 +175,15 @@ class Trainer:
         if self.use_channels_last:
             fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
             self.networks = [n.to(memory_format=fmt) for n in self.networks]
+        self.networks = self.dist.convert_sync_batchnorm(self.networks, cfg.sync_batchnorm)
         guidance = self.build_guidance()
         method_config = _MethodConfig(cfg, self.ssl_config)
         self.method = self._method_cls()(self.networks, method_config, guidance)
+        if self.dist.enabled:
+            # The method was built on the plain networks (EMA teachers and evaluation ensembles
+            # copy/hold those); its training forwards go through the DDP wrappers, which share
+            # the plain networks' parameters, so the optimizers below see averaged gradients.
+            self.method.networks = [self.dist.wrap(n) for n in self.networks]
         self.optimizers = [make_optimizer(n.parameters(), cfg) for n in self.networks]
         self.schedulers = [make_scheduler(o, cfg) for o in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -197,7 +213,16 @@ class Trainer:
         return self.device.type == "cuda" and self.cfg.channels_last != "off"
 
     # ------------------------------------------------------------------ state
+    def rank_state(self) -> Dict[str, Any]:
+        """What differs between ranks: sampler positions and RNG states."""
+        return {"samplers": plain({"labeled": self.labeled_sampler.state_dict(),
+                                   "unlabeled": self.unlabeled_sampler.state_dict() if self.unlabeled_sampler else None}),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+
     def state(self, iteration: int) -> Dict[str, Any]:
+        """The checkpoint dict. Under torchrun every rank must call it (it gathers rank states)."""
+        rank_states = self.dist.all_gather_objects(self.rank_state()) if self.dist.enabled else None
         state = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "iteration": iteration,
@@ -221,6 +246,9 @@ class Trainer:
             "mode": self.cfg.mode, "patch_size": list(self.cfg.patch_size),
             "versions": package_versions(),
         }
+        if rank_states is not None:
+            state["world_size"] = self.dist.world_size
+            state["rank_states"] = rank_states
         return state
 
     def load_state(self, state: Dict[str, Any]) -> int:
@@ -232,19 +260,38 @@ class Trainer:
             sch.load_state_dict(sd)
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_extra_state(state["method_state"])
-        self.labeled_sampler.load_state_dict(state["samplers"]["labeled"])
-        if self.unlabeled_sampler and state["samplers"]["unlabeled"] is not None:
-            self.unlabeled_sampler.load_state_dict(state["samplers"]["unlabeled"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        own = self._own_rank_state(state)
+        if own is not None:
+            self.labeled_sampler.load_state_dict(own["samplers"]["labeled"])
+            if self.unlabeled_sampler and own["samplers"]["unlabeled"] is not None:
+                self.unlabeled_sampler.load_state_dict(own["samplers"]["unlabeled"])
+            torch.set_rng_state(own["torch_rng"])
+            if self.device.type == "cuda" and own["cuda_rng"]:
+                torch.cuda.set_rng_state_all(own["cuda_rng"])
+        else:  # a rank the checkpoint did not have: fresh streams, distinct from the first run's
+            seed_everything(rank_seed(self.cfg.seed, self.dist.rank) + int(state["iteration"]))
         self.best_metric = float(state["best_metric"])
         self.best_iteration = int(state["best_iteration"])
         self.history = list(state["history"])
         return int(state["iteration"])
 
+    def _own_rank_state(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """This rank's sampler/RNG states: from `rank_states` (distributed checkpoints), else the
+        top-level ones for rank 0; None for a rank beyond those the checkpoint holds."""
+        saved = state.get("rank_states")
+        if saved and self.dist.rank < len(saved):
+            return saved[self.dist.rank]
+        if self.dist.rank == 0:
+            return state
+        return None
+
     def save(self, name: str, iteration: int) -> Path:
-        return save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state(iteration))
+        path = checkpoint_dir(self.run_dir) / name
+        state = self.state(iteration)
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+        self.dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -256,13 +303,17 @@ class Trainer:
         self.events.emit("stage", name="prepare data", index=1, total=2)
         self.prepare_data()
         self.build()
+        if self.dist.rank > 0:  # after the (identical) network init: per-rank noise/augmentation
+            seed_everything(rank_seed(cfg.seed, self.dist.rank))
         self.load_unlabeled()
         self.make_samplers()
         start = 0
         last_path = checkpoint_dir(self.run_dir) / "last.pt"
-        if self.resume and last_path.exists():
-            start = self.load_state(load_checkpoint(last_path))
-            self.events.warning(f"resuming from {last_path} at iteration {start}")
+        if self.resume:  # rank 0 decides and reads; every rank gets the same state
+            state = self.dist.call_on_main(lambda: load_checkpoint(last_path) if last_path.exists() else None)
+            if state is not None:
+                start = self.load_state(state)
+                self.events.warning(f"resuming from {last_path} at iteration {start}")
         self.events.emit("stage", name=f"train ({cfg.method})", index=2, total=2)
         self.train_loop(start)
         last = self.save("last.pt", cfg.iterations)
@@ -281,10 +332,10 @@ class Trainer:
         t0, step_times = time.time(), []
         running: Dict[str, float] = {}
         for it in range(start, cfg.iterations):
-            if self.cancel.requested:
+            if self.dist.main_flag(self.cancel.requested):  # rank 0 looks, every rank stops
                 self.save("last.pt", it)
                 bar.close()
-                self.cancel.check()
+                raise CancelledError("cancelled: the run's cancel file was found", hint=str(self.cancel.path))
             tick = time.perf_counter()
             with translate_oom(f"training iteration {it}"):
                 maybe_inject_fault(it)
@@ -308,15 +359,16 @@ class Trainer:
     def step(self, info) -> Dict[str, float]:
         batch_l = _to_device(next(self.labeled_sampler), self.device)
         batch_u = _to_device(next(self.unlabeled_sampler), self.device) if self.unlabeled_sampler else None
-        for net in self.networks:
+        for net in self.method.networks:
             net.train()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             out = self.method.training_step(batch_l, batch_u, info)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise DataError(f"training diverged at iteration {info.iteration}: loss is {loss.item()}",
+        if self.dist.any_true(not bool(torch.isfinite(loss))):
+            raise DataError(f"training diverged at iteration {info.iteration}: loss is {loss.item()}"
+                            + (" (on at least one rank)" if self.dist.enabled else ""),
                             hint="lower the learning rate (--lr) or check the intensity normalisation")
         self.scaler.scale(loss).backward()
         for opt, net in zip(self.optimizers, self.networks):
@@ -327,6 +379,7 @@ class Trainer:
         self.scaler.update()
         for sch in self.schedulers:
             sch.step()
+        self.dist.sync_buffers(self.networks)  # BatchNorm statistics: rank 0's everywhere (EMA teachers)
         self.method.after_optimizer_step(info)
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 
@@ -336,21 +389,26 @@ class Trainer:
         from ..inference import sliding_window_probs
         from ..metrics import dice
 
-        net = self.method.eval_network()
+        net = unwrap(self.method.eval_network())
         net.eval()
         scores = []
-        for case in self.validation:
+        cases = self.validation[self.dist.rank::self.dist.world_size]  # each rank its share
+        for case in cases:
             image = torch.from_numpy(case.image[None]).float()
             probs = sliding_window_probs(net, image, self.cfg.patch_size, mode=self.cfg.mode,
                                          overlap=self.cfg.sw_overlap, device=self.device, amp=self.use_amp)
             pred = probs.argmax(0).cpu().numpy()
             per_class = [dice(pred, case.label, c) for c in range(1, self.n_classes)]
             scores.append(float(np.mean(per_class)))
+        if self.dist.enabled:
+            total, count = self.dist.sum_values([float(np.sum(scores)), len(scores)])
+            return total / count if count else float("nan")
         return float(np.mean(scores)) if scores else float("nan")
 
     def validate_and_select(self, done: int, running: Dict[str, float], step_time: float) -> None:
         with translate_oom("validation"):
             val_dice = self.validate()
+        running = self.dist.mean_dict(running)  # training losses averaged over ranks
         record = {"iteration": done, "val_dice": val_dice, "step_time_s": step_time,
                   **{f"train_{k}": v for k, v in running.items()}}
         self.history.append(record)
@@ -360,7 +418,7 @@ class Trainer:
             self.save("best.pt", done)
 
     def write_curves(self) -> Optional[Path]:
-        if not self.history:
+        if not self.history or not self.dist.is_main:
             return None
         from ..plots import training_curves
 

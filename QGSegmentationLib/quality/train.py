@@ -27,6 +27,12 @@ eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clippin
 early stopping on validation MAE (patience 25). `checkpoints/best.pt` (lowest validation MAE) and
 `checkpoints/last.pt` (full training state; a rerun in the same folder resumes from it) are
 written atomically into the run folder with a training curve PNG and the history as JSON.
+
+Under torchrun (`engine.distributed`) g is wrapped in DistributedDataParallel; `batch_size` is
+per rank, and each global batch of the single-process order (batch_size x world size) is split
+into disjoint per-rank slices (`RankBatchSampler`). Rank 0 makes the validation samples,
+validates, decides early stopping and writes every file; weak snapshots are trained by rank 0
+and read from its cache by the others.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class QualityTrainConfig:
     n_validation: int = 0                 # cases held out when the dataset has no validation group (0: auto)
     num_workers: int | None = None        # None: 0 on CPU, min(8, cores - 1) on CUDA
     seed: int = 0
+    sync_batchnorm: bool = False          # under torchrun on GPUs: batch statistics over all ranks
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "QualityTrainConfig":
@@ -421,11 +428,46 @@ def _split_cases(source, config: QualityTrainConfig):
     return train, val, {int(k): str(v) for k, v in dict(labels).items()}
 
 
-def _loader(dataset, batch_size, shuffle, workers, seed, drop_last=False):
+class RankBatchSampler:
+    """Under torchrun: rank `rank`'s slice of every global batch of the single-process order.
+
+    The order is the permutation DataLoader's RandomSampler draws from the same generator, and
+    global batch j (`batch_size * world_size` samples) is split into `world_size` disjoint slices,
+    so the union over ranks of step j's samples is exactly the single-process batch j of a run
+    with batch size `batch_size * world_size`. With fewer samples than one global batch (and
+    `drop_last` false) the samples are split evenly, the remainder unused."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, generator, drop_last: bool):
+        self.n, self.rank, self.world_size = int(n), int(rank), int(world_size)
+        self.global_batch = int(batch_size) * self.world_size
+        self.generator = generator
+        if drop_last and self.n >= self.global_batch:
+            self.per_rank, self.batches = int(batch_size), self.n // self.global_batch
+        else:
+            self.per_rank, self.batches = self.n // self.world_size, 1
+            self.global_batch = self.per_rank * self.world_size
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        import torch
+
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for j in range(self.batches):
+            start = j * self.global_batch + self.rank * self.per_rank
+            yield order[start:start + self.per_rank]
+
+
+def _loader(dataset, batch_size, shuffle, workers, seed, drop_last=False, rank=0, world_size=1):
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(int(seed))
+    if world_size > 1 and shuffle:
+        sampler = RankBatchSampler(len(dataset), batch_size, rank, world_size, generator, drop_last)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                          generator=generator)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate, generator=generator, drop_last=drop_last)
 
@@ -492,6 +534,19 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def _rank_result(run_dir, history, best, stopped_early, per_case, train_cases, val_cases, weak_pool,
+                 dev) -> Dict[str, Any]:
+    """What a non-zero rank returns: the same keys as rank 0's result, naming rank 0's files."""
+    return {"best_checkpoint": str(run_dir / BEST_FILE), "last_checkpoint": str(run_dir / LAST_FILE),
+            "curve": str(run_dir / CURVE_FILE), "calibration": str(run_dir / CALIBRATION_FILE),
+            "history": history, "best_epoch": best["epoch"], "best_val_mae": best["val_mae"],
+            "best_val_pearson": best["val_pearson"], "epochs_run": len(history),
+            "stopped_early": stopped_early, "samples_per_case": per_case,
+            "n_training_cases": len(train_cases), "n_validation_cases": len(val_cases),
+            "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
+            "timing": {}, "device": str(dev)}
+
+
 def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None = None,
                             run_dir: str | os.PathLike = "runs/quality", events=None, cancel=None,
                             progress: bool = True, device: str = "auto") -> Dict[str, Any]:
@@ -502,7 +557,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     history, and timing (seconds per sample made, share of time spent making samples)."""
     import torch
 
-    from ..engine.device import resolve_device, translate_oom
+    from ..engine.device import translate_oom
+    from ..engine.distributed import DistributedContext
     from . import plots
     from .predictor import QualityPredictor, predictor_config, save_predictor
     from .weak import WeakConfig, train_weak_snapshots
@@ -514,7 +570,10 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     config.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dist = DistributedContext.setup(device)
+    dev = dist.device
+    if not dist.is_main:  # one event stream, one progress bar: rank 0's
+        events, progress = None, False
     started = time.time()
     if events is not None:
         events.heartbeat_thread()  # no-op when already beating; the caller's close() stops it
@@ -553,10 +612,17 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
             if events is not None and (step % 10 == 0 or step == total):
                 events.progress(step, total, stage="weak segmenter")
 
-        with translate_oom("weak segmenter training"):
-            weak_pool = train_weak_snapshots(train_cases, n_foreground + 1, config.mode, weak_cfg,
-                                             run_dir / "weak", device=dev, progress=weak_progress,
-                                             cancel=cancel)
+        def make_weak_pool():
+            with translate_oom("weak segmenter training"):
+                return train_weak_snapshots(train_cases, n_foreground + 1, config.mode, weak_cfg,
+                                            run_dir / "weak", device=dev, progress=weak_progress,
+                                            cancel=cancel)
+
+        if dist.is_main:  # rank 0 trains and caches the snapshots; the others then read the cache
+            weak_pool = make_weak_pool()
+        dist.barrier()
+        if not dist.is_main:
+            weak_pool = make_weak_pool()
 
     stage("quality predictor", 3, 4)
     per_case = config.resolved_samples_per_case(dev.type)
@@ -571,12 +637,14 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     val_set.epoch = 10**6
     workers = _workers(config, dev)
     t0 = time.time()
-    val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed))
-    val_targets = torch.cat([b["target"] for b in val_batches]).numpy()
+    # rank 0 validates for everyone (the others receive its numbers)
+    val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed)) if dist.is_main else []
+    val_targets = torch.cat([b["target"] for b in val_batches]).numpy() if val_batches else None
     val_make_s = time.time() - t0
 
     torch.manual_seed(config.seed)
     model = QualityPredictor(model_config).to(dev)
+    model = dist.convert_sync_batchnorm([model], config.sync_batchnorm)[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=config.t0, T_mult=config.t_mult, eta_min=config.eta_min)
@@ -588,8 +656,9 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    state = dist.call_on_main(lambda: torch.load(last_path, map_location="cpu", weights_only=True)
+                              if last_path.is_file() else None)
+    if state is not None:
         if state.get("config", {}).get("grid_size") != model_config["grid_size"] or \
                 state.get("config", {}).get("backbone") != model_config["backbone"] or \
                 state.get("config", {}).get("n_foreground") != n_foreground:
@@ -606,12 +675,15 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
             events.warning(f"resuming quality predictor training at epoch {start_epoch + 1} "
                            f"from {last_path}")
 
-    if len(train_set) < 2:
-        raise ConfigError("g's batch norm needs at least 2 training samples per epoch; raise "
-                          "samples_per_case or add training cases")
+    if len(train_set) < 2 * dist.world_size:
+        raise ConfigError("g's batch norm needs at least 2 training samples per epoch"
+                          + (f" and rank ({dist.world_size} ranks)" if dist.enabled else "")
+                          + "; raise samples_per_case or add training cases")
     # a last batch of one sample would break batch norm: drop the incomplete batch when possible
-    drop_last = len(train_set) > config.batch_size
-    n_batches = len(train_set) // config.batch_size if drop_last else 1
+    global_batch = config.batch_size * dist.world_size
+    drop_last = len(train_set) > global_batch
+    n_batches = len(train_set) // global_batch if drop_last else 1
+    train_model = dist.wrap(model)  # DDP under torchrun: gradients averaged over ranks
     total_steps = config.epochs * n_batches
     meta = {"labels": {str(k): v for k, v in labels.items()}, "train_config": config.to_dict(),
             "training_cases": [c.id for c in train_cases], "validation_cases": [c.id for c in val_cases]}
@@ -639,18 +711,19 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                 losses = []
                 tick = time.time()
                 for b, batch in enumerate(_loader(train_set, config.batch_size, True, workers,
-                                                  config.seed * 100003 + epoch, drop_last)):
+                                                  config.seed * 100003 + epoch, drop_last,
+                                                  dist.rank, dist.world_size)):
                     got = time.time()
                     make_s += got - tick
                     made += len(batch["target"])
-                    if cancel is not None and cancel.requested:
+                    if dist.main_flag(cancel is not None and cancel.requested):
                         raise CancelledError("cancelled: the run's cancel file was found",
                                              hint=str(cancel.path))
                     image, mask = batch["image"].to(dev), batch["mask"].to(dev)
                     target = batch["target"].to(dev)
                     optimizer.zero_grad(set_to_none=True)
                     with _autocast(dev, amp_dtype):
-                        pred = model(image, mask)
+                        pred = train_model(image, mask)
                     loss = loss_fn(pred.float(), target)
                     if scaler is not None:
                         scaler.scale(loss).backward()
@@ -675,10 +748,15 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                                         stage="quality predictor")
                     if bar is not None:
                         bar.update(1)
-                predictions = predict_batches(model, val_batches, dev, amp_dtype)
-                val_mae = float(np.abs(predictions - val_targets).mean())
-                val_r = pearson(predictions.ravel(), val_targets.ravel())
-                record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                if dist.is_main:
+                    predictions = predict_batches(model, val_batches, dev, amp_dtype)
+                    val_mae = float(np.abs(predictions - val_targets).mean())
+                    val_r = pearson(predictions.ravel(), val_targets.ravel())
+                val_mae, val_r = dist.broadcast_object((val_mae, val_r) if dist.is_main else None)
+                train_loss = float(np.mean(losses)) if losses else None
+                if dist.enabled:  # the mean over ranks of their mean batch losses
+                    train_loss = dist.mean_dict({"loss": train_loss} if losses else {}).get("loss")
+                record = {"epoch": epoch + 1, "train_loss": train_loss,
                           "val_mae": val_mae, "val_pearson": val_r,
                           "lr": float(optimizer.param_groups[0]["lr"])}
                 history.append(record)
@@ -687,18 +765,25 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     events.metric("val_pearson", val_r, step=epoch + 1, split="validation")
                     if record["train_loss"] is not None:
                         events.metric("train_loss", record["train_loss"], step=epoch + 1, split="train")
-                if val_mae < best["val_mae"]:
+                improved = val_mae < best["val_mae"]
+                if improved:
                     best = {"epoch": epoch + 1, "val_mae": val_mae, "val_pearson": val_r}
-                    save_predictor(best_path, model, {**meta, "epoch": epoch + 1, "val_mae": val_mae,
-                                                      "val_pearson": val_r})
-                _save_state(last_path, _training_state(model, optimizer, scheduler, scaler, epoch + 1,
-                                                       history, best, config, labels))
-                write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
+                if dist.is_main:
+                    if improved:
+                        save_predictor(best_path, model, {**meta, "epoch": epoch + 1, "val_mae": val_mae,
+                                                          "val_pearson": val_r})
+                    _save_state(last_path, _training_state(model, optimizer, scheduler, scaler, epoch + 1,
+                                                           history, best, config, labels))
+                    write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
+                dist.barrier()
     finally:  # a cancelled run resumes from the last completed epoch's state (checkpoints/last.pt)
         if bar is not None:
             bar.close()
     if best["epoch"] < 0:
         raise DataError(f"{run_dir}: no epoch was trained (epochs={config.epochs}); nothing to save")
+    if not dist.is_main:  # rank 0 makes the plots and the result file
+        return _rank_result(run_dir, history, best, stopped_early, per_case, train_cases, val_cases,
+                            weak_pool, dev)
 
     stage("calibration", 4, 4)
     curve = plots.training_curve(history, run_dir / CURVE_FILE)
