@@ -98,6 +98,7 @@ class _Stepper:
     def step(self, labeled, unlabeled) -> float:
         import torch
 
+        from ..engine.trainer import backward_and_step
         from ..ssl.base import StepInfo
 
         info = StepInfo(self.iteration, 10**6, 1)
@@ -109,13 +110,7 @@ class _Stepper:
             opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.method.training_step(labeled, unlabeled if self.method.uses_unlabeled else None, info)
-        self.scaler.scale(out["loss"]).backward()
-        for opt, net in zip(self.optimizers, self.networks):
-            if self.cfg.grad_clip:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-            self.scaler.step(opt)
-        self.scaler.update()
+        backward_and_step(out["loss"], self.scaler, self.optimizers, self.networks, self.cfg.grad_clip)
         self.method.after_optimizer_step(info)
         _sync(self.device)
         self.iteration += 1

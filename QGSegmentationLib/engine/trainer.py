@@ -71,6 +71,17 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def backward_and_step(loss, scaler, optimizers, networks, grad_clip: float) -> None:
+    """One backward through the (AMP-scaled) loss, per-network gradient clipping, one step each."""
+    scaler.scale(loss).backward()
+    for opt, net in zip(optimizers, networks):
+        if grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        scaler.step(opt)
+    scaler.update()
+
+
 def make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
@@ -370,13 +381,7 @@ class Trainer:
             raise DataError(f"training diverged at iteration {info.iteration}: loss is {loss.item()}"
                             + (" (on at least one rank)" if self.dist.enabled else ""),
                             hint="lower the learning rate (--lr) or check the intensity normalisation")
-        self.scaler.scale(loss).backward()
-        for opt, net in zip(self.optimizers, self.networks):
-            if self.cfg.grad_clip:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-            self.scaler.step(opt)
-        self.scaler.update()
+        backward_and_step(loss, self.scaler, self.optimizers, self.networks, self.cfg.grad_clip)
         for sch in self.schedulers:
             sch.step()
         self.dist.sync_buffers(self.networks)  # BatchNorm statistics: rank 0's everywhere (EMA teachers)
