@@ -72,6 +72,8 @@ class QualityTrainConfig:
     grid_size: list | None = None         # None: 48^3 (3d) / 128^2 (2d)
     samples_per_case: int | None = None   # K per training case per epoch; None: 50 CUDA, 8 CPU
     val_samples_per_case: int = 5
+    reuse_epochs: int = 1                 # keep each epoch's VQM samples for this many epochs (random
+                                          # grid flips on reuse): corruption is most of g's CPU cost
     epochs: int = 150
     batch_size: int = 32
     lr: float = 3e-4
@@ -119,7 +121,7 @@ class QualityTrainConfig:
             bad(f"loss must be 'smoothl1' or 'mse', not {self.loss!r}")
         if self.amp not in ("auto", "on", "off"):
             bad(f"amp must be auto, on or off, not {self.amp!r}")
-        for name in ("epochs", "batch_size", "val_samples_per_case", "t0", "t_mult"):
+        for name in ("epochs", "batch_size", "val_samples_per_case", "t0", "t_mult", "reuse_epochs"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.samples_per_case is not None and int(self.samples_per_case) < 1:
@@ -359,21 +361,42 @@ def generate_sample(case: VolumeCase, spec: SampleSpec, rng: np.random.Generator
 class VQMDataset:
     """Map-style dataset of `per_case` VQM samples per case; randomness from (seed, epoch, i, k).
 
-    Set `.epoch` before building each epoch's DataLoader (workers are not persistent)."""
+    Set `.epoch` before building each epoch's DataLoader (workers are not persistent). With
+    `reuse_epochs` > 1 a sample is made once and served again for that many epochs, each time with
+    fresh random flips of the presented grid (the target Dice does not change under flips); this
+    cuts the corruption cost, which dominates g's training on CPU. The cache lives in this process,
+    so it takes effect with `num_workers=0` (the CPU default)."""
 
     def __init__(self, cases: Sequence[VolumeCase], spec: SampleSpec, per_case: int, seed: int,
-                 swap_pools: SwapPools | None = None, weak_pool=None):
+                 swap_pools: SwapPools | None = None, weak_pool=None, reuse_epochs: int = 1):
         self.cases, self.spec, self.per_case, self.seed = list(cases), spec, int(per_case), int(seed)
         self.swap_pools, self.weak_pool = swap_pools, weak_pool
+        self.reuse_epochs = max(1, int(reuse_epochs))
         self.epoch = 0
+        self._cache: Dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.cases) * self.per_case
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         i, k = divmod(int(index), self.per_case)
-        rng = np.random.default_rng([self.seed, self.epoch, i, k])
-        return generate_sample(self.cases[i], self.spec, rng, self.swap_pools, self.weak_pool)
+        pool = self.epoch // self.reuse_epochs
+        cached = self._cache.get(index)
+        if cached is not None and cached[0] == pool:
+            return _reflip(cached[1], np.random.default_rng([self.seed, self.epoch, i, k, 1]))
+        sample = generate_sample(self.cases[i], self.spec, np.random.default_rng([self.seed, pool, i, k]),
+                                 self.swap_pools, self.weak_pool)
+        if self.reuse_epochs > 1:
+            self._cache[index] = (pool, sample)
+        return sample
+
+
+def _reflip(sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    """The same sample with image and mask flipped together along random spatial axes."""
+    dims = [d for d in range(1, sample["image"].dim()) if rng.random() < 0.5]
+    if not dims:
+        return sample
+    return {**sample, "image": sample["image"].flip(dims), "mask": sample["mask"].flip(dims)}
 
 
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -630,7 +653,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     train_spec = SampleSpec(config.mode, grid, n_foreground, vqm_config, config.p_patch, config.flip,
                             config.intensity_augmentation, True)
     val_spec = dataclasses.replace(train_spec, train=False)
-    train_set = VQMDataset(train_cases, train_spec, per_case, config.seed, swap, weak_pool)
+    train_set = VQMDataset(train_cases, train_spec, per_case, config.seed, swap, weak_pool, config.reuse_epochs)
     val_source = val_cases or train_cases  # no validation cases: monitor on fresh training VQMs
     val_set = VQMDataset(val_source, val_spec, config.val_samples_per_case, config.seed + 7919,
                          SwapPools(val_source, n_foreground, config.mode) if len(val_source) > 1 else None)
