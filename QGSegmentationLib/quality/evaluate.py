@@ -219,7 +219,7 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
                 raise DataError(f"{path}: prediction shape {mask.shape} differs from the reference "
                                 f"{case.label.shape}; predictions must be on the image's own grid")
             pairs.append(EvalPair(case.id, case.image, mask, case.label, tuple(case.spacing),
-                                  f"{folder.parent.name}/{folder.name}"))
+                                  "/".join(folder.parts[-4:])))
             found += 1
         if not found:
             raise DataError(f"{folder}: holds no <case>.nrrd for any of the {len(cases)} evaluated cases")
