@@ -3,6 +3,8 @@ and a quality-guided run works end to end from the command line with a real trai
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from QGSegmentationLib.engine.checkpoint import load_checkpoint
@@ -39,6 +41,8 @@ def tiny_quality_checkpoint(phantom_3d, tmp_path_factory):
                   "--quiet", "--set", "epochs=1", "--set", "samples_per_case=4", "--set", "batch_size=4",
                   "--set", "grid_size=[16,16,16]", "--set", "weak=null")
     assert res.returncode == 0, res.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["config"]["epochs"] == 1
     return run / "checkpoints" / "best.pt"
 
 

@@ -143,11 +143,21 @@ def run_train(args: argparse.Namespace) -> int:
         from ..engine.cancel import CancelToken
         from ..quality.train import QualityTrainConfig, train_quality_predictor
 
+        from ..engine.manifest import write_manifest
+
         config = QualityTrainConfig.from_dict(_train_config(args), source=args.config or "options")
         spec = load_dataset(args.dataset)
-        result = train_quality_predictor(spec, config, ctx.run_dir, events=ctx.events,
-                                         cancel=CancelToken(ctx.run_dir), progress=ctx.show_progress,
-                                         device=args.device)
+        status = "interrupted"
+        try:
+            result = train_quality_predictor(spec, config, ctx.run_dir, events=ctx.events,
+                                             cancel=CancelToken(ctx.run_dir), progress=ctx.show_progress,
+                                             device=args.device)
+            status = "ok"
+        finally:
+            if ctx.is_main:
+                write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=config.to_dict(),
+                               device=args.device, seed=config.seed, started=ctx.started, status=status,
+                               extra={"dataset": str(args.dataset)})
         ctx.say(f"best epoch {result['best_epoch']}: validation MAE {result['best_val_mae']:.4f}, "
                 f"Pearson {result['best_val_pearson']:.3f}\ncheckpoint: {result['best_checkpoint']}")
         return {"checkpoint": result["best_checkpoint"], "last_checkpoint": result["last_checkpoint"],
