@@ -1,0 +1,27 @@
+"""`qgseg demo` end to end with tiny settings: every stage runs and the promised outputs exist."""
+
+from __future__ import annotations
+
+import json
+
+from QGSegmentationLib.engine.events import read_events, validate_stream
+
+from conftest import run_cli
+
+
+def test_demo_runs_all_stages(tmp_path):
+    run = tmp_path / "demo"
+    res = run_cli("demo", "--iterations", "4", "--quality-epochs", "1", "--run-dir", str(run),
+                  "--events", str(tmp_path / "events.jsonl"), "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    events = read_events(tmp_path / "events.jsonl")
+    validate_stream(events)
+    stages = [e["name"] for e in events if e["event"] == "stage"]
+    assert "train quality predictor" in stages and "segment and score" in stages
+    summary = json.loads((run / "demo_summary.json").read_text())
+    assert len(summary["cases"]) == 16  # 4 test + 12 unlabeled
+    assert all(0.0 <= c["predicted_quality"] <= 1.0 for c in summary["cases"])
+    assert (run / "overlay.png").stat().st_size > 1000
+    assert (run / "mt-qg" / "checkpoints" / "best.pt").exists()
+    assert len(list((run / "predictions").glob("*.seg.nrrd"))) == 16
+    assert "lowest predicted" in res.stdout or "worst predicted" in res.stdout
