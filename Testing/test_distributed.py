@@ -304,7 +304,7 @@ def test_quality_training_two_processes(phantom_3d, tmp_path):
     assert written == {"checkpoints/best.pt", "checkpoints/last.pt", "events.jsonl", "quality_history.json",
                        "quality_result.json", "quality_training_curve.png",
                        "quality_calibration_validation.png", "weak/weak_predictions.json",
-                       "weak/weak_predictions.npz"}
+                       "weak/weak_predictions.npz", "manifest.json"}
     events = read_events(run_dir / "events.jsonl")
     validate_stream(events)
     assert [e["event"] for e in events].count("start") == 1
