@@ -53,7 +53,7 @@ def main() -> None:
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((demo / "demo_summary.json").read_text())
-    shutil.copyfile(summary["overlay_png"], out / "overlay.png")
+    shutil.copyfile(demo / "overlay.png", out / "overlay.png")
     print(review_table_png(summary, out / "review_table.png"))
 
 
