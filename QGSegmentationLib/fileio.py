@@ -44,3 +44,16 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or malformed file raises DataError naming it and the problem."""
+    from .errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None

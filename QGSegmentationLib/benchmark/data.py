@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..fileio import write_json_atomic
+from ..fileio import read_json, write_json_atomic
 from ..registry import Registry
 
 DATA_SOURCES = Registry("benchmark data source")
@@ -181,12 +181,7 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     bench/make_la_split.py. The LA files are referenced through symlinks, never copied."""
     la, out = Path(la), Path(out)
     source = la / "dataset.json"
-    if not source.is_file():
-        raise DataError(f"{source}: LA dataset description not found (data.la.path of the benchmark config)")
-    try:
-        desc = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{source}: not valid JSON ({exc})") from None
+    desc = read_json(source, "LA dataset description (data.la.path of the benchmark config)")
     cases = desc.get("training") if isinstance(desc, dict) else None
     if not isinstance(cases, list) or not all(isinstance(c, dict) and "image" in c and "label" in c for c in cases):
         raise DataError(f"{source}: expected a \"training\" list of {{\"image\", \"label\"}} entries")

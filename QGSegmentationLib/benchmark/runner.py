@@ -53,15 +53,10 @@ class ResultsFile:
 
     @staticmethod
     def read(path: str | Path) -> Dict[str, Any]:
-        import json
+        from ..fileio import read_json
 
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: results file not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path, "results file")
         if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
             raise DataError(f"{path}: not a benchmark results file (expected format {RESULTS_FORMAT!r})")
         return data

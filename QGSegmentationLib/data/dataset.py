@@ -8,7 +8,6 @@ geometry, label values declared in "labels").
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import read_json
 from . import io
 
 GROUPS = ("training", "validation", "test", "unlabeled")
@@ -210,12 +210,7 @@ def load_dataset(path: str | os.PathLike) -> DatasetSpec:
     path = Path(path)
     if path.is_dir():
         path = path / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"{path}: dataset description does not exist")
-    try:
-        desc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    desc = read_json(path, "dataset description")
     if not isinstance(desc, Mapping):
         raise DataError(f"{path}: expected a JSON object at the top level")
     problems = _Problems(str(path))

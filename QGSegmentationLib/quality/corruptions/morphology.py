@@ -18,8 +18,9 @@ MODERATE_KERNELS = (5, 7, 9)
 HEAVY_KERNEL = 11
 
 
-def box_erode(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Binary erosion by a box of `sizes` voxels (odd, per axis); the array border does not erode."""
+def _box_filter(mask: np.ndarray, sizes: Sequence[int], filter_name: str) -> np.ndarray:
+    """Min (erosion) or max (dilation) filter by a box of `sizes` voxels, computed only inside the
+    mask's bounding box grown by half a box (everything outside stays background)."""
     from scipy import ndimage
 
     if all(s <= 1 for s in sizes):
@@ -29,20 +30,18 @@ def box_erode(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     if region is None:
         return out
     sub = np.ascontiguousarray(mask[region]).view(np.uint8)
-    out[region] = ndimage.minimum_filter(sub, size=tuple(sizes), mode="nearest").view(bool)
+    out[region] = getattr(ndimage, filter_name)(sub, size=tuple(sizes), mode="nearest").view(bool)
     return out
+
+
+def box_erode(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Binary erosion by a box of `sizes` voxels (odd, per axis); the array border does not erode."""
+    return _box_filter(mask, sizes, "minimum_filter")
 
 
 def box_dilate(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     """Binary dilation by a box of `sizes` voxels (odd, per axis)."""
-    from scipy import ndimage
-
-    if all(s <= 1 for s in sizes):
-        return mask.copy()
-    region = mask_roi(mask, [s // 2 + 1 for s in sizes])
-    out = np.zeros_like(mask)
-    if region is None:
-        return out
+    return _box_filter(mask, sizes, "maximum_filter")
     sub = np.ascontiguousarray(mask[region]).view(np.uint8)
     out[region] = ndimage.maximum_filter(sub, size=tuple(sizes), mode="nearest").view(bool)
     return out
