@@ -48,15 +48,16 @@ class Segmenter:
 
 def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
     from .data.preprocess import PreprocessConfig, Preprocessor
-    from .networks import build_network
+    from .networks import build_network, member_options
 
     state = load_checkpoint(path, map_location=device)
     cfg = state["config"]
     dims = 2 if state["mode"] == "2d" else 3
     nets = []
     for index in state["inference_networks"]:
-        options = {"img_size": tuple(state["patch_size"]), **cfg["network_options"]}
-        net = build_network(state["network_names"][index], dims, 1, state["n_classes"], **options)
+        name = state["network_names"][index]
+        options = member_options(name, cfg["network"], cfg["network_options"], state["patch_size"])
+        net = build_network(name, dims, 1, state["n_classes"], **options)
         net.load_state_dict(state["networks"][index])
         nets.append(net.to(device).eval())
     pre = state["preprocess"]

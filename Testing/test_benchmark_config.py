@@ -41,7 +41,33 @@ def test_shipped_configs_parse_and_quick_shrinks_them():
     assert cpu.train_options["patch_size"] == [32, 64, 64]
     assert cpu.train_options["network_options"]["channels"] == [16, 32, 64, 128]
     labels = {run.label: run.seeds for run in cpu.runs}
-    assert labels["mt+qar,qw"] == (0, 1, 2) and labels["cps+qar,qw"] == (0,)
+    assert labels["mt+qar,qw"] == (0, 1, 2) and labels["cps+qar,qw"] == (0, 1, 2)
+    assert labels["fixmatch+qar,qw"] == (0, 1, 2) and labels["sup"] == (0, 1, 2)
+
+
+def test_a_named_run_lets_one_method_appear_twice(tmp_path):
+    runs = [{"method": "mt"}, {"method": "mt", "name": "mt-metassl", "guidance": "qw",
+                               "train": {"ssl": {"heterogeneous_loss": True}}}]
+    config = load_bench_config(write_config(tmp_path, {**BASE, "runs": runs}))
+    assert [r.label for r in config.runs] == ["mt", "mt-metassl+qw"]
+    named = load_bench_config(write_config(tmp_path, {**BASE, "runs": runs}), only=["mt-metassl"]).runs
+    assert [r.label for r in named] == ["mt-metassl+qw"]
+    assert config.train_config(named[0], 0, dataset="d.json").ssl["heterogeneous_loss"] is True
+    with pytest.raises(ConfigError, match="name 'MT/x' must be lower-case"):
+        load_bench_config(write_config(tmp_path, {**BASE, "runs": [{"method": "mt", "name": "MT/x"}]}))
+
+
+def test_fingerprint_settings_ignore_options_left_at_their_default():
+    """A study recorded before an option existed still matches when that option is at its default."""
+    from QGSegmentationLib.benchmark.config import settings_from_record, settings_of
+    from QGSegmentationLib.engine.config import TrainConfig
+
+    cfg = TrainConfig(dataset="d.json", iterations=7)
+    assert settings_of(cfg) == {"dataset": "d.json", "iterations": 7}
+    recorded = cfg.to_dict()
+    del recorded["sync_batchnorm"]                      # an option added after the run was recorded
+    assert settings_from_record(TrainConfig, recorded) == settings_of(cfg)
+    assert settings_of(TrainConfig(dataset="d.json", iterations=7, sync_batchnorm=True)) != settings_of(cfg)
 
 
 def test_runs_expand_over_seeds_and_quick_filters(tmp_path):
@@ -152,3 +178,25 @@ def test_report_aggregates_seeds_by_hand():
     sup_row = next(line for line in text.splitlines() if line.startswith("| main | sup | none"))
     assert "| 1 | 0.550 | 7.00 | 0.450 |" in sup_row                   # one seed: no ±
     assert "abc123" in text and "`qgseg bench x.yaml`" in text and "TestOS" in text
+
+
+def test_speed_times_each_guided_run_against_the_same_run_without_guidance(tmp_path):
+    """Real steps on random batches: a guided run keeps its own `train` overrides (here the
+    dual-network method's second network) and is paired with that run minus guidance."""
+    import torch
+
+    from QGSegmentationLib.benchmark.speed import measure_speed, speed_methods
+
+    runs = [{"method": "mt"}, {"method": "mt", "guidance": "qw"},
+            {"method": "dualnet", "guidance": "qar,qw", "train": {"ssl": {"dualnet_networks": ["unet", "resunet"]}}}]
+    data = {**BASE, "runs": runs, "patch_size": [16, 32, 32], "batch_size": 1, "unlabeled_batch_size": 1,
+            "speed": {"steps": 2, "warmup": 0, "rounds": 1},
+            "quality": {"grid_size": [16, 16, 16], "backbone": "convnet"}}
+    config = load_bench_config(write_config(tmp_path, data))
+    picked = speed_methods(config)
+    assert [r.label for r in picked] == ["mt+qw", "dualnet+qar,qw"]
+    rows = measure_speed(config, picked, n_classes=2, device=torch.device("cpu"))
+    assert [(r["method"], r["guidance"]) for r in rows] == [("mt", ["qw"]), ("dualnet", ["qar", "qw"])]
+    for row in rows:
+        assert row["host_steps"] == row["guided_steps"] == 2
+        assert row["host_step_s"] > 0 and row["ratio"] == pytest.approx(row["guided_step_s"] / row["host_step_s"])

@@ -16,10 +16,9 @@ from conftest import run_cli
 
 
 def config(dataset, method, **extra):
-    options = {} if method == "dualnet" else {"channels": [4, 8, 16]}
     return TrainConfig(dataset=str(dataset), mode="3d", patch_size=(16, 32, 32), batch_size=2,
                        unlabeled_batch_size=2, iterations=2, val_every=2, checkpoint_every=2,
-                       network="unet", network_options=options, device="cpu", method=method,
+                       network="unet", network_options={"channels": [4, 8, 16]}, device="cpu", method=method,
                        n_validation=1, **extra)
 
 
@@ -32,6 +31,19 @@ def test_method_trains_through_engine_and_predicts(phantom_3d, tmp_path, method)
     assert state["config"]["method"] == method
     segmenter = load_segmenter(result.best_checkpoint)
     assert len(segmenter.network.networks) == len(state["inference_networks"])
+
+
+def test_network_options_belong_to_the_runs_own_network(phantom_3d, tmp_path):
+    """The dual-network method's second network (resunet) does not take the UNet's options
+    (num_res_units would be an error there); the UNet does, at training and at loading."""
+    from QGSegmentationLib.segmenter import load_segmenter
+
+    cfg = config(phantom_3d, "dualnet", ssl={"dualnet_networks": ["unet", "resunet"]})
+    cfg.network_options = {"channels": [4, 8, 16], "num_res_units": 0}
+    result = Trainer(cfg, tmp_path / "dualnet", progress_bar=False).fit()
+    unet, resunet = load_segmenter(result.best_checkpoint).network.networks
+    assert [m.out_channels for m in unet.modules() if type(m).__name__ == "Conv3d"][0] == 4
+    assert type(resunet).__name__ == "DynUNet" and list(resunet.filters) == [16, 32, 64, 128, 256]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@
     runs:
       - {method: sup, seeds: [0, 1, 2]}
       - {method: mt, guidance: "qar,qw", seeds: [0, 1, 2], train: {ssl: {qw_tau: 0.5}}}
+      - {method: mt, name: mt-metassl, train: {ssl: {heterogeneous_loss: true}}}
     quality: {epochs: 30}                                  # QualityTrainConfig options
     evaluation: {overlap: 0.5, max_test_cases: null}
     speed: {steps: 20, warmup: 3}
@@ -20,15 +21,18 @@
 
 `--quick` deep-merges the `quick` section over the rest; two keys there are filters rather than
 options: `seeds` replaces every run's seeds and `methods` keeps the runs whose method or label
-(e.g. `mt+qar,qw`) is listed. Everything is checked when the file is loaded - TrainConfig,
+(e.g. `mt+qar,qw`) is listed. A run's `name` replaces its method in labels and folder names, so
+one method can appear twice with different `train` options. Everything is checked when the file is loaded - TrainConfig,
 SSL and quality options included - so a typo fails in a second, not after hours of training.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -66,11 +70,12 @@ class RunSpec:
     guidance: Tuple[str, ...] = ()
     seeds: Tuple[int, ...] = (0,)
     train: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    name: Optional[str] = None            # e.g. `mt-metassl` for MT with the heterogeneous loss
 
     @property
     def label(self) -> str:
-        """`mt`, `mt+qar,qw`: how tables and run folders name the run."""
-        return self.method + (f"+{','.join(self.guidance)}" if self.guidance else "")
+        """`mt`, `mt+qar,qw`, `mt-metassl+qar,qw`: how tables and run folders name the run."""
+        return (self.name or self.method) + (f"+{','.join(self.guidance)}" if self.guidance else "")
 
     @property
     def guidance_label(self) -> str:
@@ -176,6 +181,30 @@ class BenchConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def settings_of(config: Any) -> Dict[str, Any]:
+    """The fields of a dataclass config (TrainConfig, QualityTrainConfig) that differ from their
+    defaults, as JSON values: what a run's fingerprint is made of, so that adding an option whose
+    default keeps the old behaviour does not invalidate finished runs of a study."""
+    values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return settings_from_record(type(config), values)
+
+
+def settings_from_record(config_cls: type, recorded: Mapping[str, Any]) -> Dict[str, Any]:
+    """`settings_of` for a config recorded as a dict (missing fields took their defaults)."""
+    defaults = _defaults_of(config_cls)
+    return {k: v for k, v in recorded.items() if k not in defaults or v != defaults[k]}
+
+
+def _defaults_of(config_cls: type) -> Dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return json.loads(json.dumps(out, default=str))
+
+
 def expand_jobs(config: BenchConfig) -> List[Job]:
     """Every (split, run, seed) of the study in a stable order: split, then seed, then run order, so
     that an interrupted study already holds complete comparisons for its first seeds."""
@@ -225,7 +254,7 @@ def parse_bench_config(data: Mapping[str, Any], source: Optional[Path] = None, q
     runs = _parse_runs(data.get("runs"), where)
     if "seeds" in filters:
         seeds = _parse_seeds(filters["seeds"], f"{where}: quick.seeds")
-        runs = [RunSpec(r.method, r.guidance, seeds, r.train) for r in runs]
+        runs = [dataclasses.replace(r, seeds=seeds) for r in runs]
     if "methods" in filters:
         runs = _select_runs(runs, filters["methods"], f"{where}: quick.methods")
     if only:
@@ -303,8 +332,12 @@ def _parse_runs(raw: Any, where: str) -> List[RunSpec]:
         if isinstance(item, str):
             item = {"method": item}
         if not isinstance(item, Mapping) or "method" not in item:
-            raise ConfigError(f"{at}: expected {{method: NAME[, guidance, seeds, train]}}, got {item!r}")
-        _reject_unknown(item, {"method", "guidance", "seeds", "train"}, at, "key")
+            raise ConfigError(f"{at}: expected {{method: NAME[, name, guidance, seeds, train]}}, got {item!r}")
+        _reject_unknown(item, {"method", "name", "guidance", "seeds", "train"}, at, "key")
+        name = item.get("name")
+        if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", str(name)):
+            raise ConfigError(f"{at}: name {name!r} must be lower-case letters, digits, '_', '.' or '-' "
+                              "(it names the run's folder and table row)")
         train = item.get("train") or {}
         if not isinstance(train, Mapping):
             raise ConfigError(f"{at}: 'train' must be a mapping of TrainConfig options")
@@ -312,7 +345,7 @@ def _parse_runs(raw: Any, where: str) -> List[RunSpec]:
         if clash:
             raise ConfigError(f"{at}: train.{clash[0]} is set by the study itself; remove it")
         run = RunSpec(str(item["method"]).lower(), parse_guidance(item.get("guidance"), at),
-                      _parse_seeds(item.get("seeds", [0]), at), dict(train))
+                      _parse_seeds(item.get("seeds", [0]), at), dict(train), name)
         if any(r.label == run.label for r in runs):
             raise ConfigError(f"{at}: run '{run.label}' is listed twice; list all its seeds in one entry")
         runs.append(run)
@@ -322,8 +355,8 @@ def _parse_runs(raw: Any, where: str) -> List[RunSpec]:
 def _select_runs(runs: List[RunSpec], names: Any, where: str) -> List[RunSpec]:
     names = [names] if isinstance(names, str) else list(names or [])
     wanted = {str(n).lower() for n in names}
-    kept = [r for r in runs if r.method in wanted or r.label in wanted]
-    unknown = sorted(w for w in wanted if not any(w in (r.method, r.label) for r in runs))
+    kept = [r for r in runs if wanted & {r.method, r.label, r.name}]
+    unknown = sorted(w for w in wanted if not any(w in (r.method, r.label, r.name) for r in runs))
     if unknown or not kept:
         raise ConfigError(f"{where}: no run named {', '.join(unknown or sorted(wanted))}; the config's runs are: "
                           f"{', '.join(r.label for r in runs)}")
@@ -331,8 +364,6 @@ def _select_runs(runs: List[RunSpec], names: Any, where: str) -> List[RunSpec]:
 
 
 def _dataclass_from(cls, raw: Any, where: str):
-    import dataclasses
-
     raw = raw or {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")

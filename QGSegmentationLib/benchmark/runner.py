@@ -31,7 +31,7 @@ from ..engine.cancel import CancelToken
 from ..engine.events import EventWriter
 from ..errors import CancelledError, DataError
 from ..fileio import write_json_atomic
-from .config import BenchConfig, Job, expand_jobs
+from .config import BenchConfig, Job, expand_jobs, settings_of
 from .data import Split, prepare_splits
 from .evaluation import TestSet, evaluate_checkpoint, resolve_test_set
 from .resources import machine_description, peak_memory, reset_peak_memory
@@ -204,7 +204,7 @@ class StudyRunner:
         key = f"{split.name}/seed{seed}"
         folder = self.study_dir / "quality" / split.name / f"seed{seed}"
         cfg = self.config.quality_config(seed)
-        fingerprint = self.config.fingerprint(cfg.to_dict(), str(split.dataset), str(self.device))
+        fingerprint = self.config.fingerprint(settings_of(cfg), str(split.dataset), str(self.device))
         stamp = RunStamp(folder)
         previous = self.results.data["quality"].get(key)
         if self.reuse and previous and stamp.matches(fingerprint, finished=True) \
@@ -247,7 +247,7 @@ class StudyRunner:
                                        quality_checkpoint=guided_ckpt, cache_dir=str(self.study_dir / "cache"))
         quality = self.quality.get(f"{job.split}/seed{job.seed}") if guided_ckpt else None
         # a retrained g at the same path must invalidate the guided runs that used the old one
-        fingerprint = self.config.fingerprint(cfg.to_dict(), quality.get("finished") if quality else None)
+        fingerprint = self.config.fingerprint(settings_of(cfg), quality.get("finished") if quality else None)
         test_set = self.test_sets[job.split]
         previous = self.results.record(job.key)
         stamp = RunStamp(run_dir)
@@ -311,7 +311,8 @@ class StudyRunner:
 
     def evaluate(self, job: Job, run_dir: Path, checkpoints: Dict[str, str], test_set: TestSet) -> Dict[str, Any]:
         """Both checkpoints on the test set; g of the run's split and seed scores the predictions
-        when the study trained one (guided or not, so every method gets a predicted quality)."""
+        when the study trained one (guided or not, so every method gets a predicted quality).
+        Only the run's own CANCEL file interrupts it: the study's CANCEL waits for the run to end."""
         from ..quality.predictor import load_predictor
 
         quality = self.quality.get(f"{job.split}/seed{job.seed}")
@@ -321,7 +322,7 @@ class StudyRunner:
             folder = self.predictions_dir(run_dir, test_set) / which if self.config.evaluation.save_predictions else None
             out[which] = evaluate_checkpoint(checkpoints[which], test_set, self.device,
                                              overlap=self.config.evaluation.overlap, out_dir=folder,
-                                             quality_model=model, cancel=self.cancel)
+                                             quality_model=model, cancel=CancelToken(run_dir))
         segment = [r["segment_s"] for which in CHECKPOINTS for r in out[which]["cases"]]
         scoring = [r["quality_s"] for which in CHECKPOINTS for r in out[which]["cases"] if "quality_s" in r]
         return {"evaluation": out, "test_source": test_set.source,
@@ -349,7 +350,7 @@ class StudyRunner:
             return
         if not methods:
             return
-        self.say(f"[bench] speed: {', '.join(m + '+' + ','.join(g) for m, g in methods)} against their host methods")
+        self.say(f"[bench] speed: {', '.join(run.label for run in methods)} against their host methods")
         self.events.emit("stage", name="speed", index=1, total=1)
         rows = measure_speed(self.config, methods, n_classes, self.device,
                              quality_checkpoint=quality["checkpoint"] if quality else None)

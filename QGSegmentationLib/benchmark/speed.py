@@ -14,23 +14,32 @@ the configured architecture: its speed does not depend on its weights.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .config import BenchConfig, RunSpec
 
 
-def speed_methods(config: BenchConfig) -> List[Tuple[str, Tuple[str, ...]]]:
-    """(method, guidance) pairs to time: the guided runs of the study (or `speed.methods`, with
-    the guidance of their guided run, else qar+qw)."""
-    guided = {}
+def speed_methods(config: BenchConfig) -> List[RunSpec]:
+    """The guided runs to time against their hosts: every guided run of the study, once per label
+    (its `train` overrides included), or those of the methods in `speed.methods` (qar+qw for a
+    method the study runs without guidance)."""
+    guided: Dict[str, RunSpec] = {}
     for run in config.runs:
         if run.guidance:
-            guided.setdefault(run.method, run.guidance)
-    names = config.speed.methods if config.speed.methods is not None else list(guided)
-    return [(name, guided.get(name, ("qar", "qw"))) for name in names if name != "sup"]
+            guided.setdefault(run.label, run)
+    if config.speed.methods is None:
+        return list(guided.values())
+    picked = []
+    for name in config.speed.methods:
+        if name == "sup":
+            continue
+        matches = [run for run in guided.values() if run.method == name]
+        picked += matches or [RunSpec(name, ("qar", "qw"))]
+    return picked
 
 
 def _random_batches(train_cfg, n_classes: int, device, seed: int = 0):
@@ -59,17 +68,16 @@ def _predictor(config: BenchConfig, n_classes: int, device, checkpoint: Optional
 class _Stepper:
     """One method instance with its networks and optimizers, able to take a full training step."""
 
-    def __init__(self, config: BenchConfig, method: str, guidance: Sequence[str], n_classes: int,
-                 device, predictor=None):
+    def __init__(self, config: BenchConfig, run: RunSpec, n_classes: int, device, predictor=None):
         import torch
 
         from ..engine.trainer import _MethodConfig, make_optimizer
-        from ..networks import build_network
+        from ..networks import build_network, member_options
         from ..ssl.base import SSLConfig
         from ..ssl.guidance import QualityGuidance
         from ..ssl.methods import METHODS
 
-        run = RunSpec(method, tuple(guidance))
+        method, guidance = run.method, run.guidance
         self.cfg = config.train_config(run, 0, dataset="speed")
         ssl = dict(self.cfg.ssl)
         if guidance:  # ramps at full weight from the first step so g runs every step
@@ -86,7 +94,8 @@ class _Stepper:
         self.networks = []
         for index, name in enumerate(names):
             torch.manual_seed(index)
-            self.networks.append(build_network(name, dims, 1, n_classes, **self.cfg.network_options).to(device))
+            self.networks.append(build_network(name, dims, 1, n_classes, **member_options(name, self.cfg.network, self.cfg.network_options,
+                                                                    self.cfg.patch_size)).to(device))
         guide = QualityGuidance(predictor, ssl_cfg) if guidance else None
         self.method = method_cls(self.networks, method_cfg, guide)
         self.optimizers = [make_optimizer(n.parameters(), self.cfg) for n in self.networks]
@@ -117,15 +126,17 @@ class _Stepper:
         return time.perf_counter() - start
 
 
-def measure_speed(config: BenchConfig, methods: Sequence[Tuple[str, Sequence[str]]], n_classes: int, device,
+def measure_speed(config: BenchConfig, runs: Sequence[RunSpec], n_classes: int, device,
                   quality_checkpoint: Optional[str] = None) -> List[Dict[str, Any]]:
-    """[{"method", "guidance", "host_step_s", "guided_step_s", "ratio", "host_steps", "guided_steps"}]."""
+    """[{"method", "guidance", "host_step_s", "guided_step_s", "ratio", "host_steps", "guided_steps"}]
+    for each guided run against the same run without guidance."""
     sp = config.speed
     predictor = _predictor(config, n_classes, device, quality_checkpoint)
     rows = []
-    for method, guidance in methods:
-        host = _Stepper(config, method, (), n_classes, device)
-        guided = _Stepper(config, method, guidance, n_classes, device, predictor)
+    for run in runs:
+        method, guidance = run.name or run.method, run.guidance
+        host = _Stepper(config, dataclasses.replace(run, guidance=()), n_classes, device)
+        guided = _Stepper(config, run, n_classes, device, predictor)
         labeled, unlabeled = _random_batches(host.cfg, n_classes, device)
         times: Dict[str, List[float]] = {"host": [], "guided": []}
         for _ in range(int(sp.rounds)):

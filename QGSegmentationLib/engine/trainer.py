@@ -89,6 +89,8 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+
+
 class Trainer:
     """Trains one method on one dataset into `run_dir`. See module docstring."""
 
@@ -171,7 +173,7 @@ class Trainer:
         return [self.cfg.network] * int(getattr(method_cls, "num_networks", 1))
 
     def build(self):
-        from ..networks import build_network
+        from ..networks import build_network, member_options
         from ..ssl.base import SSLConfig
 
         cfg = self.cfg
@@ -180,7 +182,7 @@ class Trainer:
         self.networks = []
         for index, name in enumerate(self.network_names()):
             torch.manual_seed(cfg.seed * 1009 + index)  # differently initialised networks (CPS)
-            options = {"img_size": tuple(cfg.patch_size), **cfg.network_options}
+            options = member_options(name, cfg.network, cfg.network_options, cfg.patch_size)
             net = build_network(name, dims, 1, self.n_classes, **options)
             self.networks.append(net.to(self.device))
         if self.use_channels_last:

@@ -10,11 +10,11 @@ from __future__ import annotations
 # Each family module registers its networks on import.
 from . import resencoder, segresnet, transformers, unet, unetpp, vnet  # noqa: F401
 from .features import feature_module, features_and_logits
-from .registry import (NETWORKS, NetworkSpec, build_network, check_patch_size, network_names,
+from .registry import (NETWORKS, NetworkSpec, build_network, check_patch_size, member_options, network_names,
                        network_spec, required_divisor, valid_patch_size)
 
 __all__ = [
     "NETWORKS", "NetworkSpec", "build_network", "network_names", "network_spec",
-    "required_divisor", "check_patch_size", "valid_patch_size",
+    "required_divisor", "check_patch_size", "valid_patch_size", "member_options",
     "features_and_logits", "feature_module",
 ]

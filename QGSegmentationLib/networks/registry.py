@@ -184,6 +184,15 @@ def valid_patch_size(name: str, patch: Sequence[int], **options: Any) -> bool:
     return True
 
 
+def member_options(name: str, run_network: str, run_options: Dict[str, Any], patch_size: Sequence[int]) -> Dict[str, Any]:
+    """Build options of network `name` in a run whose own network is `run_network`: the run's
+    `network_options` belong to that network; a method's other networks (the dual-network
+    method's heterogeneous second one) keep their registry defaults. Every network gets the patch
+    size (`img_size`) to check against its size constraints."""
+    own = dict(run_options or {}) if name == run_network else {}
+    return {"img_size": tuple(patch_size), **own}
+
+
 def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: int,
                   **options: Any):
     """Build the registered network `name` for `spatial_dims` (2 or 3).
