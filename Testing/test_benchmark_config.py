@@ -178,6 +178,9 @@ def test_report_aggregates_seeds_by_hand():
     sup_row = next(line for line in text.splitlines() if line.startswith("| main | sup | none"))
     assert "| 1 | 0.550 | 7.00 | 0.450 |" in sup_row                   # one seed: no ±
     assert "abc123" in text and "`qgseg bench x.yaml`" in text and "TestOS" in text
+    assert "--quick` variant" not in text
+    quick = render_markdown({**results, "quick": True, "config": {"iterations": 60}}, "results.json")
+    assert "**`--quick` variant** (a smoke check, not a result): 60 iterations; runs `main/mt/seed0`, `main/mt/seed1`" in quick
 
 
 def test_speed_times_each_guided_run_against_the_same_run_without_guidance(tmp_path):

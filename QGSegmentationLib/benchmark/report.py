@@ -94,6 +94,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
 
 # ------------------------------------------------------------------------------------ sections
 
+def _quick_summary(results: Dict[str, Any]) -> str:
+    """What `--quick` shrank, read from the merged config the study recorded."""
+    config = results.get("config") or {}
+    parts = [f"{config.get('iterations', '?')} iterations"]
+    keys = [r.get("key") for r in results.get("runs") or [] if r.get("key")]
+    if keys:
+        parts.append("runs " + ", ".join(f"`{k}`" for k in keys))
+    max_cases = (config.get("evaluation") or {}).get("max_test_cases")
+    if max_cases:
+        parts.append(f"{max_cases} test cases")
+    epochs = (config.get("quality") or {}).get("epochs")
+    if epochs is not None:
+        parts.append(f"g trained {epochs} epochs")
+    return "; ".join(parts)
+
+
 def _provenance(results: Dict[str, Any], results_path: Path, out: Optional[Path]) -> List[str]:
     machine = results.get("machine") or {}
     versions = machine.get("versions") or {}
@@ -211,6 +227,8 @@ def render_markdown(results: Dict[str, Any], results_path: str | Path, out: Opti
              title, ""]
     if results.get("description"):
         lines += [str(results["description"]).strip(), ""]
+    if results.get("quick"):
+        lines += [f"**`--quick` variant** (a smoke check, not a result): {_quick_summary(results)}.", ""]
     lines += _provenance(results, results_path, out) + ["", "#" * (heading_level + 1) + " Test accuracy", ""]
     lines += _accuracy(groups) if groups else ["No finished runs yet."]
     if figures:
