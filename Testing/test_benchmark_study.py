@@ -62,6 +62,12 @@ def test_study_records_every_run_with_metrics_time_memory(study):
             dice = [c["dice"] for c in cases]
             assert record["evaluation"][which]["summary"]["dice"]["mean"] == pytest.approx(np.mean(dice))
             assert all(np.isfinite(c["hd95"]) and np.isfinite(c["asd"]) for c in cases)
+            assert sorted(p.name for p in (Path(record["predictions"]) / which).glob("*.nrrd"))
+        # the last checkpoint is not predicted again when it is also the best one (same weights)
+        last = record["evaluation"]["last"]
+        assert ("same_as" in last) == (record["best_iteration"] == record["iterations"])
+        if "same_as" in last:
+            assert last["cases"] == record["evaluation"]["best"]["cases"]
     # the stored metric is the Dice of the written prediction (on the test image's own grid)
     record, ref = runs["phantom/sup/seed0"], spec.test[0]
     pred_img = sitk.ReadImage(str(Path(record["predictions"]) / "best" / f"{ref.id}.nrrd"))

@@ -19,6 +19,7 @@ selected run trains from scratch; records of runs not selected (`--only`) are ke
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..engine.cancel import CancelToken
+from ..engine.checkpoint import checkpoint_iteration
 from ..engine.events import EventWriter
 from ..errors import CancelledError, DataError
 from ..fileio import write_json_atomic
@@ -318,13 +320,22 @@ class StudyRunner:
         quality = self.quality.get(f"{job.split}/seed{job.seed}")
         model = load_predictor(quality["checkpoint"], device=self.device) if quality else None
         out: Dict[str, Any] = {}
+        saved = self.predictions_dir(run_dir, test_set) if self.config.evaluation.save_predictions else None
+        iterations = {which: checkpoint_iteration(checkpoints[which]) for which in CHECKPOINTS}
         for which in CHECKPOINTS:
-            folder = self.predictions_dir(run_dir, test_set) / which if self.config.evaluation.save_predictions else None
+            twin = next((w for w in out if iterations[which] is not None and iterations[w] == iterations[which]), None)
+            if twin is not None:  # best is the last checkpoint: same weights, same predictions
+                out[which] = {**copy.deepcopy(out[twin]), "checkpoint": str(checkpoints[which]), "same_as": twin}
+                if saved is not None:
+                    shutil.copytree(saved / twin, saved / which, dirs_exist_ok=True)
+                continue
             out[which] = evaluate_checkpoint(checkpoints[which], test_set, self.device,
-                                             overlap=self.config.evaluation.overlap, out_dir=folder,
+                                             overlap=self.config.evaluation.overlap,
+                                             out_dir=saved / which if saved is not None else None,
                                              quality_model=model, cancel=CancelToken(run_dir))
-        segment = [r["segment_s"] for which in CHECKPOINTS for r in out[which]["cases"]]
-        scoring = [r["quality_s"] for which in CHECKPOINTS for r in out[which]["cases"] if "quality_s" in r]
+        measured = [which for which in CHECKPOINTS if "same_as" not in out[which]]
+        segment = [r["segment_s"] for which in measured for r in out[which]["cases"]]
+        scoring = [r["quality_s"] for which in measured for r in out[which]["cases"] if "quality_s" in r]
         return {"evaluation": out, "test_source": test_set.source,
                 "predictions": str(self.predictions_dir(run_dir, test_set)) if self.config.evaluation.save_predictions else None, "test_cases": [c.id for c in test_set.cases],
                 "evaluation_settings": self._eval_settings(),

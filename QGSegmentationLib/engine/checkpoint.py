@@ -59,3 +59,10 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def checkpoint_iteration(path: str | os.PathLike) -> int | None:
+    """The training iteration a segmenter checkpoint was saved at (None if it does not say):
+    two checkpoints of one run with the same iteration hold the same weights."""
+    iteration = load_checkpoint(path).get("iteration")
+    return int(iteration) if iteration is not None else None
