@@ -10,7 +10,7 @@ import pytest
 
 from QGSegmentationLib.benchmark.config import load_bench_config
 from QGSegmentationLib.benchmark.data import make_la_split
-from QGSegmentationLib.benchmark.report import group_runs, render_markdown
+from QGSegmentationLib.benchmark.report import config_run_labels, group_runs, render_markdown
 from QGSegmentationLib.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +179,12 @@ def test_report_aggregates_seeds_by_hand():
     assert "| 1 | 0.550 | 7.00 | 0.450 |" in sup_row                   # one seed: no ±
     assert "abc123" in text and "`qgseg bench x.yaml`" in text and "TestOS" in text
     assert "--quick` variant" not in text
+    named = {**_record("mt", [], 0, 0.5, 0.5, 8.0), "label": "mt-metassl", "key": "main/mt-metassl/seed0"}
+    ordered = {**results, "runs": runs + [named],
+               "config": {"runs": [{"method": "mt", "name": "mt-metassl"}, "sup", {"method": "mt", "guidance": "qar,qw"}]}}
+    assert [g["label"] for g in group_runs(ordered["runs"], config_run_labels(ordered))] == [
+        "mt-metassl", "sup", "mt+qar,qw"]                            # a named run is its own row, config order
+    assert "| main | mt-metassl | none | 1 | 0.500 |" in render_markdown(ordered, "results.json")
     quick = render_markdown({**results, "quick": True, "config": {"iterations": 60}}, "results.json")
     assert "**`--quick` variant** (a smoke check, not a result): 60 iterations; runs `main/mt/seed0`, `main/mt/seed1`" in quick
 
