@@ -62,7 +62,7 @@ def group_runs(records: List[Dict[str, Any]], order: Sequence[str] = ()) -> List
         group = groups.setdefault(key, {
             "split": record["split"], "label": record["label"],
             "method": record["label"][:-len("+" + ",".join(guidance))] if guidance else record["label"],
-            "guidance": ",".join(record.get("guidance") or ()) or "none",
+            "guidance": ",".join(guidance) or "none",
             "name": (f"{record['split']}: " if several_splits else "") + record["label"],
             "seeds": [], "dice": {w: [] for w in CHECKPOINTS}, "hd95": {w: [] for w in CHECKPOINTS},
             "train_wall_s": [], "step_time_s": [], "peak_mb": [], "segment_s": [], "quality_s": []})
@@ -85,15 +85,10 @@ def group_runs(records: List[Dict[str, Any]], order: Sequence[str] = ()) -> List
 
 def config_run_labels(results: Dict[str, Any]) -> List[str]:
     """Run labels in the order of the study config's `runs` (for table order)."""
-    from .config import parse_guidance
+    from .config import _parse_runs
 
-    labels = []
-    for run in (results.get("config") or {}).get("runs") or []:
-        if isinstance(run, str):
-            run = {"method": run}
-        guidance = parse_guidance(run.get("guidance"), "results.json")
-        labels.append(str(run.get("name") or run.get("method")) + (f"+{','.join(guidance)}" if guidance else ""))
-    return labels
+    runs = (results.get("config") or {}).get("runs")
+    return [run.label for run in _parse_runs(runs, "results.json")] if runs else []
 
 
 def _fmt(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:

@@ -94,8 +94,8 @@ class _Stepper:
         self.networks = []
         for index, name in enumerate(names):
             torch.manual_seed(index)
-            self.networks.append(build_network(name, dims, 1, n_classes, **member_options(name, self.cfg.network, self.cfg.network_options,
-                                                                    self.cfg.patch_size)).to(device))
+            options = member_options(name, self.cfg.network, self.cfg.network_options, self.cfg.patch_size)
+            self.networks.append(build_network(name, dims, 1, n_classes, **options).to(device))
         guide = QualityGuidance(predictor, ssl_cfg) if guidance else None
         self.method = method_cls(self.networks, method_cfg, guide)
         self.optimizers = [make_optimizer(n.parameters(), self.cfg) for n in self.networks]

@@ -89,8 +89,6 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-
-
 class Trainer:
     """Trains one method on one dataset into `run_dir`. See module docstring."""
 

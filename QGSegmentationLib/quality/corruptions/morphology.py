@@ -42,9 +42,6 @@ def box_erode(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 def box_dilate(mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     """Binary dilation by a box of `sizes` voxels (odd, per axis)."""
     return _box_filter(mask, sizes, "maximum_filter")
-    sub = np.ascontiguousarray(mask[region]).view(np.uint8)
-    out[region] = ndimage.maximum_filter(sub, size=tuple(sizes), mode="nearest").view(bool)
-    return out
 
 
 class _KernelCorruption(Corruption):
