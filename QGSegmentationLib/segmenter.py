@@ -56,7 +56,8 @@ def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
     nets = []
     for index in state["inference_networks"]:
         name = state["network_names"][index]
-        options = member_options(name, cfg["network"], cfg["network_options"], state["patch_size"])
+        options = member_options(name, cfg["network"], cfg["network_options"], state["patch_size"],
+                                 cfg.get("other_network_options"))
         net = build_network(name, dims, 1, state["n_classes"], **options)
         net.load_state_dict(state["networks"][index])
         nets.append(net.to(device).eval())

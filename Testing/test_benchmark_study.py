@@ -103,6 +103,24 @@ def test_reuse_skips_finished_runs_and_only_reruns_selected(study):
     assert again["phantom/mt/seed0"] == after["phantom/mt/seed0"]
 
 
+def test_speed_rows_are_kept_per_run_and_measured_only_when_new(study):
+    """Timing another method (here selected with --only and speed.methods) adds its row and keeps
+    the rows measured before, unchanged; asking again measures nothing."""
+    before = load(study)["speed"]["methods"]
+    assert [row["method"] for row in before] == ["mt"]
+    done = qgseg("bench", str(TINY), "--run-dir", str(study), "--quiet", "--reuse", "--only", "sup",
+                 "--set", "speed.methods=[mt, pl_t]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "speed: pl_t+qar,qw against" in done.stdout
+    rows = load(study)["speed"]["methods"]
+    assert [row["method"] for row in rows] == ["mt", "pl_t"] and rows[0] == before[0]
+    assert rows[1]["host_steps"] == 20 and rows[1]["fingerprint"] != rows[0]["fingerprint"]
+    done = qgseg("bench", str(TINY), "--run-dir", str(study), "--quiet", "--reuse", "--only", "sup",
+                 "--set", "speed.methods=[pl_t]")
+    assert done.returncode == 0 and "speed: measured already" in done.stdout
+    assert load(study)["speed"]["methods"] == rows
+
+
 def test_external_test_dataset_is_evaluated_without_retraining(study, tmp_path):
     from QGSegmentationLib.data.phantom import make_phantom_dataset
 

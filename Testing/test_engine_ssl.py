@@ -10,6 +10,7 @@ import pytest
 from QGSegmentationLib.engine.checkpoint import load_checkpoint
 from QGSegmentationLib.engine.config import TrainConfig
 from QGSegmentationLib.engine.trainer import Trainer
+from QGSegmentationLib.errors import ConfigError
 from QGSegmentationLib.ssl.config import METHOD_NAMES
 
 from conftest import run_cli
@@ -44,6 +45,20 @@ def test_network_options_belong_to_the_runs_own_network(phantom_3d, tmp_path):
     unet, resunet = load_segmenter(result.best_checkpoint).network.networks
     assert [m.out_channels for m in unet.modules() if type(m).__name__ == "Conv3d"][0] == 4
     assert type(resunet).__name__ == "DynUNet" and list(resunet.filters) == [16, 32, 64, 128, 256]
+
+
+def test_other_network_options_shape_the_second_network(phantom_3d, tmp_path):
+    """`other_network_options` gives the dual-network method's second network its own options,
+    kept in the checkpoint so the loaded segmenter rebuilds the same architecture."""
+    from QGSegmentationLib.segmenter import load_segmenter
+
+    cfg = config(phantom_3d, "dualnet", ssl={"dualnet_networks": ["unet", "resunet"]})
+    cfg.other_network_options = {"resunet": {"filters": [4, 8, 16]}}
+    result = Trainer(cfg, tmp_path / "dualnet", progress_bar=False).fit()
+    unet, resunet = load_segmenter(result.best_checkpoint).network.networks
+    assert list(resunet.filters) == [4, 8, 16]
+    with pytest.raises(ConfigError, match="other_network_options"):
+        TrainConfig.from_dict({"other_network_options": {"resunet": [4, 8]}})
 
 
 @pytest.fixture(scope="module")

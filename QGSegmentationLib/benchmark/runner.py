@@ -345,6 +345,9 @@ class StudyRunner:
 
     # --------------------------------------------------------------------------------- speed
     def measure_speed(self, splits: Dict[str, Split]) -> None:
+        """Time each guided run against its host. Rows are kept per run: with `reuse` a row whose
+        fingerprint is unchanged is not measured again, and rows of runs not selected now
+        (`--only`) stay, like their run records."""
         from ..data.dataset import load_dataset
         from .speed import measure_speed, speed_methods
 
@@ -353,24 +356,39 @@ class StudyRunner:
         seed0 = self.config.quality_seeds()[0] if self.config.needs_quality else None
         quality = self.quality.get(f"{split.name}/seed{seed0}") if seed0 is not None else None
         methods = speed_methods(self.config)
-        fingerprint = self.config.fingerprint(self.config.train_options, self.config.quality,
-                                              vars(self.config.speed), methods, str(self.device))
-        previous = self.results.data.get("speed")
-        if self.reuse and previous and previous.get("fingerprint") == fingerprint:
-            self.say("[bench] speed: measured already, skipped (--reuse)")
-            return
         if not methods:
             return
-        self.say(f"[bench] speed: {', '.join(run.label for run in methods)} against their host methods")
+        sp = self.config.speed
+        timing = (sp.steps, sp.warmup, sp.rounds)
+        fingerprints = {run.label: self.config.fingerprint(self.config.train_options, self.config.quality, timing,
+                                                           run.label, run.train, str(self.device))
+                        for run in methods}
+        previous = (self.results.data.get("speed") or {}).get("methods") or []
+        reusable = {row.get("fingerprint"): row for row in previous} if self.reuse else {}
+        todo = [run for run in methods if fingerprints[run.label] not in reusable]
+        if not todo:
+            self.say("[bench] speed: measured already, skipped (--reuse)")
+            return
+        self.say(f"[bench] speed: {', '.join(run.label for run in todo)} against their host methods")
         self.events.emit("stage", name="speed", index=1, total=1)
-        rows = measure_speed(self.config, methods, n_classes, self.device,
-                             quality_checkpoint=quality["checkpoint"] if quality else None)
-        self.results.data["speed"] = {"fingerprint": fingerprint, "device": str(self.device),
+        measured = measure_speed(self.config, todo, n_classes, self.device,
+                                 quality_checkpoint=quality["checkpoint"] if quality else None)
+        new_rows = {run.label: {**row, "fingerprint": fingerprints[run.label]} for run, row in zip(todo, measured)}
+        rows = [new_rows.get(run.label) or reusable[fingerprints[run.label]] for run in methods]
+        selected = set(fingerprints.values())
+        rows += [row for row in previous if _speed_label(row) not in fingerprints
+                 and row.get("fingerprint") not in selected]
+        self.results.data["speed"] = {"device": str(self.device),
                                       "steps": self.config.speed.steps, "warmup": self.config.speed.warmup,
                                       "rounds": self.config.speed.rounds,
                                       "predictor": "trained" if quality else "random-init (timing only)",
                                       "methods": rows}
         self.results.save()
+
+
+def _speed_label(row: Dict[str, Any]) -> str:
+    """The run label a speed row was measured for (`mt+qar,qw`)."""
+    return row["method"] + ("+" + ",".join(row["guidance"]) if row.get("guidance") else "")
 
 
 def _remove(folder: Path) -> None:

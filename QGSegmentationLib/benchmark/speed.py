@@ -94,7 +94,8 @@ class _Stepper:
         self.networks = []
         for index, name in enumerate(names):
             torch.manual_seed(index)
-            options = member_options(name, self.cfg.network, self.cfg.network_options, self.cfg.patch_size)
+            options = member_options(name, self.cfg.network, self.cfg.network_options, self.cfg.patch_size,
+                                     self.cfg.other_network_options)
             self.networks.append(build_network(name, dims, 1, n_classes, **options).to(device))
         guide = QualityGuidance(predictor, ssl_cfg) if guidance else None
         self.method = method_cls(self.networks, method_cfg, guide)

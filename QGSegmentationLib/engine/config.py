@@ -31,6 +31,9 @@ class TrainConfig:
     # model
     network: str = "unet"
     network_options: Dict[str, Any] = field(default_factory=dict)
+    # build options of a method's *other* networks, by network name (the dual-network method's
+    # second network, e.g. {resunet: {filters: [8, 16, 32, 64]}}); unnamed ones keep their defaults
+    other_network_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # sampling
     patch_size: Tuple[int, ...] = (64, 64, 64)
     batch_size: int = 2
@@ -98,6 +101,10 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise ConfigError(f"schedule must be poly, cosine or constant, not {self.schedule!r}")
+        if not isinstance(self.other_network_options, dict) or not all(
+                isinstance(v, dict) for v in self.other_network_options.values()):
+            raise ConfigError("other_network_options must map network names to option mappings, "
+                              f"e.g. {{resunet: {{filters: [8, 16, 32, 64]}}}}, not {self.other_network_options!r}")
         if self.amp not in ("auto", "on", "off"):
             raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
 

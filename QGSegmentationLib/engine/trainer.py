@@ -180,7 +180,8 @@ class Trainer:
         self.networks = []
         for index, name in enumerate(self.network_names()):
             torch.manual_seed(cfg.seed * 1009 + index)  # differently initialised networks (CPS)
-            options = member_options(name, cfg.network, cfg.network_options, cfg.patch_size)
+            options = member_options(name, cfg.network, cfg.network_options, cfg.patch_size,
+                                     cfg.other_network_options)
             net = build_network(name, dims, 1, self.n_classes, **options)
             self.networks.append(net.to(self.device))
         if self.use_channels_last:

@@ -184,12 +184,17 @@ def valid_patch_size(name: str, patch: Sequence[int], **options: Any) -> bool:
     return True
 
 
-def member_options(name: str, run_network: str, run_options: Dict[str, Any], patch_size: Sequence[int]) -> Dict[str, Any]:
+def member_options(name: str, run_network: str, run_options: Dict[str, Any], patch_size: Sequence[int],
+                   other_options: Dict[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
     """Build options of network `name` in a run whose own network is `run_network`: the run's
     `network_options` belong to that network; a method's other networks (the dual-network
-    method's heterogeneous second one) keep their registry defaults. Every network gets the patch
-    size (`img_size`) to check against its size constraints."""
-    own = dict(run_options or {}) if name == run_network else {}
+    method's heterogeneous second one) take theirs from `other_options[name]` (the run's
+    `other_network_options`) or keep their registry defaults. Every network gets the patch size
+    (`img_size`) to check against its size constraints."""
+    if name == run_network:
+        own = dict(run_options or {})
+    else:
+        own = dict((other_options or {}).get(name) or {})
     return {"img_size": tuple(patch_size), **own}
 
 
