@@ -7,6 +7,7 @@ with two networks (CPS, dual-network) are evaluated as the average of their soft
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -30,6 +31,29 @@ class SoftmaxEnsemble(torch.nn.Module):
         return torch.log(probs.clamp_min(1e-8))
 
 
+class MirroredEnsemble(torch.nn.Module):
+    """Test-time mirroring: averages the softmax of `network` over every combination of flips of
+    the window's spatial axes (2^d passes: 8 in 3D, 4 in 2D), each flipped back before averaging;
+    returns log-probabilities like SoftmaxEnsemble. Costs 2^d times the inference time."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import itertools
+
+        spatial = tuple(range(2, x.ndim))
+        total = None
+        combos = [c for r in range(len(spatial) + 1) for c in itertools.combinations(spatial, r)]
+        for axes in combos:
+            out = self.network(torch.flip(x, axes) if axes else x)
+            probs = torch.softmax(out.float(), dim=1)
+            probs = torch.flip(probs, axes) if axes else probs
+            total = probs if total is None else total + probs
+        return torch.log((total / len(combos)).clamp_min(1e-8))
+
+
 @dataclass
 class Segmenter:
     network: torch.nn.Module
@@ -40,6 +64,10 @@ class Segmenter:
     preprocessor: object
     config: dict
     path: Path
+
+    def mirrored(self) -> "Segmenter":
+        """The same segmenter with test-time mirroring (see MirroredEnsemble)."""
+        return dataclasses.replace(self, network=MirroredEnsemble(self.network).eval())
 
     @property
     def foreground_names(self) -> Dict[int, str]:

@@ -93,6 +93,41 @@ def test_flips_are_identical_for_image_and_label():
     assert flipped_any
 
 
+def test_gamma_keeps_mean_std_and_order_and_inverted_gamma_bends_the_other_way():
+    from QGSegmentationLib.data.augment import adjust_gamma
+
+    image = np.linspace(-2, 3, 1000, dtype=np.float32).reshape(1, 10, 10, 10)
+    for invert in (False, True):
+        out = adjust_gamma(image, 1.5, invert)
+        assert out.mean() == pytest.approx(image.mean(), abs=1e-4) and out.std() == pytest.approx(image.std(), rel=1e-4)
+        assert np.all(np.diff(out.ravel()) > 0)                  # monotone: the anatomy keeps its order
+    middle = image.size // 2
+    # gamma > 1 pulls mid intensities down relative to the extremes; on the negated image, up
+    assert adjust_gamma(image, 1.5).ravel()[middle] < image.ravel()[middle]
+    assert adjust_gamma(image, 1.5, invert=True).ravel()[middle] > image.ravel()[middle]
+    np.testing.assert_allclose(adjust_gamma(image, 1.0), image, atol=1e-5)
+
+
+def test_contrast_scales_around_the_mean_within_the_range():
+    from QGSegmentationLib.data.augment import adjust_contrast
+
+    image = np.array([[0.0, 1.0, 2.0, 3.0]], dtype=np.float32)
+    np.testing.assert_allclose(adjust_contrast(image, 0.5), [[0.75, 1.25, 1.75, 2.25]])
+    np.testing.assert_allclose(adjust_contrast(image, 2.0), [[0.0, 0.5, 2.5, 3.0]])  # clipped
+
+
+def test_a_transform_switched_off_draws_no_random_numbers():
+    """gamma/contrast at probability 0 leave the random stream (hence old runs) unchanged."""
+    image = np.random.default_rng(1).standard_normal((1, 4, 5, 6)).astype(np.float32)
+    old = Augmenter(AugmentConfig())(image, None, np.random.default_rng(3))[0]
+    off = Augmenter(AugmentConfig(gamma_range=(2, 3), contrast_range=(2, 2)))(image, None, np.random.default_rng(3))[0]
+    on = Augmenter(AugmentConfig(gamma_prob=1.0, contrast_prob=1.0))(image, None, np.random.default_rng(3))[0]
+    np.testing.assert_array_equal(old, off)
+    assert not np.allclose(old, on)
+    with pytest.raises(ConfigError, match="unknown option.*gama_prob"):
+        AugmentConfig.from_dict({"gama_prob": 0.3})
+
+
 def fraction_with_foreground(sampler, n_batches):
     hits = [bool(lab.any()) for _ in range(n_batches) for lab in next(sampler)["label"]]
     return float(np.mean(hits))

@@ -169,3 +169,28 @@ def test_bad_inputs_raise_clear_errors(tmp_path, phantom_file):
     with pytest.raises(DataError, match="phantom_001"):
         predict_dataset(net, [path, path], Preprocessor(), (8, 8, 8), progress=False,
                         out_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_mirrored_ensemble_averages_the_flipped_predictions(dims):
+    """Test-time mirroring: the mean softmax over all 2^d flips (each flipped back), so the result
+    is flip-equivariant, which the plain network is not."""
+    from QGSegmentationLib.segmenter import MirroredEnsemble
+
+    net = tiny_net(dims).eval()
+    x = torch.randn((1, 1) + (16,) * dims)
+    with torch.no_grad():
+        mirrored = MirroredEnsemble(net)
+        probs = torch.exp(mirrored(x))
+        axes_sets = [()] + [(a,) for a in range(2, 2 + dims)] + [(a, b) for a in range(2, 2 + dims)
+                                                                 for b in range(a + 1, 2 + dims)]
+        if dims == 3:
+            axes_sets.append((2, 3, 4))
+        by_hand = sum(torch.flip(torch.softmax(net(torch.flip(x, ax) if ax else x), 1), ax) if ax
+                      else torch.softmax(net(x), 1) for ax in axes_sets) / len(axes_sets)
+        assert len(axes_sets) == 2 ** dims
+        assert torch.allclose(probs, by_hand, atol=1e-5)
+        flipped = torch.flip(x, (2,))
+        assert torch.allclose(torch.exp(mirrored(flipped)), torch.flip(probs, (2,)), atol=1e-5)
+        plain = torch.softmax(net(x), 1)
+        assert not torch.allclose(torch.softmax(net(flipped), 1), torch.flip(plain, (2,)), atol=1e-3)

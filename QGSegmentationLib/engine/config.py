@@ -40,6 +40,7 @@ class TrainConfig:
     unlabeled_batch_size: int = 2
     fg_ratio: float = 0.33
     augment: bool = True
+    augmentation: Dict[str, Any] = field(default_factory=dict)  # AugmentConfig overrides, e.g. {gamma_prob: 0.3}
     # optimisation
     iterations: int = 2000
     iterations_per_epoch: int = 50
@@ -105,6 +106,9 @@ class TrainConfig:
                 isinstance(v, dict) for v in self.other_network_options.values()):
             raise ConfigError("other_network_options must map network names to option mappings, "
                               f"e.g. {{resunet: {{filters: [8, 16, 32, 64]}}}}, not {self.other_network_options!r}")
+        from ..data.augment import AugmentConfig
+
+        AugmentConfig.from_dict(self.augmentation, source="augmentation")
         if self.amp not in ("auto", "on", "off"):
             raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
 

@@ -143,17 +143,20 @@ class Trainer:
         self.unlabeled = self.store.load_many(refs, progress=self.progress_bar)
 
     def make_samplers(self):
+        from ..data.augment import AugmentConfig, Augmenter
         from ..data.samplers import PatchSampler
 
         cfg = self.cfg
         seed = rank_seed(cfg.seed, self.dist.rank)  # every rank its own stream; rank 0 keeps cfg.seed
+        augmenter = Augmenter(AugmentConfig.from_dict(cfg.augmentation, source="augmentation"))
         self.labeled_sampler = PatchSampler(self.labeled, cfg.patch_size, cfg.batch_size, mode=cfg.mode,
-                                            fg_ratio=cfg.fg_ratio, augment=cfg.augment, seed=seed)
+                                            fg_ratio=cfg.fg_ratio, augment=cfg.augment, seed=seed,
+                                            augmenter=augmenter)
         self.unlabeled_sampler = None
         if self.unlabeled:
             self.unlabeled_sampler = PatchSampler(self.unlabeled, cfg.patch_size, cfg.unlabeled_batch_size,
                                                   mode=cfg.mode, fg_ratio=0.0, augment=cfg.augment,
-                                                  seed=seed + 1, with_labels=False)
+                                                  seed=seed + 1, with_labels=False, augmenter=augmenter)
 
     # ------------------------------------------------------------------ model
     def _method_cls(self):
