@@ -184,7 +184,16 @@ def test_report_aggregates_seeds_by_hand():
                "config": {"runs": [{"method": "mt", "name": "mt-metassl"}, "sup", {"method": "mt", "guidance": "qar,qw"}]}}
     assert [g["label"] for g in group_runs(ordered["runs"], config_run_labels(ordered))] == [
         "mt-metassl", "sup", "mt+qar,qw"]                            # a named run is its own row, config order
-    assert "| main | mt-metassl | none | 1 | 0.500 |" in render_markdown(ordered, "results.json")
+    speed_row = lambda m, g: {"method": m, "guidance": g, "host_step_s": 1.0, "guided_step_s": 1.1, "ratio": 1.1}  # noqa: E731
+    ordered["speed"] = {"methods": [speed_row("mt", ["qar", "qw"]), speed_row("mt-metassl", ["qw"])]}
+    ordered["config"]["runs"].insert(0, {"method": "mt", "name": "mt-metassl", "guidance": "qw"})
+    text = render_markdown(ordered, "results.json")
+    assert "| main | mt-metassl | none | 1 | 0.500 |" in text
+    lines = text.splitlines()
+    # speed rows and run rows follow the config's run order too, whatever order they were measured in
+    assert lines.index("| mt-metassl | qw | 1.0000 | 1.1000 | 1.10 |") < lines.index("| mt | qar,qw | 1.0000 | 1.1000 | 1.10 |")
+    keys = [line.split(" | ")[0][2:] for line in lines if line.startswith("| main/")]
+    assert keys == ["main/mt-metassl/seed0", "main/sup/seed0", "main/mt/seed0", "main/mt/seed1"]
     quick = render_markdown({**results, "quick": True, "config": {"iterations": 60}}, "results.json")
     assert "**`--quick` variant** (a smoke check, not a result): 60 iterations; runs `main/mt/seed0`, `main/mt/seed1`" in quick
 

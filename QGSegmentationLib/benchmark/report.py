@@ -79,8 +79,14 @@ def group_runs(records: List[Dict[str, Any]], order: Sequence[str] = ()) -> List
         inference = record.get("inference") or {}
         group["segment_s"].append(inference.get("segment_s_median"))
         group["quality_s"].append(inference.get("quality_s_median"))
+    return in_run_order(groups.values(), order, lambda g: g["label"])
+
+
+def in_run_order(items, order: Sequence[str], label_of) -> list:
+    """`items` sorted by their run label's position in `order` (the config's runs); labels not in
+    it go last; the sort is stable, so seeds and first-seen order are kept within a label."""
     rank = {label: index for index, label in enumerate(order)}
-    return sorted(groups.values(), key=lambda g: rank.get(g["label"], len(rank)))  # stable: first-seen ties
+    return sorted(items, key=lambda item: rank.get(label_of(item), len(rank)))
 
 
 def config_run_labels(results: Dict[str, Any]) -> List[str]:
@@ -179,16 +185,22 @@ def _quality(results: Dict[str, Any], base: Path) -> List[str]:
         + _table(["split/seed", "val MAE", "val Pearson r", "epochs", "minutes", "figure"], rows)
 
 
+def speed_label(row: Dict[str, Any]) -> str:
+    """The run label a speed row was measured for (`mt+qar,qw`)."""
+    return row["method"] + ("+" + ",".join(row["guidance"]) if row.get("guidance") else "")
+
+
 def _speed(results: Dict[str, Any], groups: List[Dict[str, Any]]) -> List[str]:
     lines = ["", "### Speed", ""]
     speed = results.get("speed")
     if speed and speed.get("methods"):
+        methods = in_run_order(speed["methods"], config_run_labels(results), speed_label)
         lines += [f"Median training step of each method alone and with quality guidance, measured side by "
                   f"side in one process on {speed.get('device')} ({speed.get('rounds')} alternating rounds of "
                   f"{speed.get('warmup')} warm-up + {speed.get('steps')} timed steps each; random batches of the "
                   f"study's patch and batch sizes; quality predictor: {speed.get('predictor')}).", ""]
         rows = [[s["method"], ",".join(s["guidance"]), f"{s['host_step_s']:.4f}", f"{s['guided_step_s']:.4f}",
-                 f"{s['ratio']:.2f}"] for s in speed["methods"]]
+                 f"{s['ratio']:.2f}"] for s in methods]
         lines += _table(["method", "guidance", "host step (s)", "guided step (s)", "guided / host"], rows)
         lines.append("")
     lines += ["Inference per test volume (median over the run's test volumes and both checkpoints; "
@@ -249,7 +261,8 @@ def render_markdown(results: Dict[str, Any], results_path: str | Path, out: Opti
                   (("test Dice per method", figures.get("dice")),
                    ("validation Dice curves", figures.get("curves"))) if path]
     lines += [line.replace("### ", "#" * (heading_level + 1) + " ", 1) if line.startswith("### ") else line
-              for line in _quality(results, base) + _speed(results, groups) + _runs(records)]
+              for line in _quality(results, base) + _speed(results, groups)
+              + _runs(in_run_order(records, config_run_labels(results), lambda r: r.get("label")))]
     return "\n".join(lines) + "\n"
 
 

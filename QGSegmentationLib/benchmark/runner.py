@@ -36,6 +36,7 @@ from ..fileio import write_json_atomic
 from .config import BenchConfig, Job, expand_jobs, settings_of
 from .data import Split, prepare_splits
 from .evaluation import TestSet, evaluate_checkpoint, resolve_test_set
+from .report import speed_label
 from .resources import machine_description, peak_memory, reset_peak_memory
 
 RESULTS_FORMAT = "qgseg-benchmark-results"
@@ -376,7 +377,7 @@ class StudyRunner:
         new_rows = {run.label: {**row, "fingerprint": fingerprints[run.label]} for run, row in zip(todo, measured)}
         rows = [new_rows.get(run.label) or reusable[fingerprints[run.label]] for run in methods]
         selected = set(fingerprints.values())
-        rows += [row for row in previous if _speed_label(row) not in fingerprints
+        rows += [row for row in previous if speed_label(row) not in fingerprints
                  and row.get("fingerprint") not in selected]
         self.results.data["speed"] = {"device": str(self.device),
                                       "steps": self.config.speed.steps, "warmup": self.config.speed.warmup,
@@ -384,11 +385,6 @@ class StudyRunner:
                                       "predictor": "trained" if quality else "random-init (timing only)",
                                       "methods": rows}
         self.results.save()
-
-
-def _speed_label(row: Dict[str, Any]) -> str:
-    """The run label a speed row was measured for (`mt+qar,qw`)."""
-    return row["method"] + ("+" + ",".join(row["guidance"]) if row.get("guidance") else "")
 
 
 def _remove(folder: Path) -> None:
