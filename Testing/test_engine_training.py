@@ -121,7 +121,7 @@ def test_cli_train_predict_evaluate(phantom_3d, tmp_path, mode, patch):
     preds = tmp_path / "preds"
     res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--input", str(phantom_3d),
                   "--split", "test", "--output", str(preds), "--device", "cpu", "--run-dir", str(tmp_path / "p"), "--quiet",
-                  *(["--mirror"] if mode == "2d" else []))
+                  *(["--no-mirror"] if mode == "2d" else []))  # mirroring is the default
     assert res.returncode == 0, res.stderr
     spec = json.loads(phantom_3d.read_text())
     for entry in spec["test"]:

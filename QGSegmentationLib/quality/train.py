@@ -631,9 +631,12 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
         stage("weak segmenter snapshots", 2, 4)
         weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
 
+        weak_start = time.perf_counter()
+
         def weak_progress(step, total):
             if events is not None and (step % 10 == 0 or step == total):
-                events.progress(step, total, stage="weak segmenter")
+                eta = (time.perf_counter() - weak_start) / step * (total - step)  # snapshots' predictions included
+                events.progress(step, total, eta_s=eta, stage="weak segmenter")
 
         def make_weak_pool():
             with translate_oom("weak segmenter training"):
