@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -156,3 +157,38 @@ def test_train_cli_rejects_unknown_option_with_exit_2(spec, tmp_path, capsys):
                  "--set", "bogus=1", "--quiet"])
     assert code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_extra_masks_from_other_segmenters_join_the_weak_pool(spec, tmp_path):
+    """Folders of <case>.nrrd masks of training cases (e.g. `qgseg predict` outputs of other
+    segmenters) are read on their case's grid and served like weak snapshots."""
+    from QGSegmentationLib.data import io
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.train import load_cases
+    from QGSegmentationLib.quality.weak import load_mask_folders, merged_pool
+
+    folder, odd, wrong = tmp_path / "masks", tmp_path / "odd", tmp_path / "wrong"
+    shifted = {}
+    for ref in spec.training[:2]:
+        label, geometry = io.read_label(ref.label)
+        shifted[ref.id] = np.roll(label, 2, axis=2)                 # a misplaced but plausible mask
+        io.write_label(folder / f"{ref.id}.nrrd", shifted[ref.id], geometry)
+        cropped = dataclasses.replace(geometry, size=(geometry.size[0], geometry.size[1] - 2, geometry.size[2]))
+        io.write_label(wrong / f"{ref.id}.nrrd", label[:, :-2], cropped)
+    io.write_label(odd / "somebody_else.nrrd", label, geometry)
+    cases = load_cases(spec.training, spec.labels)
+    masks = load_mask_folders([folder], cases, n_foreground=1)
+    assert sorted(masks) == sorted(shifted)
+    for case_id, maps in masks.items():
+        assert len(maps) == 1 and np.array_equal(maps[0], shifted[case_id])
+    pool = merged_pool(None, masks, seed=0)
+    first = spec.training[0].id
+    assert np.array_equal(pool(first), shifted[first] > 0) and pool(spec.training[3].id) is None
+    with pytest.raises(DataError, match="wrong/.*differs from case"):
+        load_mask_folders([wrong], cases, n_foreground=1)
+    with pytest.raises(DataError, match="odd: no mask named after a training case"):
+        load_mask_folders([odd], cases, n_foreground=1)
+    result = train_quality_predictor(spec, {**TINY, "epochs": 1, "weak": None, "p_weak": 1.0,
+                                            "extra_masks": [str(folder)]}, tmp_path / "g", progress=False,
+                                     device="cpu")
+    assert result["epochs_run"] == 1

@@ -35,6 +35,8 @@ Examples:
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g --epochs 40 --backbone resnet18 \\
       --set samples_per_case=20 --set vqm.p_weak=0.1
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g --set p_weak=0.3 \\
+      --extra-masks runs/other_seg/pred_training   # masks of the training cases by another segmenter
 """
 
 EVALUATE_EPILOG = """\
@@ -87,6 +89,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--samples-per-case", type=int,
                        help="VQM masks per training case per epoch (default 50 on GPU, 8 on CPU)")
     train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--extra-masks", nargs="+", metavar="DIR",
+                       help="folders of <case>.nrrd segmentations of the training cases made by other "
+                            "(e.g. partially trained) segmenters, such as `qgseg predict --split "
+                            "training` outputs: real masks of known Dice, drawn with probability "
+                            "p_weak like the weak snapshots")
     add_run_options(train)
     train.set_defaults(func=run_train)
 
@@ -130,7 +137,8 @@ def _train_config(args) -> Dict[str, Any]:
 
     data = load_config_file(args.config) if args.config else {}
     for key, option in (("epochs", "epochs"), ("backbone", "backbone"), ("mode", "mode"),
-                        ("samples_per_case", "samples_per_case"), ("seed", "seed")):
+                        ("samples_per_case", "samples_per_case"), ("seed", "seed"),
+                        ("extra_masks", "extra_masks")):
         value = getattr(args, option, None)
         if value is not None:
             data[key] = value

@@ -88,6 +88,8 @@ class QualityTrainConfig:
     amp: str = "auto"                     # auto (on for CUDA) | on | off
     p_weak: float = 0.05                  # probability of a weak-segmenter mask (training only)
     weak: dict | None = field(default_factory=dict)  # WeakConfig fields; None disables weak masks
+    extra_masks: list = field(default_factory=list)  # folders of <case>.nrrd masks of training cases
+                                          # made by other segmenters; drawn with p_weak like snapshots
     p_patch: float = 0.3                  # share of "training patch" presentations
     flip: bool = True
     intensity_augmentation: bool = True
@@ -584,7 +586,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     from ..engine.distributed import DistributedContext
     from . import plots
     from .predictor import QualityPredictor, predictor_config, save_predictor
-    from .weak import WeakConfig, train_weak_snapshots
+    from .weak import WeakConfig, load_mask_folders, merged_pool, train_weak_snapshots
 
     if config is None:
         config = QualityTrainConfig()
@@ -649,6 +651,9 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
         dist.barrier()
         if not dist.is_main:
             weak_pool = make_weak_pool()
+    if config.extra_masks and config.p_weak > 0:
+        extra = load_mask_folders(config.extra_masks, train_cases, n_foreground)
+        weak_pool = merged_pool(weak_pool, extra, config.seed)
 
     stage("quality predictor", 3, 4)
     per_case = config.resolved_samples_per_case(dev.type)

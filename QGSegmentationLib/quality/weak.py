@@ -94,6 +94,52 @@ class WeakPool:
         return pool
 
 
+# ------------------------------------------------------------------------ masks from other tools
+
+MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+
+
+def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int) -> Dict[str, List[np.ndarray]]:
+    """{case id: [label map per folder]} of segmentations of training `cases` found in `folders`
+    (`<folder>/<case id>.nrrd`, e.g. `qgseg predict` outputs of other, partially trained
+    segmenters): real segmenter masks of known Dice, served like weak snapshots.
+
+    Each mask must lie on its case's grid (the size of the case's image) and use the declared
+    labels; a folder without a mask for any training case is an error (a wrong path)."""
+    from ..data import io
+
+    found: Dict[str, List[np.ndarray]] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: mask folder not found")
+        hits = 0
+        for case in cases:
+            path = next((folder / f"{case.id}{suffix}" for suffix in MASK_SUFFIXES
+                         if (folder / f"{case.id}{suffix}").is_file()), None)
+            if path is None:
+                continue
+            mask, _ = io.read_label(path, allowed_labels=list(range(n_foreground + 1)))
+            if mask.shape != case.label.shape:
+                raise DataError(f"{path}: mask size {mask.shape[::-1]} differs from case '{case.id}' "
+                                f"({case.label.shape[::-1]}, x y z); masks must be on their image's grid")
+            found.setdefault(case.id, []).append(np.asarray(mask, np.uint8))
+            hits += 1
+        if not hits:
+            raise DataError(f"{folder}: no mask named after a training case (<case id>.nrrd); "
+                            f"training cases: {', '.join(c.id for c in cases[:5])}...")
+    return found
+
+
+def merged_pool(pool: "WeakPool | None", extra: Mapping[str, Sequence[np.ndarray]], seed: int) -> "WeakPool | None":
+    """`pool`'s snapshots plus the `extra` masks per case (either may be empty)."""
+    if not extra:
+        return pool
+    predictions = {k: list(v) for k, v in (pool.predictions if pool is not None else {}).items()}
+    for case_id, masks in extra.items():
+        predictions.setdefault(case_id, []).extend(masks)
+    return WeakPool(predictions, pool.snapshots if pool is not None else (), seed=seed)
+
+
 # ------------------------------------------------------------------------------ cache on disk
 
 def save_predictions(folder: str | os.PathLike, predictions: Mapping[str, Sequence[np.ndarray]],
