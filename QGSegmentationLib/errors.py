@@ -58,3 +58,15 @@ class CudaUnavailableError(QGSegError):
 
     exit_code = EXIT_BAD_INPUT
     kind = "cuda_unavailable"
+
+
+def check_option_names(given, cls, source: str) -> None:
+    """Raise ConfigError when the mapping `given` has keys that are not fields of dataclass `cls`,
+    listing the valid ones (so a typo in a config file fails at once, naming the fix)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
+                          f"valid options: {', '.join(sorted(names))}")

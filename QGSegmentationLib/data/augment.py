@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_option_names
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,8 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, options: dict | None, source: str = "augmentation") -> "AugmentConfig":
         """Build from a mapping of overrides; unknown names raise ConfigError listing the valid ones."""
-        import dataclasses
-
         options = dict(options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
-                              f"valid options: {', '.join(sorted(names))}")
+        check_option_names(options, cls, source)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
     def __post_init__(self):

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_option_names
 
 #: Names registered in `ssl.methods.METHODS` (kept here so a parser can offer them without torch;
 #: a test checks the two agree).
@@ -103,11 +103,7 @@ class SSLConfig:
     def from_dict(cls, data: Optional[Mapping[str, Any]], source: str = "ssl") -> "SSLConfig":
         """Build from a mapping; unknown keys raise a ConfigError that lists the valid ones."""
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
-                              f"valid options: {', '.join(sorted(names))}")
+        check_option_names(data, cls, source)
         return cls(**data)
 
     def to_dict(self) -> dict:
