@@ -8,6 +8,7 @@ with two networks (CPS, dual-network) are evaluated as the average of their soft
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -41,8 +42,6 @@ class MirroredEnsemble(torch.nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import itertools
-
         spatial = tuple(range(2, x.ndim))
         total = None
         combos = [c for r in range(len(spatial) + 1) for c in itertools.combinations(spatial, r)]

@@ -360,9 +360,9 @@ class StudyRunner:
         if not methods:
             return
         sp = self.config.speed
-        timing = (sp.steps, sp.warmup, sp.rounds)
-        fingerprints = {run.label: self.config.fingerprint(self.config.train_options, self.config.quality, timing,
-                                                           run.label, run.train, str(self.device))
+        fingerprints = {run.label: self.config.fingerprint(self.config.train_options, self.config.quality,
+                                                           (sp.steps, sp.warmup, sp.rounds), run.label,
+                                                           run.train, str(self.device))
                         for run in methods}
         previous = (self.results.data.get("speed") or {}).get("methods") or []
         reusable = {row.get("fingerprint"): row for row in previous} if self.reuse else {}
@@ -376,12 +376,9 @@ class StudyRunner:
                                  quality_checkpoint=quality["checkpoint"] if quality else None)
         new_rows = {run.label: {**row, "fingerprint": fingerprints[run.label]} for run, row in zip(todo, measured)}
         rows = [new_rows.get(run.label) or reusable[fingerprints[run.label]] for run in methods]
-        selected = set(fingerprints.values())
-        rows += [row for row in previous if speed_label(row) not in fingerprints
-                 and row.get("fingerprint") not in selected]
-        self.results.data["speed"] = {"device": str(self.device),
-                                      "steps": self.config.speed.steps, "warmup": self.config.speed.warmup,
-                                      "rounds": self.config.speed.rounds,
+        rows += [row for row in previous if speed_label(row) not in fingerprints]  # runs not selected now
+        self.results.data["speed"] = {"device": str(self.device), "steps": sp.steps, "warmup": sp.warmup,
+                                      "rounds": sp.rounds,
                                       "predictor": "trained" if quality else "random-init (timing only)",
                                       "methods": rows}
         self.results.save()

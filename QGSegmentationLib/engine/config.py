@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_option_names
 
 
 @dataclass
@@ -72,11 +72,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
-                              f"valid options: {', '.join(sorted(names))}")
+        check_option_names(data, cls, source)
         cfg = cls(**data)
         cfg.validate()
         return cfg
