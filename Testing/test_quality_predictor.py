@@ -133,3 +133,45 @@ def test_label_to_channels_and_foreground_channels():
     assert channels[0].tolist() == [[0, 1], [0, 1]] and channels[1].tolist() == [[0, 0], [1, 0]]
     probs = torch.rand(1, 3, 4, 4)
     assert torch.equal(presentation.foreground_channels(probs), probs[:, 1:])
+
+
+def test_soft_dice_against_hand_values():
+    from QGSegmentationLib.quality.predictor import soft_dice
+
+    a = torch.zeros(1, 2, 4, 4)
+    b = torch.zeros(1, 2, 4, 4)
+    a[0, 0, :2] = 1          # 8 voxels
+    b[0, 0, 1:3] = 1         # 8 voxels, 4 shared -> 2*4/16
+    a[0, 1, 0, 0] = 0.5      # soft: 2*0.5*1 / (0.5 + 1)
+    b[0, 1, 0, 0] = 1.0
+    assert torch.allclose(soft_dice(a, b), torch.tensor([[0.5, 1.0 / 1.5]]), atol=1e-5)
+    assert soft_dice(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3)).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode,grid", [("2d", (32, 32)), ("3d", (16, 16, 16))])
+def test_segmentation_head_segments_the_image_alone_and_survives_save_load(mode, grid, tmp_path):
+    torch.manual_seed(0)
+    model = QualityPredictor(mode=mode, n_foreground=2, grid_size=grid, segmentation_head=True).eval()
+    image, mask = torch.randn(2, 1, *grid), torch.rand(2, 2, *grid)
+    with torch.no_grad():
+        dice, segmentation = model(image, mask, with_segmentation=True)
+        assert torch.equal(dice, model(image, mask))
+        # the head's segmentation depends on the image only, not on the candidate
+        assert torch.equal(model(image, torch.rand(2, 2, *grid), with_segmentation=True)[1], segmentation)
+    assert dice.shape == (2, 2) and segmentation.shape == (2, 3, *grid)
+    save_predictor(tmp_path / "g.pt", model)
+    again = load_predictor(tmp_path / "g.pt")
+    assert again.config["segmentation_head"] is True
+    with torch.no_grad():
+        assert torch.allclose(again(image, mask), dice)
+    plain = QualityPredictor(mode=mode, n_foreground=2, grid_size=grid)
+    assert plain.segmenter is None and plain(image, mask, with_segmentation=True)[1] is None
+
+
+def test_predictor_files_without_the_head_option_load_as_the_plain_predictor(tmp_path):
+    model = QualityPredictor(mode="2d", n_foreground=1, grid_size=(16, 16))
+    save_predictor(tmp_path / "g.pt", model)
+    state = torch.load(tmp_path / "g.pt", weights_only=True)
+    del state["config"]["segmentation_head"]         # a file written before the option existed
+    torch.save(state, tmp_path / "old.pt")
+    assert load_predictor(tmp_path / "old.pt").segmenter is None

@@ -192,3 +192,59 @@ def test_extra_masks_from_other_segmenters_join_the_weak_pool(spec, tmp_path):
                                             "extra_masks": [str(folder)]}, tmp_path / "g", progress=False,
                                      device="cpu")
     assert result["epochs_run"] == 1
+
+
+def test_validation_masks_of_real_segmenters_join_early_stopping(spec, tmp_path):
+    """Real masks of the validation cases are scored exactly as `qgseg quality score` would, and
+    the early-stopping criterion is the mean of the synthetic-mask and real-mask MAE."""
+    from QGSegmentationLib.data import io
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.score import predict_volume
+    from QGSegmentationLib.quality.train import load_cases
+
+    config = {**TINY, "epochs": 1, "weak": None, "p_weak": 0.0, "seed": 3}
+    plain = train_quality_predictor(spec, config, tmp_path / "plain", progress=False, device="cpu")
+    validation_ids = load_predictor(plain["best_checkpoint"]).meta["validation_cases"]
+    case = next(c for c in load_cases(spec.training, spec.labels) if c.id == validation_ids[0])
+    folders, masks = [tmp_path / "seg_a", tmp_path / "seg_b"], []
+    _, geometry = io.read_label(next(r.label for r in spec.training if r.id == case.id))
+    for shift, folder in zip((1, 3), folders):
+        masks.append(np.roll(case.label, shift, axis=2))
+        io.write_label(folder / f"{case.id}.nrrd", masks[-1], geometry)
+
+    run = tmp_path / "with_real"
+    result = train_quality_predictor(spec, {**config, "validation_masks": [str(f) for f in folders]},
+                                     run, progress=False, device="cpu")
+    record = result["history"][0]
+    model = load_predictor(result["best_checkpoint"])
+    errors = [abs(float(predict_volume(model, case.image, m, case.spacing)[0])
+                  - float(dice_per_class(m, case.label, 1)[0])) for m in masks]
+    assert record["val_mae_real"] == pytest.approx(np.mean(errors), abs=1e-5)
+    assert record["val_mae"] == pytest.approx(0.5 * (record["val_mae_synthetic"] + record["val_mae_real"]))
+    assert record["val_mae_synthetic"] == pytest.approx(plain["history"][0]["val_mae"], abs=1e-6)
+    assert "val_mae_real" not in plain["history"][0]
+    with pytest.raises(DataError, match="seg_c: mask folder not found"):
+        train_quality_predictor(spec, {**config, "validation_masks": [str(tmp_path / "seg_c")]},
+                                tmp_path / "bad", progress=False, device="cpu")
+
+
+def test_segmentation_loss_rewards_the_reference_and_trains_the_head(spec, tmp_path):
+    from QGSegmentationLib.quality.train import segmentation_loss
+
+    reference = torch.zeros(2, 1, 8, 8, 8)
+    reference[:, :, 2:6, 2:6, 2:6] = 1
+    right = torch.cat([1 - reference, reference], 1) * 20 - 10      # confident and correct
+    assert segmentation_loss(right, reference).item() < 1e-3
+    assert segmentation_loss(-right, reference).item() > 5
+
+    config = {**TINY, "epochs": 2, "weak": None, "p_weak": 0.0, "segmentation_head": True}
+    result = train_quality_predictor(spec, config, tmp_path / "g", progress=False, device="cpu")
+    without = train_quality_predictor(spec, {**config, "segmentation_weight": 0.0}, tmp_path / "g0",
+                                      progress=False, device="cpu")
+    heads = [load_predictor(r["best_checkpoint"]).segmenter.state_dict() for r in (result, without)]
+    changed = [name for name, value in heads[0].items()
+               if value.is_floating_point() and not torch.allclose(value, heads[1][name])]
+    assert changed, "the auxiliary segmentation loss did not reach the head"
+    with pytest.raises(ConfigError, match="another configuration"):
+        train_quality_predictor(spec, {**config, "segmentation_head": False, "epochs": 3}, tmp_path / "g",
+                                progress=False, device="cpu")

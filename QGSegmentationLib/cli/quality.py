@@ -37,6 +37,8 @@ Examples:
       --set samples_per_case=20 --set vqm.p_weak=0.1
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g --set p_weak=0.3 \\
       --extra-masks runs/other_seg/pred_training   # masks of the training cases by another segmenter
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g \
+      --validation-masks runs/other_seg/pred_validation  # early stopping also on real masks
 """
 
 EVALUATE_EPILOG = """\
@@ -94,6 +96,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                             "(e.g. partially trained) segmenters, such as `qgseg predict --split "
                             "training` outputs: real masks of known Dice, drawn with probability "
                             "p_weak like the weak snapshots")
+    train.add_argument("--validation-masks", nargs="+", metavar="DIR",
+                       help="folders of <case>.nrrd segmentations of the validation cases by real "
+                            "segmenters (e.g. `qgseg predict --split validation`): early stopping then "
+                            "selects g on the mean of its synthetic-mask and real-mask validation MAE")
     add_run_options(train)
     train.set_defaults(func=run_train)
 
@@ -138,7 +144,7 @@ def _train_config(args) -> Dict[str, Any]:
     data = load_config_file(args.config) if args.config else {}
     for key, option in (("epochs", "epochs"), ("backbone", "backbone"), ("mode", "mode"),
                         ("samples_per_case", "samples_per_case"), ("seed", "seed"),
-                        ("extra_masks", "extra_masks")):
+                        ("extra_masks", "extra_masks"), ("validation_masks", "validation_masks")):
         value = getattr(args, option, None)
         if value is not None:
             data[key] = value

@@ -8,6 +8,14 @@ to have against the (unknown) reference.
     backbone (registry QUALITY_BACKBONES) -> pooled features (B, F)
     head: Dropout(0.15) -> Linear(F, 256) -> ReLU -> Dropout(0.15) -> Linear(256, K) -> sigmoid
 
+With `segmentation_head` (off by default), g also segments the image itself: a small U-Net on
+the image alone predicts the structure on the grid (trained against the presented reference as an
+auxiliary loss), its foreground probabilities join the backbone's input, and the soft Dice between
+the candidate and that segmentation joins the head's input. The regression then starts from an
+explicit estimate of where the reference is, instead of having to infer boundary agreement from
+global features of 16-odd training cases; the U-Net sees only the image, so g still judges the
+candidate against the image and not against itself.
+
 The backbone "convnet" (default) is a small strided CNN that scores a 48^3 grid in tens of
 milliseconds on a CPU; MONAI ResNet-18/34, DenseNet-121 and EfficientNet-B0 are available for GPU
 training (all from scratch: no pretrained weights are downloaded, and 3D has none anyway).
@@ -141,7 +149,8 @@ def _efficientnet_b0(spatial_dims: int, in_channels: int, **options):
 
 def predictor_config(n_foreground: int = 1, mode: str = "3d", backbone: str = "convnet",
                      grid_size: Sequence[int] | None = None, backbone_options: Mapping | None = None,
-                     class_names: Sequence[str] | None = None, **extra: Any) -> Dict[str, Any]:
+                     class_names: Sequence[str] | None = None, segmentation_head: bool = False,
+                     **extra: Any) -> Dict[str, Any]:
     """The plain-dict configuration a QualityPredictor is built from (and saved with)."""
     extra.pop("spatial_dims", None)  # derived from mode
     if mode not in ("2d", "3d"):
@@ -158,7 +167,8 @@ def predictor_config(n_foreground: int = 1, mode: str = "3d", backbone: str = "c
         raise ConfigError(f"{len(names)} class names given for {n_foreground} foreground classes")
     return {"backbone": str(backbone).lower(), "mode": mode, "spatial_dims": dims,
             "grid_size": list(grid), "n_foreground": int(n_foreground),
-            "backbone_options": dict(backbone_options or {}), "class_names": names, **extra}
+            "backbone_options": dict(backbone_options or {}), "class_names": names,
+            "segmentation_head": bool(segmentation_head), **extra}
 
 
 class QualityPredictor(nn.Module):
@@ -173,10 +183,13 @@ class QualityPredictor(nn.Module):
         self.n_foreground = cfg["n_foreground"]
         self.grid_size = tuple(cfg["grid_size"])
         build = QUALITY_BACKBONES.get(cfg["backbone"])
-        self.backbone, width = build(self.spatial_dims, 1 + self.n_foreground,
+        self.segmenter = _segmentation_head(self.spatial_dims, self.n_foreground) \
+            if cfg.get("segmentation_head") else None
+        extra_inputs = self.n_foreground if self.segmenter is not None else 0
+        self.backbone, width = build(self.spatial_dims, 1 + self.n_foreground + extra_inputs,
                                      **cfg["backbone_options"])
         self.head = nn.Sequential(
-            nn.Dropout(HEAD_DROPOUT), nn.Linear(width, HEAD_HIDDEN), nn.ReLU(inplace=True),
+            nn.Dropout(HEAD_DROPOUT), nn.Linear(width + extra_inputs, HEAD_HIDDEN), nn.ReLU(inplace=True),
             nn.Dropout(HEAD_DROPOUT), nn.Linear(HEAD_HIDDEN, self.n_foreground))
 
     def check_inputs(self, image: torch.Tensor, mask: torch.Tensor) -> None:
@@ -193,18 +206,46 @@ class QualityPredictor(nn.Module):
             raise ConfigError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} differ in batch or "
                               "spatial size")
 
-    def logits(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def logits_and_segmentation(self, image: torch.Tensor, mask: torch.Tensor):
+        """(Dice logits (B,K), segmentation logits (B,K+1,*grid) or None without a head)."""
         self.check_inputs(image, mask)
         if tuple(image.shape[2:]) != self.grid_size:
             from .presentation import resize_to_grid
 
             image = resize_to_grid(image, self.grid_size)
             mask = resize_to_grid(mask, self.grid_size)
-        x = torch.cat([image, mask.to(image.dtype)], dim=1)
-        return self.head(self.backbone(x))
+        mask = mask.to(image.dtype)
+        if self.segmenter is None:
+            return self.head(self.backbone(torch.cat([image, mask], dim=1))), None
+        segmentation = self.segmenter(image)
+        estimate = torch.softmax(segmentation.float(), dim=1)[:, 1:].to(image.dtype)
+        agreement = soft_dice(mask, estimate)
+        features = self.backbone(torch.cat([image, mask, estimate], dim=1))
+        return self.head(torch.cat([features, agreement.to(features.dtype)], dim=1)), segmentation
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(image, mask))
+    def logits(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_segmentation(image, mask)[0]
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, with_segmentation: bool = False):
+        """Predicted Dice (B,K); with `with_segmentation`, also the segmentation head's logits
+        (None without a head) - training calls it so through the DDP wrapper."""
+        logits, segmentation = self.logits_and_segmentation(image, mask)
+        return (torch.sigmoid(logits), segmentation) if with_segmentation else torch.sigmoid(logits)
+
+
+def soft_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample, per-channel soft Dice of two (B, K, *spatial) maps -> (B, K); both empty -> 1."""
+    dims = tuple(range(2, a.ndim))
+    a, b = a.float(), b.float()
+    return (2 * (a * b).sum(dims) + eps) / (a.sum(dims) + b.sum(dims) + eps)
+
+
+def _segmentation_head(spatial_dims: int, n_foreground: int) -> nn.Module:
+    """The image-only U-Net of g's optional segmentation head (16-128 channels, 3 poolings)."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=spatial_dims, in_channels=1, out_channels=n_foreground + 1,
+                channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1, norm="batch")
 
 
 # ------------------------------------------------------------------------------- save / load

@@ -24,7 +24,10 @@ making samples.
 
 Optimisation follows the paper: AdamW (lr 3e-4, wd 5e-4), cosine warm restarts (T0 10, Tmult 2,
 eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clipping 1, AMP on CUDA,
-early stopping on validation MAE (patience 25). `checkpoints/best.pt` (lowest validation MAE) and
+early stopping on validation MAE (patience 25). Validation uses VQM masks of the validation cases
+and, when `validation_masks` names folders of real segmentations of those cases, the mean of the
+synthetic-mask and real-mask MAE (`validation_scores`): corruptions alone can select an epoch
+that is worse on the masks g will actually score. `checkpoints/best.pt` (lowest validation MAE) and
 `checkpoints/last.pt` (full training state; a rerun in the same folder resumes from it) are
 written atomically into the run folder with a training curve PNG and the history as JSON.
 
@@ -69,6 +72,8 @@ class QualityTrainConfig:
     mode: str = "3d"                      # "3d" volumes or "2d" slices along z
     backbone: str = "convnet"             # QUALITY_BACKBONES name
     backbone_options: dict = field(default_factory=dict)
+    segmentation_head: bool = False       # g also segments the image (predictor.py); off: the paper's g
+    segmentation_weight: float = 1.0      # weight of that head's auxiliary Dice + CE loss
     grid_size: list | None = None         # None: 48^3 (3d) / 128^2 (2d)
     samples_per_case: int | None = None   # K per training case per epoch; None: 50 CUDA, 8 CPU
     val_samples_per_case: int = 5
@@ -90,6 +95,8 @@ class QualityTrainConfig:
     weak: dict | None = field(default_factory=dict)  # WeakConfig fields; None disables weak masks
     extra_masks: list = field(default_factory=list)  # folders of <case>.nrrd masks of training cases
                                           # made by other segmenters; drawn with p_weak like snapshots
+    validation_masks: list = field(default_factory=list)  # folders of <case>.nrrd masks of validation
+                                          # cases by real segmenters: early stopping then also watches them
     p_patch: float = 0.3                  # share of "training patch" presentations
     flip: bool = True
     intensity_augmentation: bool = True
@@ -133,6 +140,8 @@ class QualityTrainConfig:
                 bad(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             bad("lr must be > 0 and weight_decay >= 0")
+        if float(self.segmentation_weight) < 0:
+            bad(f"segmentation_weight must be >= 0, got {self.segmentation_weight}")
 
     def resolved_samples_per_case(self, device_type: str) -> int:
         if self.samples_per_case is not None:
@@ -348,16 +357,42 @@ def generate_sample(case: VolumeCase, spec: SampleSpec, rng: np.random.Generator
     # Mask-box crops predict the whole-volume Dice (what scoring reports); patches the patch Dice.
     target = dice_per_class(candidate[box], label[box], spec.n_foreground) if view == "patch" \
         else target_whole
+    image_t, mask_t = _present_box(image, candidate, box, spec)
+    if spec.train and spec.intensity:
+        image_t = intensity_augment(image_t[None], rng)[0]
+    return {"image": image_t, "mask": mask_t, "reference": _present_box(image, label, box, spec)[1],
+            "target": torch.from_numpy(target), "category": "+".join(categories), "view": view,
+            "case": case.id}
+
+
+def _present_box(image: np.ndarray, candidate: np.ndarray, box: tuple, spec: SampleSpec):
+    """(image (1,*grid), mask (K,*grid)) float tensors of `box` of a volume and a candidate label map."""
     image_crop = np.ascontiguousarray(image[box])
     mask_crop = label_to_channels(candidate[box], spec.n_foreground + 1)
     shown = present(image_crop, mask_crop, grid=spec.grid,
                     box=tuple(slice(0, s) for s in image_crop.shape))
-    image_t = shown.image[0]
-    if spec.train and spec.intensity:
-        image_t = intensity_augment(image_t[None], rng)[0]
-    return {"image": image_t.float(), "mask": shown.mask[0].float(),
-            "target": torch.from_numpy(target), "category": "+".join(categories), "view": view,
-            "case": case.id}
+    return shown.image[0].float(), shown.mask[0].float()
+
+
+def real_mask_samples(case: VolumeCase, masks: Sequence[np.ndarray], spec: SampleSpec) -> List[Dict[str, Any]]:
+    """Validation samples of `case` from real segmenter label maps on its grid, shown exactly as
+    scoring shows a mask (mask-box crop of the whole volume; no flips, no augmentation). In 2D,
+    each mask gives the slice with the most reference foreground."""
+    import torch
+
+    samples = []
+    for index, candidate in enumerate(masks):
+        image, label, spacing = case.image, case.label, tuple(case.spacing)
+        if spec.mode == "2d":
+            z = int(np.argmax(label.reshape(label.shape[0], -1).astype(bool).sum(1)))
+            image, label, candidate, spacing = image[z], label[z], candidate[z], spacing[1:]
+        box = crop_box(candidate > 0, spacing)
+        image_t, mask_t = _present_box(image, candidate, box, spec)
+        target = dice_per_class(candidate, label, spec.n_foreground)
+        samples.append({"image": image_t, "mask": mask_t, "reference": _present_box(image, label, box, spec)[1],
+                        "target": torch.from_numpy(target), "category": f"real:{index}",
+                        "view": "mask_box", "case": case.id})
+    return samples
 
 
 class VQMDataset:
@@ -398,7 +433,7 @@ def _reflip(sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
     dims = [d for d in range(1, sample["image"].dim()) if rng.random() < 0.5]
     if not dims:
         return sample
-    return {**sample, "image": sample["image"].flip(dims), "mask": sample["mask"].flip(dims)}
+    return {**sample, **{key: sample[key].flip(dims) for key in ("image", "mask", "reference")}}
 
 
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -406,12 +441,29 @@ def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
 
     return {"image": torch.stack([it["image"] for it in items]),
             "mask": torch.stack([it["mask"] for it in items]),
+            "reference": torch.stack([it["reference"] for it in items]),
             "target": torch.stack([it["target"] for it in items]),
             "category": [it["category"] for it in items], "view": [it["view"] for it in items],
             "case": [it["case"] for it in items]}
 
 
 # --------------------------------------------------------------------------------- metrics
+
+def validation_scores(predictions: np.ndarray, targets: np.ndarray, n_synthetic: int) -> Dict[str, float]:
+    """Validation MAE and Pearson of g. The first `n_synthetic` rows are VQM samples, the rest
+    masks of real segmenters. With real masks, `val_mae` (the early-stopping criterion) is the
+    mean of the synthetic and the real MAE, so that g is selected for the masks it will score and
+    not only for corruptions; `val_pearson` pools both. Per-source numbers are reported too."""
+    errors = np.abs(predictions - targets)
+    scores = {"val_mae": float(errors.mean()), "val_pearson": pearson(predictions.ravel(), targets.ravel())}
+    if len(targets) > n_synthetic:
+        synthetic, real = slice(0, n_synthetic), slice(n_synthetic, None)
+        scores.update({"val_mae_synthetic": float(errors[synthetic].mean()),
+                       "val_mae_real": float(errors[real].mean()),
+                       "val_pearson_real": pearson(predictions[real].ravel(), targets[real].ravel())})
+        scores["val_mae"] = 0.5 * (scores["val_mae_synthetic"] + scores["val_mae_real"])
+    return scores
+
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:
     """Pearson correlation; 0 when either side is constant (no linear relation measurable)."""
@@ -495,6 +547,20 @@ def _loader(dataset, batch_size, shuffle, workers, seed, drop_last=False, rank=0
                           generator=generator)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate, generator=generator, drop_last=drop_last)
+
+
+def segmentation_loss(logits, reference):
+    """Soft Dice + cross-entropy of g's segmentation head (B,K+1,*grid) against the presented
+    reference (B,K,*grid), whose resizing leaves soft partial-volume edges (soft targets)."""
+    import torch
+
+    from .predictor import soft_dice
+
+    reference = reference.float().clamp(0, 1)
+    target = torch.cat([(1 - reference.sum(1, keepdim=True)).clamp(0, 1), reference], dim=1)
+    cross_entropy = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    dice = soft_dice(torch.softmax(logits, dim=1)[:, 1:], reference).mean()
+    return cross_entropy + (1 - dice)
 
 
 def predict_batches(model, batches, device, amp_dtype=None) -> np.ndarray:
@@ -624,7 +690,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     model_config = predictor_config(n_foreground=n_foreground, mode=config.mode,
                                     backbone=config.backbone, grid_size=config.grid_size,
                                     backbone_options=config.backbone_options,
-                                    class_names=[labels[v] for v in range(1, n_foreground + 1)])
+                                    class_names=[labels[v] for v in range(1, n_foreground + 1)],
+                                    segmentation_head=config.segmentation_head)
     grid = tuple(model_config["grid_size"])
     vqm_config = _make_vqm_config(config.vqm, config.p_weak)
 
@@ -670,6 +737,12 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     t0 = time.time()
     # rank 0 validates for everyone (the others receive its numbers)
     val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed)) if dist.is_main else []
+    n_synthetic = len(val_set)
+    if config.validation_masks and dist.is_main:
+        real = load_mask_folders(config.validation_masks, val_cases, n_foreground, role="validation")
+        real_samples = [s for case in val_cases for s in real_mask_samples(case, real.get(case.id, []), val_spec)]
+        val_batches += [collate(real_samples[i:i + config.batch_size])
+                        for i in range(0, len(real_samples), config.batch_size)]
     val_targets = torch.cat([b["target"] for b in val_batches]).numpy() if val_batches else None
     val_make_s = time.time() - t0
 
@@ -692,7 +765,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     if state is not None:
         if state.get("config", {}).get("grid_size") != model_config["grid_size"] or \
                 state.get("config", {}).get("backbone") != model_config["backbone"] or \
-                state.get("config", {}).get("n_foreground") != n_foreground:
+                state.get("config", {}).get("n_foreground") != n_foreground or \
+                bool(state.get("config", {}).get("segmentation_head")) != config.segmentation_head:
             raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
                               "configuration; use a new --run-dir or delete that file to start over")
         model.load_state_dict(state["state_dict"])
@@ -754,8 +828,11 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     target = batch["target"].to(dev)
                     optimizer.zero_grad(set_to_none=True)
                     with _autocast(dev, amp_dtype):
-                        pred = train_model(image, mask)
+                        pred, segmentation = train_model(image, mask, with_segmentation=True)
                     loss = loss_fn(pred.float(), target)
+                    if segmentation is not None:
+                        loss = loss + config.segmentation_weight * segmentation_loss(
+                            segmentation.float(), batch["reference"].to(dev))
                     if scaler is not None:
                         scaler.scale(loss).backward()
                         scaler.unscale_(optimizer)
@@ -780,20 +857,19 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     if bar is not None:
                         bar.update(1)
                 if dist.is_main:
-                    predictions = predict_batches(model, val_batches, dev, amp_dtype)
-                    val_mae = float(np.abs(predictions - val_targets).mean())
-                    val_r = pearson(predictions.ravel(), val_targets.ravel())
-                val_mae, val_r = dist.broadcast_object((val_mae, val_r) if dist.is_main else None)
+                    scores = validation_scores(predict_batches(model, val_batches, dev, amp_dtype),
+                                               val_targets, n_synthetic)
+                scores = dist.broadcast_object(scores if dist.is_main else None)
+                val_mae, val_r = scores["val_mae"], scores["val_pearson"]
                 train_loss = float(np.mean(losses)) if losses else None
                 if dist.enabled:  # the mean over ranks of their mean batch losses
                     train_loss = dist.mean_dict({"loss": train_loss} if losses else {}).get("loss")
-                record = {"epoch": epoch + 1, "train_loss": train_loss,
-                          "val_mae": val_mae, "val_pearson": val_r,
+                record = {"epoch": epoch + 1, "train_loss": train_loss, **scores,
                           "lr": float(optimizer.param_groups[0]["lr"])}
                 history.append(record)
                 if events is not None:
-                    events.metric("val_mae", val_mae, step=epoch + 1, split="validation")
-                    events.metric("val_pearson", val_r, step=epoch + 1, split="validation")
+                    for name, value in scores.items():
+                        events.metric(name, value, step=epoch + 1, split="validation")
                     if record["train_loss"] is not None:
                         events.metric("train_loss", record["train_loss"], step=epoch + 1, split="train")
                 improved = val_mae < best["val_mae"]
@@ -823,7 +899,9 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     best_model = load_predictor(best_path, dev)
     val_pred = predict_batches(best_model, val_batches, dev, amp_dtype)
     calibration = plots.calibration_scatter(val_pred.ravel(), val_targets.ravel(),
-                                            run_dir / CALIBRATION_FILE, title="validation VQMs")
+                                            run_dir / CALIBRATION_FILE,
+                                            title="validation VQMs" + (" and real masks" if
+                                                                       len(val_targets) > n_synthetic else ""))
     total_make = make_s + val_make_s
     timing = {"seconds_per_sample": (make_s / made) if made else None,
               "sample_time_fraction": (make_s / (make_s + step_s)) if (make_s + step_s) > 0 else None,

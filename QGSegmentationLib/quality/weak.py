@@ -99,8 +99,10 @@ class WeakPool:
 MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
-def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int) -> Dict[str, List[np.ndarray]]:
-    """{case id: [label map per folder]} of segmentations of training `cases` found in `folders`
+def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int,
+                      role: str = "training") -> Dict[str, List[np.ndarray]]:
+    """{case id: [label map per folder]} of segmentations of `cases` (`role`: which cases, for
+    messages) found in `folders`
     (`<folder>/<case id>.nrrd`, e.g. `qgseg predict` outputs of other, partially trained
     segmenters): real segmenter masks of known Dice, served like weak snapshots.
 
@@ -125,8 +127,9 @@ def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_f
             found.setdefault(case.id, []).append(np.asarray(mask, np.uint8))
             hits += 1
         if not hits:
-            raise DataError(f"{folder}: no mask named after a training case (<case id>.nrrd); "
-                            f"training cases: {', '.join(c.id for c in cases[:5])}...")
+            raise DataError(f"{folder}: no mask named after a {role} case (<case id>.nrrd); "
+                            f"{role} cases: {', '.join(c.id for c in cases[:5])}"
+                            + ("..." if len(cases) > 5 else ""))
     return found
 
 
