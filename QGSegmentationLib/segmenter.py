@@ -2,7 +2,8 @@
 
 `load_segmenter(path)` rebuilds exactly what training used (network names and options, mode,
 patch size, preprocessing) from the checkpoint, so inference needs nothing but the file. Methods
-with two networks (CPS, dual-network) are evaluated as the average of their softmaxes.
+with two networks (CPS, dual-network) are evaluated as the average of their softmaxes, and so
+are several checkpoints given together (`ensemble_segmenters`: e.g. best and last, or several seeds).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from .engine.checkpoint import load_checkpoint
+from .errors import ConfigError
 
 
 class SoftmaxEnsemble(torch.nn.Module):
@@ -97,3 +99,19 @@ def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
     labels = {int(k): v for k, v in state["labels"].items()}
     return Segmenter(SoftmaxEnsemble(nets).eval(), int(state["n_classes"]), labels, state["mode"],
                      tuple(state["patch_size"]), preprocessor, cfg, Path(path))
+
+
+def ensemble_segmenters(segmenters: List[Segmenter]) -> Segmenter:
+    """One segmenter averaging the softmax of `segmenters` (checkpoints of the same task: same
+    mode, labels and preprocessing; the first one's window size is used)."""
+    first = segmenters[0]
+    for other in segmenters[1:]:
+        for what, mine, theirs in (("mode", first.mode, other.mode), ("labels", first.labels, other.labels),
+                                   ("preprocessing", first.preprocessor.config, other.preprocessor.config)):
+            if mine != theirs:
+                raise ConfigError(f"{other.path}: cannot be ensembled with {first.path}: its {what} "
+                                  f"differs ({theirs} vs {mine})")
+    if len(segmenters) == 1:
+        return first
+    network = SoftmaxEnsemble([s.network for s in segmenters]).eval()
+    return dataclasses.replace(first, network=network)

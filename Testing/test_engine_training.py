@@ -18,7 +18,7 @@ from QGSegmentationLib.engine.checkpoint import load_checkpoint
 from QGSegmentationLib.engine.config import TrainConfig
 from QGSegmentationLib.engine.events import read_events, validate_stream
 from QGSegmentationLib.engine.trainer import Trainer
-from QGSegmentationLib.errors import CancelledError
+from QGSegmentationLib.errors import CancelledError, ConfigError
 
 from conftest import REPO, run_cli
 
@@ -119,7 +119,8 @@ def test_cli_train_predict_evaluate(phantom_3d, tmp_path, mode, patch):
     assert manifest["config"]["mode"] == mode and manifest["seed"] == 0 and manifest["versions"]["torch"]
 
     preds = tmp_path / "preds"
-    res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--input", str(phantom_3d),
+    res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"),  # an ensemble of two
+                  str(run / "checkpoints" / "last.pt"), "--input", str(phantom_3d),
                   "--split", "test", "--output", str(preds), "--device", "cpu", "--run-dir", str(tmp_path / "p"), "--quiet",
                   *(["--no-mirror"] if mode == "2d" else []))  # mirroring is the default
     assert res.returncode == 0, res.stderr
@@ -142,6 +143,27 @@ def test_multiclass_training_runs(phantom_multiclass, tmp_path):
     result = Trainer(tiny_config(phantom_multiclass, iterations=4, val_every=4), tmp_path / "mc",
                      progress_bar=False).fit()
     assert load_checkpoint(result.last_checkpoint)["n_classes"] == 3
+
+
+def test_checkpoint_ensemble_averages_softmaxes_of_compatible_segmenters(phantom_3d, phantom_multiclass, tmp_path):
+    from QGSegmentationLib.segmenter import ensemble_segmenters, load_segmenter
+
+    paths = []
+    for seed in (0, 1):
+        config = tiny_config(phantom_3d, iterations=2, val_every=2, seed=seed)
+        paths.append(Trainer(config, tmp_path / f"s{seed}", progress_bar=False).fit().last_checkpoint)
+    members = [load_segmenter(p) for p in paths]
+    combined = ensemble_segmenters(members)
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        by_hand = sum(torch.softmax(m.network(x), 1) for m in members) / 2
+        assert torch.allclose(torch.exp(combined.network(x)), by_hand, atol=1e-5)
+        assert not torch.allclose(torch.softmax(members[0].network(x), 1), by_hand, atol=1e-4)
+    assert ensemble_segmenters(members[:1]) is members[0]
+    other = Trainer(tiny_config(phantom_multiclass, iterations=2, val_every=2), tmp_path / "mc",
+                    progress_bar=False).fit().last_checkpoint
+    with pytest.raises(ConfigError, match=r"mc/checkpoints/last.pt: cannot be ensembled .* labels differ"):
+        ensemble_segmenters([members[0], load_segmenter(other)])
 
 
 def test_poly_schedule_decays_to_zero(phantom_3d, tmp_path):

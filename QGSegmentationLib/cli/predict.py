@@ -14,6 +14,8 @@ examples:
   qgseg predict --checkpoint runs/heart/checkpoints/best.pt --input imagesTs/ --output preds/
   qgseg predict --checkpoint best.pt --input dataset.json --split unlabeled --output preds/ \\
                 --quality-checkpoint runs/g/checkpoints/best.pt
+  qgseg predict --checkpoint seed0/checkpoints/best.pt seed1/checkpoints/best.pt --input imagesTs/ \\
+                --output preds/      # an ensemble: the softmaxes are averaged
 
 Writes <case>.nrrd (label map) and <case>.seg.nrrd (loads in 3D Slicer as a segmentation) with
 exactly the input volume's geometry, plus scores.csv with the predicted quality per case and
@@ -28,7 +30,9 @@ def register(subparsers) -> None:
         "predict", help="segment volumes with a trained model",
         description="Sliding-window inference on whole volumes; outputs on the input's exact grid.",
         epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="segmenter checkpoint (best.pt from qgseg train)")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="segmenter checkpoint (best.pt from qgseg train); several: their "
+                             "softmaxes are averaged (an ensemble, e.g. of seeds or of best and last)")
     parser.add_argument("--input", required=True, nargs="+",
                         help="image files, a folder of images, or a dataset.json")
     parser.add_argument("--split", default="test", choices=["test", "validation", "training", "unlabeled", "all"],
@@ -91,11 +95,11 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.cancel import CancelToken
     from ..engine.device import resolve_device, translate_oom
     from ..inference import predict_volume, write_prediction
-    from ..segmenter import load_segmenter
+    from ..segmenter import ensemble_segmenters, load_segmenter
 
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
-    segmenter = load_segmenter(args.checkpoint, device=device)
+    segmenter = ensemble_segmenters([load_segmenter(path, device=device) for path in args.checkpoint])
     if args.mirror:
         segmenter = segmenter.mirrored()
     scorer = _load_scorer(args.quality_checkpoint, device) if args.quality_checkpoint else None

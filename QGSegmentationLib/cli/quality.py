@@ -30,6 +30,8 @@ What it does:
 
 Defaults: paper settings (AdamW 3e-4, cosine warm restarts, SmoothL1, early stop 25 epochs on
 validation MAE), 50 masks per case per epoch on a GPU, 8 on a CPU, backbone 'convnet'.
+`--set segmentation_head=true` adds an image-only U-Net to g whose segmentation serves as a
+reference estimate (slower, better at ranking segmenters; BENCHMARKS.md section 2d).
 
 Examples:
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g

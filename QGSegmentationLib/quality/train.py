@@ -15,7 +15,9 @@ sample:
    sub-volume shown whole (30%, `p_patch`), resized to the grid;
 4. intensity-only augmentation of the presented image (gamma, noise);
 5. target: per-class Dice between the candidate and the reference inside what g sees (the whole
-   volume for mask-box crops; the sub-volume for patches); both empty -> 1.
+   volume for mask-box crops; the sub-volume for patches); both empty -> 1. The reference is
+   presented on the grid too: the target of g's optional segmentation head, whose soft Dice + CE
+   loss (weight `segmentation_weight`) is added to the regression loss.
 
 Samples are generated on the fly by a map-style dataset whose randomness is a pure function of
 (seed, epoch, case, k), so runs are reproducible and resumable, and DataLoader workers (0 on CPU,
