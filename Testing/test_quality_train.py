@@ -199,6 +199,7 @@ def test_validation_masks_of_real_segmenters_join_early_stopping(spec, tmp_path)
     the early-stopping criterion is the mean of the synthetic-mask and real-mask MAE."""
     from QGSegmentationLib.data import io
     from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.calibrate import set_shift
     from QGSegmentationLib.quality.score import predict_volume
     from QGSegmentationLib.quality.train import load_cases
 
@@ -206,9 +207,9 @@ def test_validation_masks_of_real_segmenters_join_early_stopping(spec, tmp_path)
     plain = train_quality_predictor(spec, config, tmp_path / "plain", progress=False, device="cpu")
     validation_ids = load_predictor(plain["best_checkpoint"]).meta["validation_cases"]
     case = next(c for c in load_cases(spec.training, spec.labels) if c.id == validation_ids[0])
-    folders, masks = [tmp_path / "seg_a", tmp_path / "seg_b"], []
+    folders, masks = [tmp_path / f"seg_{k}" for k in range(5)], []
     _, geometry = io.read_label(next(r.label for r in spec.training if r.id == case.id))
-    for shift, folder in zip((1, 3), folders):
+    for shift, folder in enumerate(folders, start=1):
         masks.append(np.roll(case.label, shift, axis=2))
         io.write_label(folder / f"{case.id}.nrrd", masks[-1], geometry)
 
@@ -217,14 +218,19 @@ def test_validation_masks_of_real_segmenters_join_early_stopping(spec, tmp_path)
                                      run, progress=False, device="cpu")
     record = result["history"][0]
     model = load_predictor(result["best_checkpoint"])
-    errors = [abs(float(predict_volume(model, case.image, m, case.spacing)[0])
-                  - float(dice_per_class(m, case.label, 1)[0])) for m in masks]
-    assert record["val_mae_real"] == pytest.approx(np.mean(errors), abs=1e-5)
+    shift = model.output_shift.clone()
+    set_shift(model, [0.0])
+    raw = np.array([float(predict_volume(model, case.image, m, case.spacing)[0]) for m in masks])
+    truth = np.array([float(dice_per_class(m, case.label, 1)[0]) for m in masks])
+    assert record["val_mae_real"] == pytest.approx(np.abs(raw - truth).mean(), abs=1e-5)
+    # the selected g is then calibrated on those masks
+    assert shift.item() == pytest.approx((truth - raw).mean(), abs=1e-5)
+    assert result["calibration_shift"] == [pytest.approx(shift.item())]
     assert record["val_mae"] == pytest.approx(0.5 * (record["val_mae_synthetic"] + record["val_mae_real"]))
     assert record["val_mae_synthetic"] == pytest.approx(plain["history"][0]["val_mae"], abs=1e-6)
     assert "val_mae_real" not in plain["history"][0]
-    with pytest.raises(DataError, match="seg_c: mask folder not found"):
-        train_quality_predictor(spec, {**config, "validation_masks": [str(tmp_path / "seg_c")]},
+    with pytest.raises(DataError, match="seg_9: mask folder not found"):
+        train_quality_predictor(spec, {**config, "validation_masks": [str(tmp_path / "seg_9")]},
                                 tmp_path / "bad", progress=False, device="cpu")
 
 

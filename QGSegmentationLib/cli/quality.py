@@ -43,6 +43,21 @@ Examples:
       --validation-masks runs/other_seg/pred_validation  # early stopping also on real masks
 """
 
+CALIBRATE_EPILOG = """\
+What it does:
+  g is taught mostly on synthetic corruptions and can rate real segmenters' masks too high or too
+  low as a whole. This fits one shift per class - the mean of (true Dice - predicted Dice) over
+  the given masks - and writes a copy of the predictor that adds it to every prediction (ranking
+  is unchanged). Use masks of cases g was not trained on: the validation cases, or cases you
+  reviewed and corrected. `qgseg quality train --validation-masks` does this automatically.
+
+Example:
+  qgseg predict --checkpoint seg/checkpoints/best.pt --input Task/dataset.json --split validation \\
+      --no-mirror --output runs/seg_val
+  qgseg quality calibrate --checkpoint runs/g/checkpoints/best.pt --dataset Task/dataset.json \\
+      --masks runs/seg_val --output runs/g/checkpoints/calibrated.pt
+"""
+
 EVALUATE_EPILOG = """\
 What it does:
   Draws synthetic VQM masks (default 5 per case) for the labeled cases of --group, compares g's
@@ -131,6 +146,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, metavar="FILE", help="scores.csv or scores.json")
     add_run_options(score)
     score.set_defaults(func=run_score)
+    calibrate = sub.add_parser("calibrate", help="shift g's output to match real masks of known quality",
+                               description="Calibrate a trained quality predictor on real segmentations.",
+                               epilog=CALIBRATE_EPILOG, formatter_class=HelpFormatter)
+    calibrate.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a `quality train` run folder")
+    calibrate.add_argument("--dataset", required=True, metavar="dataset.json",
+                           help="dataset whose --group cases have reference labels")
+    calibrate.add_argument("--masks", required=True, nargs="+", metavar="DIR",
+                           help="folders of <case>.nrrd segmentations of those cases (one per segmenter)")
+    calibrate.add_argument("--group", default="validation", choices=["validation", "test", "training"],
+                           help="which labeled cases (never ones g was trained on)")
+    calibrate.add_argument("--output", required=True, metavar="FILE", help="calibrated predictor file (.pt)")
+    add_run_options(calibrate)
+    calibrate.set_defaults(func=run_calibrate)
     parser.set_defaults(func=run)
     return parser
 
@@ -253,3 +281,17 @@ def run_score(args: argparse.Namespace) -> int:
         return {"scores": args.output}
 
     return run_with_events(args, "quality score", body)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    def body(ctx):
+        from ..engine.device import resolve_device
+        from ..quality.calibrate import calibrate_checkpoint
+
+        result = calibrate_checkpoint(args.checkpoint, args.dataset, args.masks, args.output,
+                                      group=args.group, device=resolve_device(args.device))
+        shift = ", ".join(f"{v:+.4f}" for v in result["shift"])
+        ctx.say(f"fitted on {result['n_masks']} masks: output shift {shift}; wrote {result['output']}")
+        return {"output": Path(result["output"])}
+
+    return run_with_events(args, "quality calibrate", body)

@@ -191,6 +191,8 @@ class QualityPredictor(nn.Module):
         self.head = nn.Sequential(
             nn.Dropout(HEAD_DROPOUT), nn.Linear(width + extra_inputs, HEAD_HIDDEN), nn.ReLU(inplace=True),
             nn.Dropout(HEAD_DROPOUT), nn.Linear(HEAD_HIDDEN, self.n_foreground))
+        # per-class shift fitted after training on real validation masks (quality.calibrate); 0 = none
+        self.register_buffer("output_shift", torch.zeros(self.n_foreground))
 
     def check_inputs(self, image: torch.Tensor, mask: torch.Tensor) -> None:
         nd = self.spatial_dims + 2
@@ -230,7 +232,10 @@ class QualityPredictor(nn.Module):
         """Predicted Dice (B,K); with `with_segmentation`, also the segmentation head's logits
         (None without a head) - training calls it so through the DDP wrapper."""
         logits, segmentation = self.logits_and_segmentation(image, mask)
-        return (torch.sigmoid(logits), segmentation) if with_segmentation else torch.sigmoid(logits)
+        dice = torch.sigmoid(logits)
+        if bool(self.output_shift.any()):
+            dice = (dice + self.output_shift.to(dice.dtype)).clamp(0.0, 1.0)
+        return (dice, segmentation) if with_segmentation else dice
 
 
 def soft_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -282,8 +287,10 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") 
     The file's `meta` dict is attached as `model.meta`."""
     state = read_predictor_file(path)
     model = QualityPredictor(state["config"])
+    weights = dict(state["state_dict"])
+    weights.setdefault("output_shift", torch.zeros(model.n_foreground))  # files from before calibration
     try:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise DataError(f"{path}: weights do not fit the saved configuration ({str(exc)[:200]})") from None
     model.meta = dict(state.get("meta") or {})

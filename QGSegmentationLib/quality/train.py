@@ -29,7 +29,8 @@ eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clippin
 early stopping on validation MAE (patience 25). Validation uses VQM masks of the validation cases
 and, when `validation_masks` names folders of real segmentations of those cases, the mean of the
 synthetic-mask and real-mask MAE (`validation_scores`): corruptions alone can select an epoch
-that is worse on the masks g will actually score. `checkpoints/best.pt` (lowest validation MAE) and
+that is worse on the masks g will actually score. With `calibrate` (default), the selected g's
+output is then shifted by its mean error on those real masks (`quality.calibrate`). `checkpoints/best.pt` (lowest validation MAE) and
 `checkpoints/last.pt` (full training state; a rerun in the same folder resumes from it) are
 written atomically into the run folder with a training curve PNG and the history as JSON.
 
@@ -99,6 +100,7 @@ class QualityTrainConfig:
                                           # made by other segmenters; drawn with p_weak like snapshots
     validation_masks: list = field(default_factory=list)  # folders of <case>.nrrd masks of validation
                                           # cases by real segmenters: early stopping then also watches them
+    calibrate: bool = True                # with validation_masks: fit g's output shift on them (calibrate.py)
     p_patch: float = 0.3                  # share of "training patch" presentations
     flip: bool = True
     intensity_augmentation: bool = True
@@ -654,6 +656,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     from ..engine.distributed import DistributedContext
     from . import plots
     from .predictor import QualityPredictor, predictor_config, save_predictor
+    from .calibrate import MIN_MASKS, calibrate_samples
     from .weak import WeakConfig, load_mask_folders, merged_pool, train_weak_snapshots
 
     if config is None:
@@ -739,12 +742,13 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     t0 = time.time()
     # rank 0 validates for everyone (the others receive its numbers)
     val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed)) if dist.is_main else []
-    n_synthetic = len(val_set)
+    n_synthetic, real_batches = len(val_set), []
     if config.validation_masks and dist.is_main:
         real = load_mask_folders(config.validation_masks, val_cases, n_foreground, role="validation")
         real_samples = [s for case in val_cases for s in real_mask_samples(case, real.get(case.id, []), val_spec)]
-        val_batches += [collate(real_samples[i:i + config.batch_size])
+        real_batches = [collate(real_samples[i:i + config.batch_size])
                         for i in range(0, len(real_samples), config.batch_size)]
+        val_batches += real_batches
     val_targets = torch.cat([b["target"] for b in val_batches]).numpy() if val_batches else None
     val_make_s = time.time() - t0
 
@@ -771,7 +775,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                 bool(state.get("config", {}).get("segmentation_head")) != config.segmentation_head:
             raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
                               "configuration; use a new --run-dir or delete that file to start over")
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict({"output_shift": torch.zeros(n_foreground), **state["state_dict"]})
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -899,6 +903,16 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     from .predictor import load_predictor
 
     best_model = load_predictor(best_path, dev)
+    shift = None
+    n_real = len(val_targets) - n_synthetic if val_targets is not None else 0
+    if real_batches and config.calibrate and n_real < MIN_MASKS and events is not None:
+        events.warning(f"only {n_real} real validation masks: g's output is not calibrated "
+                       f"(at least {MIN_MASKS} needed)")
+    if real_batches and config.calibrate and n_real >= MIN_MASKS:
+        shift = calibrate_samples(best_model, real_batches, val_targets[n_synthetic:], dev)
+        save_predictor(best_path, best_model, {**best_model.meta, "calibration": {
+            "shift": [float(v) for v in shift], "n_masks": n_real,
+            "group": "validation", "masks": list(config.validation_masks)}})
     val_pred = predict_batches(best_model, val_batches, dev, amp_dtype)
     calibration = plots.calibration_scatter(val_pred.ravel(), val_targets.ravel(),
                                             run_dir / CALIBRATION_FILE,
@@ -919,6 +933,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
               "stopped_early": stopped_early, "samples_per_case": per_case,
               "n_training_cases": len(train_cases), "n_validation_cases": len(val_cases),
               "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
-              "timing": timing, "device": str(dev)}
+              "timing": timing, "device": str(dev),
+              "calibration_shift": None if shift is None else [float(v) for v in shift]}
     write_json_atomic(run_dir / "quality_result.json", {k: v for k, v in result.items() if k != "history"})
     return result
