@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"LA data not found at {LA_ROOT}"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (small networks run faster so and results do not depend
+    on the core count), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def phantom_3d(tmp_path_factory) -> Path:
     """dataset.json of a tiny binary 3D phantom: 3 labeled, 1 validation, 4 unlabeled, 2 test."""

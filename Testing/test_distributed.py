@@ -55,12 +55,7 @@ SEGMENTER_FILES = {"checkpoints/best.pt", "checkpoints/last.pt", "events.jsonl",
                    "manifest.json", "training_curves.png"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:
@@ -325,8 +320,8 @@ def test_rank_batches_partition_the_single_process_batches():
     from QGSegmentationLib.quality.train import _loader
 
     def item(i):
-        return {"image": torch.zeros(1), "mask": torch.zeros(1), "target": torch.zeros(1),
-                "category": "", "view": "", "case": str(i)}
+        return {"image": torch.zeros(1), "mask": torch.zeros(1), "reference": torch.zeros(1),
+                "target": torch.zeros(1), "category": "", "view": "", "case": str(i)}
 
     dataset = [item(i) for i in range(23)]
     for batch, world, drop_last in ((2, 2, True), (3, 4, True), (4, 2, True), (16, 2, False)):

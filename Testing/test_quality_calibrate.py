@@ -19,12 +19,7 @@ from QGSegmentationLib.quality.score import predict_volume
 from QGSegmentationLib.quality.train import dice_per_class, load_cases
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fit_shift_is_the_mean_error_per_class():

@@ -12,12 +12,7 @@ from QGSegmentationLib.quality.predictor import (QUALITY_BACKBONES, QualityPredi
                                                   save_predictor)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_backbone_registry_has_paper_backbones_and_fast_default():

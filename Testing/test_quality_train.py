@@ -23,12 +23,7 @@ TINY = {"samples_per_case": 3, "val_samples_per_case": 2, "batch_size": 4, "grid
         "weak": {"epochs": 2, "snapshot_epochs": [1, 2], "patch_size": [16, 24, 24]}, "p_weak": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
