@@ -78,3 +78,29 @@ def test_calibrate_checkpoint_fits_validation_masks_and_refuses_training_cases(t
         calibrate_checkpoint(tmp_path / "g.pt", dataset.parent / "split.json", folders, tmp_path / "x.pt",
                              group="training")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_calibrate_command_writes_the_calibrated_file_and_reports_bad_inputs(tmp_path, capsys):
+    from QGSegmentationLib.cli.main import main
+
+    spec = load_dataset(make_phantom_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=0, shape=(12, 20, 20)))
+    description = json.loads(spec.source.read_text())
+    description["validation"], description["training"] = description["training"][1:], description["training"][:1]
+    split = spec.source.parent / "split.json"
+    split.write_text(json.dumps(description))
+    case = load_cases(load_dataset(split).validation, spec.labels)[0]
+    _, geometry = io.read_label(load_dataset(split).validation[0].label)
+    folders = [tmp_path / f"seg{k}" for k in range(5)]
+    for k, folder in enumerate(folders):
+        io.write_label(folder / f"{case.id}.nrrd", np.roll(case.label, k, axis=1), geometry)
+    save_predictor(tmp_path / "g.pt", QualityPredictor(mode="3d", n_foreground=1, grid_size=(8, 8, 8)))
+
+    base = ["quality", "calibrate", "--dataset", str(split), "--masks", *map(str, folders), "--quiet",
+            "--device", "cpu"]
+    assert main(base + ["--checkpoint", str(tmp_path / "g.pt"), "--output", str(tmp_path / "cal.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "fitted on 5 masks" in captured.out + captured.err
+    assert load_predictor(tmp_path / "cal.pt").meta["calibration"]["n_masks"] == 5
+    assert main(base + ["--checkpoint", str(tmp_path / "none.pt"), "--output", str(tmp_path / "x.pt")]) == 2
+    assert "none.pt: quality predictor checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

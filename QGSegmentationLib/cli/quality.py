@@ -4,6 +4,8 @@
     qgseg quality evaluate --dataset dataset.json --checkpoint runs/g/checkpoints/best.pt
     qgseg quality score    --checkpoint runs/g/checkpoints/best.pt --images a.nrrd --masks a_seg.nrrd \\
                            --output scores.csv
+    qgseg quality calibrate --checkpoint runs/g/checkpoints/best.pt --dataset dataset.json \\
+                            --masks runs/seg_val --output runs/g/checkpoints/calibrated.pt
 
 Heavy modules (torch, monai) are imported inside the command bodies, so building the parser is
 cheap.
@@ -39,8 +41,8 @@ Examples:
       --set samples_per_case=20 --set vqm.p_weak=0.1
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g --set p_weak=0.3 \\
       --extra-masks runs/other_seg/pred_training   # masks of the training cases by another segmenter
-  qgseg quality train --dataset Task/dataset.json --run-dir runs/g \
-      --validation-masks runs/other_seg/pred_validation  # early stopping also on real masks
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g --set segmentation_head=true \\
+      --validation-masks runs/other_seg/pred_validation  # select and calibrate on real masks
 """
 
 CALIBRATE_EPILOG = """\
