@@ -75,8 +75,9 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, dataset: str | os.PathLi
                         "calibrate on cases g has not seen")
     cases = load_cases(refs, spec.labels)
     masks = load_mask_folders(mask_folders, cases, model.n_foreground, role=group)
-    sample_spec = SampleSpec(model.config["mode"], tuple(model.grid_size), model.n_foreground, None, 0.0,
-                             False, False, False)
+    sample_spec = SampleSpec(mode=model.config["mode"], grid=tuple(model.grid_size),
+                             n_foreground=model.n_foreground, vqm_config=None, p_patch=0.0, flip=False,
+                             intensity=False, train=False)
     samples = [s for case in cases for s in real_mask_samples(case, masks.get(case.id, []), sample_spec)]
     batches = [collate(samples[i:i + 16]) for i in range(0, len(samples), 16)]
     targets = torch.cat([b["target"] for b in batches]).numpy() if batches else np.zeros((0, model.n_foreground))

@@ -26,13 +26,15 @@ making samples.
 
 Optimisation follows the paper: AdamW (lr 3e-4, wd 5e-4), cosine warm restarts (T0 10, Tmult 2,
 eta_min 1e-6, stepped per iteration), SmoothL1 (beta 1) or MSE, gradient clipping 1, AMP on CUDA,
-early stopping on validation MAE (patience 25). Validation uses VQM masks of the validation cases
-and, when `validation_masks` names folders of real segmentations of those cases, the mean of the
-synthetic-mask and real-mask MAE (`validation_scores`): corruptions alone can select an epoch
-that is worse on the masks g will actually score. With `calibrate` (default), the selected g's
-output is then shifted by its mean error on those real masks (`quality.calibrate`). `checkpoints/best.pt` (lowest validation MAE) and
+early stopping on validation MAE (patience 25). `checkpoints/best.pt` (lowest validation MAE) and
 `checkpoints/last.pt` (full training state; a rerun in the same folder resumes from it) are
 written atomically into the run folder with a training curve PNG and the history as JSON.
+
+Validation uses VQM masks of the validation cases and, when `validation_masks` names folders of
+real segmentations of those cases, the mean of the synthetic-mask and real-mask MAE
+(`validation_scores`): corruptions alone can select an epoch that is worse on the masks g will
+actually score. With `calibrate` (default), the selected g's output is then shifted by its mean
+error on those real masks (`quality.calibrate`).
 
 Under torchrun (`engine.distributed`) g is wrapped in DistributedDataParallel; `batch_size` is
 per rank, and each global batch of the single-process order (batch_size x world size) is split
