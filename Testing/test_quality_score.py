@@ -184,3 +184,26 @@ def test_evaluate_cli_on_phantom_dataset(files, tmp_path):
     assert code == 0
     for name in ("quality_evaluation.json", "quality_evaluation_rows.csv", "quality_calibration.png"):
         assert (tmp_path / "ev" / name).is_file()
+
+
+def test_several_checkpoints_score_as_their_mean(files, tmp_path, capsys):
+    from QGSegmentationLib.quality.predictor import load_predictor, load_predictors
+
+    torch.manual_seed(1)
+    other = save_predictor(tmp_path / "g1.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    singles = [score_pair(load_predictor(p), files["image"], files["mask"])[0]["predicted_quality"]
+               for p in (files["checkpoint"], other)]
+    assert abs(singles[0] - singles[1]) > 1e-4  # two different predictors
+    ensemble = load_predictors([files["checkpoint"], other])
+    assert score_pair(ensemble, files["image"], files["mask"])[0]["predicted_quality"] == \
+        pytest.approx(np.mean(singles), abs=1e-5)
+    out = tmp_path / "scores.csv"
+    assert main(["quality", "score", "--checkpoint", str(files["checkpoint"]), str(other), "--images",
+                 str(files["image"]), "--masks", str(files["mask"]), "--output", str(out), "--quiet"]) == 0
+    row = next(csv.DictReader(out.open()))
+    assert float(row["predicted_quality"]) == pytest.approx(np.mean(singles), abs=1e-5)
+    two_d = save_predictor(tmp_path / "g2d.pt", QualityPredictor(mode="2d", grid_size=(16, 16)))
+    assert main(["quality", "score", "--checkpoint", str(files["checkpoint"]), str(two_d), "--images",
+                 str(files["image"]), "--masks", str(files["mask"]), "--output", str(tmp_path / "x.csv"),
+                 "--quiet"]) == 2
+    assert "g2d.pt: cannot be averaged" in capsys.readouterr().err

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", choices=["test", "validation", "training", "unlabeled", "all"],
                         help="which list of a dataset.json to segment")
     parser.add_argument("--output", required=True, help="folder for <case>.nrrd and <case>.seg.nrrd")
-    parser.add_argument("--quality-checkpoint", help="quality predictor: also write scores.csv")
+    parser.add_argument("--quality-checkpoint", nargs="+",
+                        help="quality predictor (several: their mean): also write scores.csv")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="test-time mirroring: average the predictions of the 8 (2D: 4) mirrored "
@@ -153,11 +154,11 @@ def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
     return write_text_atomic(path, buf.getvalue())
 
 
-def _load_scorer(path: str, device):
+def _load_scorer(paths: List[str], device):
     """Returns f(image_path, label_map, geometry) -> {label: predicted Dice} using quality.score."""
     from ..quality.score import load_scorer
 
-    return load_scorer(path, device=device)
+    return load_scorer(paths, device=device)
 
 
 def _overlay(image_path: Path, label, out: Path, title: str) -> Path:

@@ -126,7 +126,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                               description="Evaluate a trained quality predictor.",
                               epilog=EVALUATE_EPILOG, formatter_class=HelpFormatter)
     evaluate.add_argument("--dataset", required=True, metavar="dataset.json", help="dataset description")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a `quality train` run folder")
+    evaluate.add_argument("--checkpoint", required=True, nargs="+",
+                          help="checkpoints/best.pt of a `quality train` run folder; several: their mean")
     evaluate.add_argument("--group", default="test", choices=["test", "validation", "training"],
                           help="which labeled cases to evaluate on (falls back to validation, then "
                                "training, when the group is empty)")
@@ -141,7 +142,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="predict the Dice of masks without a reference",
                            description="Score (image, mask) pairs with a trained quality predictor.",
                            epilog=SCORE_EPILOG, formatter_class=HelpFormatter)
-    score.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a `quality train` run folder")
+    score.add_argument("--checkpoint", required=True, nargs="+",
+                       help="checkpoints/best.pt of a `quality train` run folder; several (e.g. seeds): "
+                            "their mean prediction")
     score.add_argument("--images", nargs="+", metavar="IMAGE", help="image files")
     score.add_argument("--masks", nargs="+", metavar="MASK", help="mask/label files, one per image")
     score.add_argument("--pairs", metavar="CSV", help="CSV with columns image,mask (instead of --images/--masks)")
@@ -217,11 +220,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from ..data.dataset import load_dataset
         from ..engine.device import resolve_device
         from ..quality.evaluate import evaluate_predictor, make_vqm_pairs, write_evaluation
-        from ..quality.predictor import load_predictor
+        from ..quality.predictor import load_predictors
         from ..quality.train import load_cases
 
         device = resolve_device(args.device)
-        model = load_predictor(args.checkpoint, device)
+        model = load_predictors(args.checkpoint, device)
         spec = load_dataset(args.dataset)
         group = args.group
         for candidate in (args.group, "validation", "training"):
@@ -261,7 +264,7 @@ def run_score(args: argparse.Namespace) -> int:
     def body(ctx):
         from ..engine.cancel import CancelToken
         from ..engine.device import resolve_device
-        from ..quality.predictor import load_predictor
+        from ..quality.predictor import load_predictors
         from ..quality.score import pairs_from_lists, read_pairs_csv, score_pairs
 
         if args.pairs and (args.images or args.masks):
@@ -274,7 +277,7 @@ def run_score(args: argparse.Namespace) -> int:
             raise ConfigError("give the pairs to score: --images A.nrrd ... --masks A_mask.nrrd ... "
                               "or --pairs pairs.csv")
         device = resolve_device(args.device)
-        model = load_predictor(args.checkpoint, device)
+        model = load_predictors(args.checkpoint, device)
         rows = score_pairs(model, pairs, device, output=args.output, events=ctx.events,
                            cancel=CancelToken(ctx.run_dir))
         if not args.json:

@@ -295,3 +295,38 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise DataError(f"{path}: weights do not fit the saved configuration ({str(exc)[:200]})") from None
     model.meta = dict(state.get("meta") or {})
     return model.to(device).eval()
+
+
+class QualityEnsemble(nn.Module):
+    """Several quality predictors of one task answering as one: the mean of their (calibrated)
+    predictions. Seeds of g disagree most on unusual volumes (BENCHMARKS.md §2d); averaging them
+    removes that variance for one forward pass per member. Exposes what scoring and evaluation
+    read from a predictor (n_foreground, grid_size, spatial_dims, config, meta)."""
+
+    def __init__(self, members: Sequence[QualityPredictor]):
+        super().__init__()
+        if not members:
+            raise ConfigError("a quality ensemble needs at least one predictor")
+        first = members[0]
+        self.members = nn.ModuleList(members)
+        self.config, self.n_foreground = dict(first.config), first.n_foreground
+        self.grid_size, self.spatial_dims = first.grid_size, first.spatial_dims
+        self.meta = {"members": [getattr(m, "meta", {}) for m in members]}
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(image, mask) for member in self.members]).mean(0)
+
+
+def load_predictors(paths: Sequence[str | os.PathLike], device: str | torch.device = "cpu"):
+    """One predictor file -> `load_predictor`; several -> a QualityEnsemble of them, which must
+    agree on mode, grid and classes (the file that does not is named)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    models = [load_predictor(path, device) for path in paths]
+    if len(models) == 1:
+        return models[0]
+    key = lambda m: (m.config["mode"], tuple(m.grid_size), m.n_foreground)  # noqa: E731
+    for path, model in zip(paths[1:], models[1:]):
+        if key(model) != key(models[0]):
+            raise ConfigError(f"{path}: cannot be averaged with {paths[0]}: mode/grid/classes "
+                              f"{key(model)} differ from {key(models[0])}")
+    return QualityEnsemble(models).to(device).eval()

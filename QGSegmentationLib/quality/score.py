@@ -207,7 +207,8 @@ class VolumeScorer:
         return {c: float(predicted[c - 1]) for c in range(1, self.model.n_foreground + 1)}
 
 
-def load_scorer(path: str | os.PathLike, device="cpu") -> VolumeScorer:
-    from .predictor import load_predictor
+def load_scorer(path, device="cpu") -> VolumeScorer:
+    """A scorer of one predictor file, or of the mean of several (a list of paths)."""
+    from .predictor import load_predictors
 
-    return VolumeScorer(load_predictor(path, device=device), device)
+    return VolumeScorer(load_predictors(path, device=device), device)
