@@ -320,8 +320,8 @@ def test_rank_batches_partition_the_single_process_batches():
     from QGSegmentationLib.quality.train import _loader
 
     def item(i):
-        return {"image": torch.zeros(1), "mask": torch.zeros(1), "reference": torch.zeros(1),
-                "target": torch.zeros(1), "category": "", "view": "", "case": str(i)}
+        return {"image": torch.zeros(1), "mask": torch.zeros(1), "target": torch.zeros(1),
+                "category": "", "view": "", "case": str(i)}
 
     dataset = [item(i) for i in range(23)]
     for batch, world, drop_last in ((2, 2, True), (3, 4, True), (4, 2, True), (16, 2, False)):

@@ -232,9 +232,8 @@ class QualityPredictor(nn.Module):
         """Predicted Dice (B,K); with `with_segmentation`, also the segmentation head's logits
         (None without a head) - training calls it so through the DDP wrapper."""
         logits, segmentation = self.logits_and_segmentation(image, mask)
-        dice = torch.sigmoid(logits)
-        if bool(self.output_shift.any()):
-            dice = (dice + self.output_shift.to(dice.dtype)).clamp(0.0, 1.0)
+        # a zero shift leaves the sigmoid and its gradient unchanged: no branch, no device sync
+        dice = (torch.sigmoid(logits) + self.output_shift.to(logits.dtype)).clamp(0.0, 1.0)
         return (dice, segmentation) if with_segmentation else dice
 
 

@@ -15,9 +15,9 @@ sample:
    sub-volume shown whole (30%, `p_patch`), resized to the grid;
 4. intensity-only augmentation of the presented image (gamma, noise);
 5. target: per-class Dice between the candidate and the reference inside what g sees (the whole
-   volume for mask-box crops; the sub-volume for patches); both empty -> 1. The reference is
-   presented on the grid too: the target of g's optional segmentation head, whose soft Dice + CE
-   loss (weight `segmentation_weight`) is added to the regression loss.
+   volume for mask-box crops; the sub-volume for patches); both empty -> 1. With g's optional
+   segmentation head, the reference is presented on the grid too: the head's target, whose soft
+   Dice + CE loss (weight `segmentation_weight`) is added to the regression loss.
 
 Samples are generated on the fly by a map-style dataset whose randomness is a pure function of
 (seed, epoch, case, k), so runs are reproducible and resumable, and DataLoader workers (0 on CPU,
@@ -270,6 +270,7 @@ class SampleSpec:
     flip: bool
     intensity: bool
     train: bool
+    reference: bool = False               # also present the reference (target of g's segmentation head)
 
 
 def _pick_slice(label: np.ndarray, rng) -> int:
@@ -366,9 +367,11 @@ def generate_sample(case: VolumeCase, spec: SampleSpec, rng: np.random.Generator
     image_t, mask_t = _present_box(image, candidate, box, spec)
     if spec.train and spec.intensity:
         image_t = intensity_augment(image_t[None], rng)[0]
-    return {"image": image_t, "mask": mask_t, "reference": _present_box(image, label, box, spec)[1],
-            "target": torch.from_numpy(target), "category": "+".join(categories), "view": view,
-            "case": case.id}
+    sample = {"image": image_t, "mask": mask_t, "target": torch.from_numpy(target),
+              "category": "+".join(categories), "view": view, "case": case.id}
+    if spec.reference:
+        sample["reference"] = _present_box(image, label, box, spec)[1]
+    return sample
 
 
 def _present_box(image: np.ndarray, candidate: np.ndarray, box: tuple, spec: SampleSpec):
@@ -395,9 +398,8 @@ def real_mask_samples(case: VolumeCase, masks: Sequence[np.ndarray], spec: Sampl
         box = crop_box(candidate > 0, spacing)
         image_t, mask_t = _present_box(image, candidate, box, spec)
         target = dice_per_class(candidate, label, spec.n_foreground)
-        samples.append({"image": image_t, "mask": mask_t, "reference": _present_box(image, label, box, spec)[1],
-                        "target": torch.from_numpy(target), "category": f"real:{index}",
-                        "view": "mask_box", "case": case.id})
+        samples.append({"image": image_t, "mask": mask_t, "target": torch.from_numpy(target),
+                        "category": f"real:{index}", "view": "mask_box", "case": case.id})
     return samples
 
 
@@ -439,17 +441,16 @@ def _reflip(sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
     dims = [d for d in range(1, sample["image"].dim()) if rng.random() < 0.5]
     if not dims:
         return sample
-    return {**sample, **{key: sample[key].flip(dims) for key in ("image", "mask", "reference")}}
+    return {**sample, **{key: sample[key].flip(dims) for key in ("image", "mask", "reference") if key in sample}}
 
 
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     import torch
 
-    return {"image": torch.stack([it["image"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items]),
-            "reference": torch.stack([it["reference"] for it in items]),
-            "target": torch.stack([it["target"] for it in items]),
-            "category": [it["category"] for it in items], "view": [it["view"] for it in items],
+    batch = {key: torch.stack([it[key] for it in items]) for key in ("image", "mask", "target")}
+    if "reference" in items[0]:
+        batch["reference"] = torch.stack([it["reference"] for it in items])
+    return {**batch, "category": [it["category"] for it in items], "view": [it["view"] for it in items],
             "case": [it["case"] for it in items]}
 
 
@@ -733,8 +734,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     per_case = config.resolved_samples_per_case(dev.type)
     swap = SwapPools(train_cases, n_foreground, config.mode)
     train_spec = SampleSpec(config.mode, grid, n_foreground, vqm_config, config.p_patch, config.flip,
-                            config.intensity_augmentation, True)
-    val_spec = dataclasses.replace(train_spec, train=False)
+                            config.intensity_augmentation, True, reference=config.segmentation_head)
+    val_spec = dataclasses.replace(train_spec, train=False, reference=False)
     train_set = VQMDataset(train_cases, train_spec, per_case, config.seed, swap, weak_pool, config.reuse_epochs)
     val_source = val_cases or train_cases  # no validation cases: monitor on fresh training VQMs
     val_set = VQMDataset(val_source, val_spec, config.val_samples_per_case, config.seed + 7919,
