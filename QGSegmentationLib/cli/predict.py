@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="test-time mirroring: average the predictions of the 8 (2D: 4) mirrored "
-                             "copies of each window (+0.01-0.015 test Dice on LA, about 3x the "
+                             "copies of each window (+0.010-0.016 test Dice on LA, about 3x the "
                              "time of a volume; BENCHMARKS.md §1c); --no-mirror for one pass")
     parser.add_argument("--png", action="store_true", help="also write an overlay PNG per case")
     add_run_options(parser)
