@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from .engine.device import autocast, autocast_dtype
 from .errors import ConfigError, DataError
 
 MODES = ("3d", "2d")
@@ -80,7 +81,7 @@ def sliding_window_probs(network: Callable, image: Any, roi_size: Sequence[int],
     image: (1, 1, z, y, x) tensor (or a (z, y, x) array); roi_size: the patch size, (z, y, x) in
     "3d" mode, (y, x) in "2d" mode. Windows overlap by `overlap` and are blended with Gaussian
     weights (monai.inferers.sliding_window_inference); inputs smaller than a window are padded.
-    amp: float16 autocast, used on CUDA only."""
+    amp: mixed precision (bfloat16 where the GPU has it, else float16), used on CUDA only."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -111,8 +112,7 @@ def sliding_window_probs(network: Callable, image: Any, roi_size: Sequence[int],
     for m in modules:
         m.eval()
     try:
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16,
-                                                    enabled=bool(amp) and device.type == "cuda"):
+        with torch.no_grad(), autocast(device, autocast_dtype(device) if amp else None):
             probs = sliding_window_inference(inputs, roi, int(sw_batch_size), predict,
                                              overlap=float(overlap), mode="gaussian",
                                              sw_device=device, device=device)

@@ -171,3 +171,36 @@ def test_poly_schedule_decays_to_zero(phantom_3d, tmp_path):
     trainer.fit()
     lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
     assert lrs[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mixed_precision_is_off_on_cpu_and_amp_dtype_is_checked(phantom_3d, tmp_path):
+    from QGSegmentationLib.engine.device import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), "fp16") is None  # the CPU path stays fp32
+    trainer = Trainer(tiny_config(phantom_3d, amp="on"), tmp_path / "cpu", progress_bar=False)
+    assert trainer.amp_dtype is None
+    with pytest.raises(ConfigError, match="amp_dtype must be auto, bf16 or fp16, not 'fp8'"):
+        tiny_config(phantom_3d, amp_dtype="fp8").validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
+def test_cuda_training_and_inference_in_mixed_precision(phantom_3d, tmp_path, amp_dtype):
+    """Both autocast dtypes train finite losses on CUDA; loss scaling exactly for float16; the
+    trained segmenter predicts a whole volume on the GPU."""
+    from QGSegmentationLib.inference import sliding_window_probs
+    from QGSegmentationLib.segmenter import load_segmenter
+
+    cfg = tiny_config(phantom_3d, device="cuda", amp="on", amp_dtype=amp_dtype, iterations=8, val_every=4)
+    trainer = Trainer(cfg, tmp_path / amp_dtype, progress_bar=False)
+    result = trainer.fit()
+    expected = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+    assert trainer.amp_dtype == expected and trainer.scaler.is_enabled() == (amp_dtype == "fp16")
+    assert all(np.isfinite(h["train_loss"]) for h in result.history), result.history
+    segmenter = load_segmenter(result.last_checkpoint, device="cuda")
+    volume = torch.randn(1, 1, 20, 40, 40)
+    probs = sliding_window_probs(segmenter.network, volume, segmenter.patch_size, device="cuda", amp=True)
+    reference = sliding_window_probs(segmenter.network, volume, segmenter.patch_size, device="cuda")
+    assert probs.dtype == torch.float32 and probs.shape == (2, 20, 40, 40)
+    assert torch.allclose(probs.sum(0), torch.ones(20, 40, 40), atol=1e-3)
+    assert (probs - reference).abs().max() < 0.05  # mixed precision changes probabilities only slightly

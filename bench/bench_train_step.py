@@ -9,6 +9,7 @@ variant (`amp` on/off x `channels_last` on/off; on a CPU only the fp32 variant e
 alternate in `--rounds` blocks of `--warmup` untimed and `--steps` timed steps, so drift of the
 machine hits them all; each step ends with a device synchronisation. Prints, per configuration,
 the median step time of each variant and its ratio to fp32 / contiguous, and the peak GPU memory.
+A variant whose loss turns NaN (`qgseg train` stops such a run) is reported and dropped.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ CONFIGS = {
 METHODS = ("sup", "mt")
 
 
-def build_trainer(root, config, method, device, amp, channels_last, unlabeled):
+def build_trainer(root, config, method, device, precision, channels_last, unlabeled):
     from QGSegmentationLib.engine.config import TrainConfig
     from QGSegmentationLib.engine.trainer import Trainer
 
     spec = CONFIGS[config]
     cfg = TrainConfig(dataset=str(unlabeled), network=spec["network"], network_options=spec["network_options"],
                       patch_size=spec["patch_size"], batch_size=spec["batch_size"], unlabeled_batch_size=2,
-                      method=method, device=device, amp=amp, channels_last=channels_last, iterations=10**6)
+                      method=method, device=device, amp="off" if precision == "fp32" else "on",
+                      amp_dtype="auto" if precision == "fp32" else precision, channels_last=channels_last,
+                      iterations=10**6)
     trainer = Trainer(cfg, tempfile.mkdtemp(dir=root), progress_bar=False, resume=False)
     trainer.prepare_data()
     trainer.build()
@@ -70,10 +73,11 @@ def main() -> None:
     import torch
 
     from QGSegmentationLib.data.phantom import make_phantom_dataset
+    from QGSegmentationLib.errors import DataError
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    variants = [("off", "off"), ("on", "off"), ("off", "on"), ("on", "on")] if cuda else [("off", "off")]
+    variants = [(p, c) for c in ("off", "on") for p in ("fp32", "bf16", "fp16")] if cuda else [("fp32", "off")]
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) steps per variant")
     with tempfile.TemporaryDirectory() as root:
@@ -85,19 +89,25 @@ def main() -> None:
                 times = {v: [] for v in variants}
                 peaks = {}
                 for _ in range(args.rounds):
-                    for v, trainer in trainers.items():
+                    for v, trainer in list(trainers.items()):
                         if cuda:
                             torch.cuda.reset_peak_memory_stats()
-                        timed_steps(trainer, args.warmup, sync)
-                        times[v] += timed_steps(trainer, args.steps, sync)
+                        try:
+                            timed_steps(trainer, args.warmup, sync)
+                            times[v] += timed_steps(trainer, args.steps, sync)
+                        except DataError as exc:  # a NaN loss
+                            print(f"{config:7s} {method:4s} {v[0]} channels_last={v[1]}: {exc}")
+                            del trainers[v], times[v]
+                            continue
                         if cuda:
                             peaks[v] = torch.cuda.max_memory_allocated() / 2**20
-                base = statistics.median(times[variants[0]])
-                for v in variants:
+                base = statistics.median(times[variants[0]]) if variants[0] in times else None
+                for v in times:
                     med = statistics.median(times[v])
+                    ratio = f"{med / base:.2f}x fp32 contiguous" if base else "fp32 diverged"
                     peak = f", peak {peaks[v]:.0f} MiB" if cuda else ""
-                    print(f"{config:7s} {method:4s} amp={v[0]:3s} channels_last={v[1]:3s}: median step "
-                          f"{med * 1000:8.1f} ms  ({med / base:.2f}x fp32 contiguous){peak}")
+                    print(f"{config:7s} {method:4s} {v[0]:4s} channels_last={v[1]:3s}: median step "
+                          f"{med * 1000:8.1f} ms  ({ratio}){peak}")
                 del trainers
                 if cuda:
                     torch.cuda.empty_cache()

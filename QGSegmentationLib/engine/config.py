@@ -52,6 +52,7 @@ class TrainConfig:
     warmup_iterations: int = 0
     grad_clip: float = 1.0
     amp: str = "auto"                      # auto (on for CUDA) | on | off
+    amp_dtype: str = "auto"                # auto (bf16 where the GPU has it, else fp16) | bf16 | fp16
     channels_last: str = "auto"
     # validation & checkpoints
     val_every: int = 200
@@ -107,6 +108,8 @@ class TrainConfig:
         AugmentConfig.from_dict(self.augmentation, source="augmentation")
         if self.amp not in ("auto", "on", "off"):
             raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
+        if self.amp_dtype not in ("auto", "bf16", "fp16"):
+            raise ConfigError(f"amp_dtype must be auto, bf16 or fp16, not {self.amp_dtype!r}")
 
 
 def load_config_file(path: str | Path) -> Dict[str, Any]:

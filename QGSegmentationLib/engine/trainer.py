@@ -29,7 +29,7 @@ from ..errors import CancelledError, ConfigError, DataError
 from .cancel import CancelToken
 from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
 from .config import TrainConfig
-from .device import maybe_inject_fault, translate_oom
+from .device import autocast, autocast_dtype, maybe_inject_fault, translate_oom
 from .distributed import DistributedContext, rank_seed, unwrap
 from .events import EventWriter
 from .manifest import package_versions
@@ -201,7 +201,8 @@ class Trainer:
             self.method.networks = [self.dist.wrap(n) for n in self.networks]
         self.optimizers = [make_optimizer(n.parameters(), cfg) for n in self.networks]
         self.schedulers = [make_scheduler(o, cfg) for o in self.optimizers]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # loss scaling only for float16: bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def build_guidance(self):
         wants = bool(self.ssl_config_flag("guidance_qar") or self.ssl_config_flag("guidance_qw"))
@@ -222,6 +223,11 @@ class Trainer:
     @property
     def use_amp(self) -> bool:
         return self.device.type == "cuda" and self.cfg.amp != "off"
+
+    @property
+    def amp_dtype(self):
+        """Autocast dtype of training steps, None for the fp32 path (CPU, or amp off)."""
+        return autocast_dtype(self.device, self.cfg.amp_dtype) if self.use_amp else None
 
     @property
     def use_channels_last(self) -> bool:
@@ -378,7 +384,7 @@ class Trainer:
             net.train()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with autocast(self.device, self.amp_dtype):
             out = self.method.training_step(batch_l, batch_u, info)
         loss = out["loss"]
         if self.dist.any_true(not bool(torch.isfinite(loss))):

@@ -56,6 +56,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
+from ..engine.device import autocast
 from ..errors import CancelledError, ConfigError, DataError
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
@@ -578,28 +579,16 @@ def predict_batches(model, batches, device, amp_dtype=None) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 pred = model(batch["image"].to(device), batch["mask"].to(device))
             outs.append(pred.float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, model.n_foreground), np.float32)
 
 
-def _autocast(device, dtype):
-    import contextlib
-
-    import torch
-
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _amp_dtype(config: QualityTrainConfig, device):
-    import torch
+    from ..engine.device import autocast_dtype
 
-    if config.amp == "off" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if config.amp == "off" else autocast_dtype(device)
 
 
 def _workers(config: QualityTrainConfig, device) -> int:
@@ -836,7 +825,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     image, mask = batch["image"].to(dev), batch["mask"].to(dev)
                     target = batch["target"].to(dev)
                     optimizer.zero_grad(set_to_none=True)
-                    with _autocast(dev, amp_dtype):
+                    with autocast(dev, amp_dtype):
                         pred, segmentation = train_model(image, mask, with_segmentation=True)
                     loss = loss_fn(pred.float(), target)
                     if segmentation is not None:
