@@ -346,3 +346,19 @@ def test_teacher_follows_a_loaded_student_when_the_checkpoint_has_no_teacher():
     method.load_extra_state({})
     for a, b in zip(method.teacher.module.parameters(), networks[0].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,teacher_in_float32", [(torch.float16, True), (torch.bfloat16, False)])
+def test_ema_teacher_leaves_float16_autocast_only(dtype, teacher_in_float32):
+    """Under float16 autocast the EMA teacher runs in float32 (an eval-mode teacher with lagging
+    BatchNorm statistics overflowed float16 in a V-Net); bfloat16 autocast stays on for it."""
+    cfg = active_config()
+    networks = [n.cuda() for n in make_networks("mt", 3, cfg)]
+    method = build_method("mt", networks, cfg)
+    seen = []
+    method.teacher.module.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    image = batches(3)[1]["image"].cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        probs = method.teacher_probs(image)
+    assert probs.dtype == torch.float32 and seen == [torch.float32 if teacher_in_float32 else dtype]

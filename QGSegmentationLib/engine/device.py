@@ -57,6 +57,23 @@ def autocast(device, dtype):
     return torch.autocast(getattr(device, "type", str(device)), dtype=dtype)
 
 
+def float32_under_float16_autocast():
+    """A context that leaves float16 autocast for float32 (and changes nothing otherwise).
+
+    For forwards whose activations can exceed float16's range although the trained network's do
+    not: an EMA teacher in eval mode early in training, when its BatchNorm running statistics
+    still lag the activations (a V-Net teacher overflowed at step 3, BENCHMARKS.md §5). bfloat16
+    has float32's range and is left alone."""
+    import torch
+
+    enabled = torch.is_autocast_enabled()  # the CUDA autocast state
+    get_dtype = getattr(torch, "get_autocast_dtype", None)
+    dtype = get_dtype("cuda") if get_dtype else torch.get_autocast_gpu_dtype()
+    if enabled and dtype == torch.float16:
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
 def device_description(device) -> str:
     import torch
 

@@ -185,10 +185,12 @@ class TeacherStudentMethod(SSLMethod):
         self.teacher = EMATeacher(self.networks[0], self.cfg.ema_decay)
 
     def teacher_probs(self, image: torch.Tensor) -> torch.Tensor:
-        """Teacher softmax on `image`, without gradient."""
+        """Teacher softmax on `image`, without gradient (in float32 under float16 autocast)."""
+        from ..engine.device import float32_under_float16_autocast
+
         self.teacher.follow_device(self.networks[0])
-        with torch.no_grad():
-            return torch.softmax(self.teacher(image).float(), dim=1)
+        with torch.no_grad(), float32_under_float16_autocast():
+            return torch.softmax(self.teacher(image.float()).float(), dim=1)
 
     def noisy(self, image: torch.Tensor) -> torch.Tensor:
         """image + clip(N(0, std), -clip, clip): the teacher-input noise of MT/UA-MT."""
