@@ -8,7 +8,6 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, monai, SimpleITK, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'monai', monai.__version__, 'SimpleITK', SimpleITK.Version_VersionString(), 'numpy', numpy.__version__, \
 torch.cuda.get_device_name())" | tee "$out/versions.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$out/versions.txt"
 python3 -m pytest -m gpu Testing -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/gpu_tests.log"
 python3 bench/bench_train_step.py --device cuda 2>&1 | tee "$out/train_step.log"
 start=$(date +%s)
