@@ -16,7 +16,7 @@ import torch
 
 from QGSegmentationLib.cli.main import main
 from QGSegmentationLib.data.phantom import make_phantom_case, make_phantom_dataset
-from QGSegmentationLib.errors import DataError
+from QGSegmentationLib.errors import ConfigError, DataError
 from QGSegmentationLib.quality.evaluate import (EvalPair, agreement_metrics, auroc, evaluate_predictor,
                                                 image_dependence_ok, make_vqm_pairs, spearman)
 from QGSegmentationLib.quality.predictor import QualityPredictor, save_predictor
@@ -207,3 +207,33 @@ def test_several_checkpoints_score_as_their_mean(files, tmp_path, capsys):
                  str(files["image"]), "--masks", str(files["mask"]), "--output", str(tmp_path / "x.csv"),
                  "--quiet"]) == 2
     assert "g2d.pt: cannot be averaged" in capsys.readouterr().err
+
+
+def test_ensemble_file_answers_as_the_mean_of_its_members_everywhere(files, tmp_path, capsys):
+    """`qgseg quality ensemble` writes one weights-only file; loading it gives the members' mean
+    (the same as passing the members), gradients still reach the mask (QAR), nesting flattens, and
+    calibration refuses it with advice."""
+    from QGSegmentationLib.quality.calibrate import calibrate_checkpoint
+    from QGSegmentationLib.quality.predictor import QualityEnsemble, load_predictor, load_predictors
+
+    torch.manual_seed(2)
+    other = save_predictor(tmp_path / "g1.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    members = [str(files["checkpoint"]), str(other)]
+    out = tmp_path / "ens" / "g_ensemble.pt"
+    assert main(["quality", "ensemble", "--checkpoint", *members, "--output", str(out), "--quiet"]) == 0
+    assert "the mean of 2 quality predictors" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    assert state["format"] == "qgseg-quality-ensemble" and len(state["members"]) == 2
+    from_file, from_paths = load_predictor(out), load_predictors(members)
+    assert isinstance(from_file, QualityEnsemble)
+    image = torch.randn(2, 1, 16, 16, 16)
+    mask = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    predicted = from_file(image, mask)
+    assert torch.allclose(predicted, from_paths(image, mask), atol=1e-6)
+    singles = [load_predictor(p)(image, mask) for p in members]
+    assert torch.allclose(predicted, (singles[0] + singles[1]) / 2, atol=1e-6)
+    predicted.sum().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
+    assert len(load_predictors([out, other]).members) == 3  # an ensemble among several: flattened
+    with pytest.raises(ConfigError, match="g_ensemble.pt: an ensemble of 2 predictors; calibrate each member"):
+        calibrate_checkpoint(out, tmp_path / "dataset.json", [tmp_path], tmp_path / "cal.pt")

@@ -6,6 +6,8 @@
                            --output scores.csv
     qgseg quality calibrate --checkpoint runs/g/checkpoints/best.pt --dataset dataset.json \\
                             --masks runs/seg_val --output runs/g/checkpoints/calibrated.pt
+    qgseg quality ensemble --checkpoint runs/g_s0/checkpoints/best.pt runs/g_s1/checkpoints/best.pt \\
+                           --output runs/g_ensemble.pt
 
 Heavy modules (torch, monai) are imported inside the command bodies, so building the parser is
 cheap.
@@ -71,6 +73,19 @@ Example:
   qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test
 """
 
+ENSEMBLE_EPILOG = """\
+What it does:
+  g trained with different seeds disagrees most on unusual volumes; the mean of several is steadier
+  than any one (BENCHMARKS.md section 2d). This writes one file holding the given predictors (which
+  must share mode, grid and classes). Every command that takes a quality checkpoint - score,
+  evaluate, predict --quality-checkpoint, train --quality-checkpoint (QAR/QW guidance), the Slicer
+  panel - then answers with their mean, at one forward pass of g per member.
+
+Example:
+  for s in 0 1 2; do qgseg quality train --dataset Task/dataset.json --run-dir runs/g_s$s --seed $s; done
+  qgseg quality ensemble --checkpoint runs/g_s{0,1,2}/checkpoints/best.pt --output runs/g_ensemble.pt
+"""
+
 SCORE_EPILOG = """\
 What it does:
   Predicts the Dice of each foreground class of each mask against its (unknown) reference.
@@ -92,7 +107,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="The quality predictor g estimates the Dice of a segmentation without a "
                     "reference. Train it once per dataset, then use it to score masks or to guide "
                     "semi-supervised training (QAR, QW).", formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="quality_command", metavar="{train,evaluate,score}")
+    sub = parser.add_subparsers(dest="quality_command", metavar="{train,evaluate,score,calibrate,ensemble}")
     sub.required = True
 
     train = sub.add_parser("train", help="train g on variable-quality masks of a labeled dataset",
@@ -164,6 +179,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     calibrate.add_argument("--output", required=True, metavar="FILE", help="calibrated predictor file (.pt)")
     add_run_options(calibrate)
     calibrate.set_defaults(func=run_calibrate)
+    ensemble = sub.add_parser("ensemble", help="combine several trained g (e.g. seeds) into one file",
+                              description="Write one quality predictor file that answers with the mean "
+                                          "of several.", epilog=ENSEMBLE_EPILOG, formatter_class=HelpFormatter)
+    ensemble.add_argument("--checkpoint", required=True, nargs="+",
+                          help="predictor files (checkpoints/best.pt of `quality train` runs, or ensembles)")
+    ensemble.add_argument("--output", required=True, metavar="FILE", help="the ensemble file (.pt)")
+    add_run_options(ensemble)
+    ensemble.set_defaults(func=run_ensemble)
     parser.set_defaults(func=run)
     return parser
 
@@ -300,3 +323,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         return {"output": Path(result["output"])}
 
     return run_with_events(args, "quality calibrate", body)
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        args.run_dir = str(Path(args.output).resolve().parent)
+
+    def body(ctx):
+        from ..quality.predictor import load_predictor, save_ensemble
+
+        path = save_ensemble(args.output, args.checkpoint)
+        n = len(getattr(load_predictor(path), "members", [None]))
+        ctx.say(f"wrote {path}: the mean of {n} quality predictors")
+        return {"output": path}
+
+    return run_with_events(args, "quality ensemble", body)

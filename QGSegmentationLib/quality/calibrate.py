@@ -18,7 +18,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 MIN_MASKS = 5
 
@@ -59,11 +59,14 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, dataset: str | os.PathLi
     import torch
 
     from ..data.dataset import load_dataset
-    from .predictor import load_predictor, save_predictor
+    from .predictor import QualityEnsemble, load_predictor, save_predictor
     from .train import SampleSpec, collate, load_cases, real_mask_samples
     from .weak import load_mask_folders
 
     model = load_predictor(checkpoint, device)
+    if isinstance(model, QualityEnsemble):
+        raise ConfigError(f"{checkpoint}: an ensemble of {len(model.members)} predictors; calibrate "
+                          "each member file, then combine them again with `qgseg quality ensemble`")
     spec = load_dataset(dataset)
     refs = list(spec.group(group))
     if not refs:

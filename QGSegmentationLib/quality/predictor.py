@@ -26,7 +26,9 @@ into the segmenter). Whole volumes should first go through `presentation.present
 around the candidate mask; see that module for why.
 
 Checkpoints (`save_predictor` / `load_predictor`) hold only a state dict and plain-dict config, so
-they load with `torch.load(weights_only=True)`.
+they load with `torch.load(weights_only=True)`. An ensemble file (`save_ensemble`) holds several
+such predictors; `load_predictor` answers it with a `QualityEnsemble`, so scoring, evaluation and
+QAR/QW guidance take one path either way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..fileio import atomic_path
 from ..registry import Registry
 
 FORMAT = "qgseg-quality-predictor"
+ENSEMBLE_FORMAT = "qgseg-quality-ensemble"
 TRAIN_FORMAT = "qgseg-quality-train-state"
 FORMAT_VERSION = 1
 
@@ -274,26 +277,33 @@ def read_predictor_file(path: str | os.PathLike) -> Dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
         raise DataError(f"{path}: not a readable quality predictor checkpoint "
                         f"({str(exc).splitlines()[0][:160]})") from None
-    if not isinstance(state, dict) or state.get("format") not in (FORMAT, TRAIN_FORMAT):
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, TRAIN_FORMAT, ENSEMBLE_FORMAT):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path}: expected a quality predictor checkpoint ({FORMAT}), found {found!r}",
                         hint="pass checkpoints/best.pt of a `qgseg quality train` run folder")
     return state
 
 
-def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") -> QualityPredictor:
-    """Rebuild a predictor from `save_predictor`'s file (or a training state), in eval mode.
-    The file's `meta` dict is attached as `model.meta`."""
+def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild a predictor from `save_predictor`'s file (or a training state), in eval mode, with
+    the file's `meta` dict attached as `model.meta`; an ensemble file gives a QualityEnsemble."""
     state = read_predictor_file(path)
+    if state["format"] == ENSEMBLE_FORMAT:
+        members = [_predictor_from_state(member, f"{path} (member {i})") for i, member in enumerate(state["members"])]
+        return QualityEnsemble(members).to(device).eval()
+    return _predictor_from_state(state, path).to(device).eval()
+
+
+def _predictor_from_state(state: Mapping[str, Any], source) -> QualityPredictor:
     model = QualityPredictor(state["config"])
     weights = dict(state["state_dict"])
     weights.setdefault("output_shift", torch.zeros(model.n_foreground))  # files from before calibration
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise DataError(f"{path}: weights do not fit the saved configuration ({str(exc)[:200]})") from None
+        raise DataError(f"{source}: weights do not fit the saved configuration ({str(exc)[:200]})") from None
     model.meta = dict(state.get("meta") or {})
-    return model.to(device).eval()
+    return model.eval()
 
 
 class QualityEnsemble(nn.Module):
@@ -317,15 +327,40 @@ class QualityEnsemble(nn.Module):
 
 
 def load_predictors(paths: Sequence[str | os.PathLike], device: str | torch.device = "cpu"):
-    """One predictor file -> `load_predictor`; several -> a QualityEnsemble of them, which must
-    agree on mode, grid and classes (the file that does not is named)."""
+    """One predictor file -> `load_predictor`; several (or ensemble files among them) -> one
+    QualityEnsemble of all their predictors, which must agree on mode, grid and classes (the file
+    that does not is named)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    models = [load_predictor(path, device) for path in paths]
-    if len(models) == 1:
-        return models[0]
+    if len(paths) == 1:
+        return load_predictor(paths[0], device)
+    members, sources = [], []
+    for path in paths:
+        model = load_predictor(path, device)
+        found = list(model.members) if isinstance(model, QualityEnsemble) else [model]
+        members += found
+        sources += [path] * len(found)
+    check_compatible(members, sources)
+    return QualityEnsemble(members).to(device).eval()
+
+
+def check_compatible(models: Sequence[QualityPredictor], sources: Sequence) -> None:
+    """Predictors averaged together must share mode, grid and classes; raises naming the odd one."""
     key = lambda m: (m.config["mode"], tuple(m.grid_size), m.n_foreground)  # noqa: E731
-    for path, model in zip(paths[1:], models[1:]):
+    for source, model in zip(sources[1:], models[1:]):
         if key(model) != key(models[0]):
-            raise ConfigError(f"{path}: cannot be averaged with {paths[0]}: mode/grid/classes "
+            raise ConfigError(f"{source}: cannot be averaged with {sources[0]}: mode/grid/classes "
                               f"{key(model)} differ from {key(models[0])}")
-    return QualityEnsemble(models).to(device).eval()
+
+
+def save_ensemble(path: str | os.PathLike, members: Sequence[str | os.PathLike]) -> Path:
+    """Write one file holding the predictors of `members` (predictor or ensemble files), loadable
+    by `load_predictor` as their mean - e.g. g trained with several seeds (BENCHMARKS.md §2d)."""
+    ensemble = load_predictors(list(members))
+    models = list(ensemble.members) if isinstance(ensemble, QualityEnsemble) else [ensemble]
+    state = {"format": ENSEMBLE_FORMAT, "format_version": FORMAT_VERSION,
+             "members": [{"state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+                          "config": dict(m.config), "meta": dict(m.meta)} for m in models],
+             "sources": [str(p) for p in members]}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
