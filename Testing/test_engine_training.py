@@ -204,3 +204,17 @@ def test_cuda_training_and_inference_in_mixed_precision(phantom_3d, tmp_path, am
     assert probs.dtype == torch.float32 and probs.shape == (2, 20, 40, 40)
     assert torch.allclose(probs.sum(0), torch.ones(20, 40, 40), atol=1e-3)
     assert (probs - reference).abs().max() < 0.05  # mixed precision changes probabilities only slightly
+
+
+def test_losses_are_read_back_together_and_a_nan_stops_the_run_naming_its_iteration(phantom_3d, tmp_path):
+    from QGSegmentationLib.errors import DataError
+
+    trainer = Trainer(tiny_config(phantom_3d), tmp_path / "r", progress_bar=False)
+    pending = [{"loss": torch.tensor(0.5), "sup": torch.tensor(0.25), "weight": 0.1},
+               {"loss": torch.tensor(0.4), "qw_mean": torch.tensor(0.9), "weight": 0.2}]
+    assert trainer.read_losses(pending, first_iteration=10) == [
+        {"loss": 0.5, "sup": 0.25, "weight": 0.1}, {"loss": pytest.approx(0.4), "qw_mean": pytest.approx(0.9),
+                                                     "weight": 0.2}]
+    pending.append({"loss": torch.tensor(float("nan")), "sup": torch.tensor(1.0), "weight": 0.3})
+    with pytest.raises(DataError, match="training diverged at iteration 12: loss is nan"):
+        trainer.read_losses(pending, first_iteration=10)

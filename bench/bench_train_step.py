@@ -2,14 +2,17 @@
 
     python bench/bench_train_step.py --device cuda                        # LA CPU and GPU configs
     python bench/bench_train_step.py --device cpu --configs la_cpu --steps 5 --rounds 1
+    python bench/bench_train_step.py --device cuda --precisions bf16 --channels-last on --reads 1 10
 
 Each configuration builds the real `Trainer` (the same networks, method, sampler, loss and
 optimizer as `qgseg train`) on a synthetic phantom dataset large enough for its patch, once per
 variant (`amp` on/off x `channels_last` on/off; on a CPU only the fp32 variant exists). Variants
 alternate in `--rounds` blocks of `--warmup` untimed and `--steps` timed steps, so drift of the
 machine hits them all; each step ends with a device synchronisation. Prints, per configuration,
-the median step time of each variant and its ratio to fp32 / contiguous, and the peak GPU memory.
+the median step time of each variant and its ratio to the first one, and the peak GPU memory.
 A variant whose loss turns NaN (`qgseg train` stops such a run) is reported and dropped.
+`--reads` also varies how often the losses are read back from the device (`Trainer.read_losses`;
+`qgseg train` reads every 10 steps on a GPU, every step on a CPU).
 """
 
 from __future__ import annotations
@@ -48,15 +51,18 @@ def build_trainer(root, config, method, device, precision, channels_last, unlabe
     return trainer
 
 
-def timed_steps(trainer, n, sync):
+def timed_steps(trainer, n, sync, read_every):
+    """Per-step times of n steps (n a multiple of read_every): each window of read_every steps,
+    losses read back once at its end, is timed whole and split evenly."""
     from QGSegmentationLib.ssl.base import StepInfo
 
     times = []
-    for i in range(n):
+    for first in range(0, n, read_every):
         start = time.perf_counter()
-        trainer.step(StepInfo(i, 10**6, 50))
+        pending = [trainer.step(StepInfo(i, 10**6, 50)) for i in range(first, first + read_every)]
+        trainer.read_losses(pending, first)
         sync()
-        times.append(time.perf_counter() - start)
+        times += [(time.perf_counter() - start) / read_every] * read_every
     return times
 
 
@@ -68,6 +74,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--reads", nargs="+", type=int, default=[1], metavar="N",
+                        help="read the losses back every N steps (--steps and --warmup must be multiples)")
     args = parser.parse_args()
 
     import torch
@@ -77,7 +87,8 @@ def main() -> None:
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    variants = [(p, c) for c in ("off", "on") for p in ("fp32", "bf16", "fp16")] if cuda else [("fp32", "off")]
+    variants = ([(p, c, r) for r in args.reads for c in args.channels_last for p in args.precisions] if cuda
+                else [("fp32", "off", r) for r in args.reads])
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) steps per variant")
     with tempfile.TemporaryDirectory() as root:
@@ -85,7 +96,7 @@ def main() -> None:
             dataset = make_phantom_dataset(f"{root}/{config}", n_labeled=4, n_unlabeled=4, n_validation=1,
                                            shape=CONFIGS[config]["phantom"])
             for method in args.methods:
-                trainers = {v: build_trainer(root, config, method, args.device, *v, dataset) for v in variants}
+                trainers = {v: build_trainer(root, config, method, args.device, *v[:2], dataset) for v in variants}
                 times = {v: [] for v in variants}
                 peaks = {}
                 for _ in range(args.rounds):
@@ -93,10 +104,10 @@ def main() -> None:
                         if cuda:
                             torch.cuda.reset_peak_memory_stats()
                         try:
-                            timed_steps(trainer, args.warmup, sync)
-                            times[v] += timed_steps(trainer, args.steps, sync)
+                            timed_steps(trainer, args.warmup, sync, v[2])
+                            times[v] += timed_steps(trainer, args.steps, sync, v[2])
                         except DataError as exc:  # a NaN loss
-                            print(f"{config:7s} {method:4s} {v[0]} channels_last={v[1]}: {exc}")
+                            print(f"{config:7s} {method:4s} {v[0]} channels_last={v[1]} reads={v[2]}: {exc}")
                             del trainers[v], times[v]
                             continue
                         if cuda:
@@ -104,9 +115,9 @@ def main() -> None:
                 base = statistics.median(times[variants[0]]) if variants[0] in times else None
                 for v in times:
                     med = statistics.median(times[v])
-                    ratio = f"{med / base:.2f}x fp32 contiguous" if base else "fp32 diverged"
+                    ratio = f"{med / base:.2f}x the first variant" if base else "first variant diverged"
                     peak = f", peak {peaks[v]:.0f} MiB" if cuda else ""
-                    print(f"{config:7s} {method:4s} {v[0]:4s} channels_last={v[1]:3s}: median step "
+                    print(f"{config:7s} {method:4s} {v[0]:4s} channels_last={v[1]:3s} reads={v[2]:<2d}: median step "
                           f"{med * 1000:8.1f} ms  ({ratio}){peak}")
                 del trainers
                 if cuda:

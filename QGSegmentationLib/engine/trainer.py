@@ -89,6 +89,9 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+READ_LOSSES_EVERY = 10  # steps between reads of the losses from the device (each read waits for it)
+
+
 class Trainer:
     """Trains one method on one dataset into `run_dir`. See module docstring."""
 
@@ -352,32 +355,43 @@ class Trainer:
         bar = _progress_bar(cfg.iterations, start, self.progress_bar)
         t0, step_times = time.time(), []
         running: Dict[str, float] = {}
+        pending: List[Dict[str, Any]] = []
+        window_start = time.perf_counter()
+        read_every = READ_LOSSES_EVERY if self.device.type == "cuda" else 1  # a CPU step has finished
         for it in range(start, cfg.iterations):
             if self.dist.main_flag(self.cancel.requested):  # rank 0 looks, every rank stops
                 self.save("last.pt", it)
                 bar.close()
                 raise CancelledError("cancelled: the run's cancel file was found", hint=str(self.cancel.path))
-            tick = time.perf_counter()
             with translate_oom(f"training iteration {it}"):
                 maybe_inject_fault(it)
-                losses = self.step(StepInfo(it, cfg.iterations, cfg.iterations_per_epoch))
-            step_times.append(time.perf_counter() - tick)
-            for k, v in losses.items():
-                running[k] = 0.9 * running.get(k, v) + 0.1 * v
+                pending.append(self.step(StepInfo(it, cfg.iterations, cfg.iterations_per_epoch)))
             done = it + 1
-            bar.update(1)
+            validate = done % cfg.val_every == 0 or done == cfg.iterations
+            checkpoint = done % cfg.checkpoint_every == 0 and done < cfg.iterations
+            if not (done % read_every == 0 or validate or checkpoint):
+                continue
+            for losses in self.read_losses(pending, first_iteration=done - len(pending)):
+                for k, v in losses.items():
+                    running[k] = 0.9 * running.get(k, v) + 0.1 * v
+            now = time.perf_counter()
+            step_times += [(now - window_start) / len(pending)] * len(pending)
+            bar.update(len(pending))
             bar.set_postfix({k: f"{v:.3f}" for k, v in list(running.items())[:3]})
+            pending, window_start = [], now
             if done % 10 == 0 or done == cfg.iterations:
                 rate = (time.time() - t0) / max(1, done - start)
                 self.events.progress(done, cfg.iterations, epoch=done // cfg.iterations_per_epoch,
                                      eta_s=rate * (cfg.iterations - done), stage="train")
-            if done % cfg.val_every == 0 or done == cfg.iterations:
+            if validate:
                 self.validate_and_select(done, running, float(np.median(step_times[-50:])))
-            if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+            if checkpoint:
                 self.save("last.pt", done)
         bar.close()
 
-    def step(self, info) -> Dict[str, float]:
+    def step(self, info) -> Dict[str, Any]:
+        """One optimizer step; returns the step's losses still on the device (`read_losses` brings
+        them back), so that a GPU step does not wait for the previous one to finish."""
         batch_l = _to_device(next(self.labeled_sampler), self.device)
         batch_u = _to_device(next(self.unlabeled_sampler), self.device) if self.unlabeled_sampler else None
         for net in self.method.networks:
@@ -386,17 +400,28 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
             out = self.method.training_step(batch_l, batch_u, info)
-        loss = out["loss"]
-        if self.dist.any_true(not bool(torch.isfinite(loss))):
-            raise DataError(f"training diverged at iteration {info.iteration}: loss is {loss.item()}"
-                            + (" (on at least one rank)" if self.dist.enabled else ""),
-                            hint="lower the learning rate (--lr) or check the intensity normalisation")
-        backward_and_step(loss, self.scaler, self.optimizers, self.networks, self.cfg.grad_clip)
+        backward_and_step(out["loss"], self.scaler, self.optimizers, self.networks, self.cfg.grad_clip)
         for sch in self.schedulers:
             sch.step()
         self.dist.sync_buffers(self.networks)  # BatchNorm statistics: rank 0's everywhere (EMA teachers)
         self.method.after_optimizer_step(info)
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        return {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+    def read_losses(self, pending: List[Dict[str, Any]], first_iteration: int) -> List[Dict[str, float]]:
+        """The losses of consecutive steps as floats, read from the device in one transfer; stops
+        the run when a loss is not finite (on any rank). A NaN step leaves NaN weights, which the
+        next read finds too: reads come before every validation and checkpoint, so no checkpoint
+        holds them."""
+        device_values = [v.float().reshape(1) for losses in pending for v in losses.values() if torch.is_tensor(v)]
+        flat = iter(torch.cat(device_values).tolist() if device_values else [])
+        values = [{k: next(flat) if torch.is_tensor(v) else v for k, v in losses.items()} for losses in pending]
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v["loss"])), None)
+        if self.dist.any_true(bad is not None):
+            where = (f"iteration {first_iteration + bad}: loss is {values[bad]['loss']}" if bad is not None
+                     else f"iterations {first_iteration}-{first_iteration + len(pending) - 1} on another rank")
+            raise DataError(f"training diverged at {where}",
+                            hint="lower the learning rate (--lr) or check the intensity normalisation")
+        return values
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
