@@ -184,14 +184,16 @@ def test_mixed_precision_is_off_on_cpu_and_amp_dtype_is_checked(phantom_3d, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
-def test_cuda_training_and_inference_in_mixed_precision(phantom_3d, tmp_path, amp_dtype):
-    """Both autocast dtypes train finite losses on CUDA; loss scaling exactly for float16; the
-    trained segmenter predicts a whole volume on the GPU."""
+@pytest.mark.parametrize("amp_dtype,method", [("bf16", "sup"), ("fp16", "sup"), ("bf16", "mt")])
+def test_cuda_training_and_inference_in_mixed_precision(phantom_3d, tmp_path, amp_dtype, method):
+    """Both autocast dtypes train finite losses on CUDA (MT: losses on the GPU and on the CPU read
+    back together); loss scaling exactly for float16; the trained segmenter predicts a whole
+    volume on the GPU."""
     from QGSegmentationLib.inference import sliding_window_probs
     from QGSegmentationLib.segmenter import load_segmenter
 
-    cfg = tiny_config(phantom_3d, device="cuda", amp="on", amp_dtype=amp_dtype, iterations=8, val_every=4)
+    cfg = tiny_config(phantom_3d, device="cuda", amp="on", amp_dtype=amp_dtype, iterations=24, val_every=12,
+                      checkpoint_every=24, method=method)
     trainer = Trainer(cfg, tmp_path / amp_dtype, progress_bar=False)
     result = trainer.fit()
     expected = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
