@@ -405,8 +405,8 @@ class Trainer:
             sch.step()
         self.dist.sync_buffers(self.networks)  # BatchNorm statistics: rank 0's everywhere (EMA teachers)
         self.method.after_optimizer_step(info)
-        return {k: v.detach() if torch.is_tensor(v) and v.device.type != "cpu" else float(v)
-                for k, v in out.items()}
+        out = {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
+        return {k: v if torch.is_tensor(v) and v.device.type != "cpu" else float(v) for k, v in out.items()}
 
     def read_losses(self, pending: List[Dict[str, Any]], first_iteration: int) -> List[Dict[str, float]]:
         """The losses of consecutive steps as floats, read from the device in one transfer; stops
