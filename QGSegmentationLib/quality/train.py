@@ -843,7 +843,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     else:
                         optimizer.step()
                     scheduler.step(epoch + (b + 1) / n_batches)
-                    losses.append(float(loss.detach()))
+                    losses.append(loss.detach())  # read once per epoch: no device sync per step
                     tick = time.time()
                     step_s += tick - got
                     step = epoch * n_batches + b + 1
@@ -859,7 +859,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                                                val_targets, n_synthetic)
                 scores = dist.broadcast_object(scores if dist.is_main else None)
                 val_mae, val_r = scores["val_mae"], scores["val_pearson"]
-                train_loss = float(np.mean(losses)) if losses else None
+                train_loss = float(torch.stack(losses).double().mean()) if losses else None
                 if dist.enabled:  # the mean over ranks of their mean batch losses
                     train_loss = dist.mean_dict({"loss": train_loss} if losses else {}).get("loss")
                 record = {"epoch": epoch + 1, "train_loss": train_loss, **scores,
