@@ -101,7 +101,7 @@ Examples:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add `quality` with subcommands train, evaluate and score."""
+    """Add `quality` with subcommands train, evaluate, score, calibrate and ensemble."""
     parser = subparsers.add_parser(
         "quality", help="train, evaluate and apply the quality predictor g(image, mask) -> Dice",
         description="The quality predictor g estimates the Dice of a segmentation without a "
@@ -137,7 +137,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_run_options(train)
     train.set_defaults(func=run_train)
 
-    evaluate = sub.add_parser("evaluate", help="measure g against true Dice on synthetic masks",
+    evaluate = sub.add_parser("evaluate", help="measure g against true Dice (synthetic masks, or real segmentations with --predictions)",
                               description="Evaluate a trained quality predictor.",
                               epilog=EVALUATE_EPILOG, formatter_class=HelpFormatter)
     evaluate.add_argument("--dataset", required=True, metavar="dataset.json", help="dataset description")
