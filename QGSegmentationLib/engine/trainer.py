@@ -360,6 +360,7 @@ class Trainer:
         read_every = READ_LOSSES_EVERY if self.device.type == "cuda" else 1  # a CPU step has finished
         for it in range(start, cfg.iterations):
             if self.dist.main_flag(self.cancel.requested):  # rank 0 looks, every rank stops
+                self.read_losses(pending, first_iteration=it - len(pending))  # no NaN weights saved
                 self.save("last.pt", it)
                 bar.close()
                 raise CancelledError("cancelled: the run's cancel file was found", hint=str(self.cancel.path))

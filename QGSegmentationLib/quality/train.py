@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from ..engine.device import autocast
+from ..engine.device import autocast, autocast_dtype
 from ..errors import CancelledError, ConfigError, DataError
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
@@ -586,8 +586,6 @@ def predict_batches(model, batches, device, amp_dtype=None) -> np.ndarray:
 
 
 def _amp_dtype(config: QualityTrainConfig, device):
-    from ..engine.device import autocast_dtype
-
     return None if config.amp == "off" else autocast_dtype(device)
 
 
