@@ -82,6 +82,7 @@ class QGSegmentationParameterNode:
     batchSize: int = 2
     patchSize: int = 96
     seed: int = 0
+    mirror: bool = True
     lowThreshold: float = 0.7
     highThreshold: float = 0.85
 
@@ -92,7 +93,8 @@ def training_options_from(parameters) -> jobs.TrainingOptions:
         guidance_qar=parameters.guidanceQAR, guidance_qw=parameters.guidanceQW,
         mode=parameters.mode, target_spacing=parameters.targetSpacing,
         iterations=parameters.iterations, batch_size=parameters.batchSize,
-        patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device)
+        patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device,
+        mirror=parameters.mirror)
 
 
 def handler(message: str, wait_cursor: bool = False) -> Callable:
@@ -424,7 +426,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         cases = [jobs.CaseEntry(c.case, c.volume_id, c.volume_name, "unlabeled")
                  for c in self.selectedCases()]
         self.logic.startSegmenting(slicer.mrmlScene, cases, self._parameterNode.device,
-                                   self.ui.outputFolderPathLineEdit.currentPath)
+                                   self.ui.outputFolderPathLineEdit.currentPath,
+                                   mirror=self._parameterNode.mirror)
 
     def onPollTimer(self):
         with slicer.util.tryWithErrorDisplay("Failed while following the run."):
@@ -761,7 +764,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             self.state.transition(RunState.FAILED, str(exc))
             raise
 
-    def startSegmenting(self, scene, cases: List[jobs.CaseEntry], device: str, output_folder: str):
+    def startSegmenting(self, scene, cases: List[jobs.CaseEntry], device: str, output_folder: str,
+                        mirror: bool = True):
         if self.checkpoint is None:
             raise ValueError("no model: train one or load a model folder first")
         self.state.transition(RunState.PREPARING)
@@ -774,11 +778,11 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
                                      label_names=label_names, checkpoint=self.checkpoint,
                                      quality_checkpoint=quality or "",
-                                     options={"device": device}, versions=self._versions())
+                                     options={"device": device, "mirror": mirror}, versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
-            self.options = jobs.TrainingOptions(device=device)
+            self.options = jobs.TrainingOptions(device=device, mirror=mirror)
             self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, device, quality,
-                                                       from_dataset=False),
+                                                       from_dataset=False, mirror=mirror),
                              self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
         except Exception as exc:
@@ -841,7 +845,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                 self.state.transition(RunState.IDLE)
                 return
             self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, self.options.device,
-                                                       self.qualityCheckpoint),
+                                                       self.qualityCheckpoint, mirror=self.options.mirror),
                              self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
         else:

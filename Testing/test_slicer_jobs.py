@@ -87,6 +87,7 @@ def test_stage_arguments(tmp_path):
     assert pred[pred.index("--run-dir") + 1] == str(folder.predict_run_dir)
     only = predict_arguments(folder, "/m/best.pt", from_dataset=False)
     assert only[only.index("--input") + 1] == str(folder.images_dir) and "--split" not in only
+    assert "--no-mirror" not in pred and predict_arguments(folder, "/m/best.pt", mirror=False)[-1] == "--no-mirror"
     with pytest.raises(ValueError):
         predict_arguments(folder, "/m/best.pt", "gpu")
 
@@ -99,7 +100,7 @@ def test_stage_arguments_parse_with_the_real_command_line(tmp_path):
     opts = TrainingOptions(mode="2d", target_spacing=0.8, quality_epochs=2)
     for args in (quality_arguments(folder, opts), train_arguments(folder, opts, "/q/best.pt"),
                  predict_arguments(folder, "/m/best.pt", "cpu", "/q/best.pt"),
-                 predict_arguments(folder, "/m/best.pt", from_dataset=False)):
+                 predict_arguments(folder, "/m/best.pt", from_dataset=False, mirror=False)):
         parsed = parser.parse_args(args)
         assert callable(parsed.func), args
 

@@ -56,6 +56,7 @@ class TrainingOptions:
     seed: int = 0
     device: str = "auto"
     quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
+    mirror: bool = True  # test-time mirroring when segmenting: ~3x the time, +0.01 Dice on LA
 
     def validate(self) -> "TrainingOptions":
         """Raise ValueError naming the option and the problem."""
@@ -309,9 +310,10 @@ def train_arguments(folder: JobFolder, options: TrainingOptions,
 
 def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike, device: str = "auto",
                       quality_checkpoint: str | os.PathLike | None = None,
-                      from_dataset: bool = True) -> List[str]:
+                      from_dataset: bool = True, mirror: bool = True) -> List[str]:
     """Stage 3: segment (and score, with g) into predictions/. A train job segments the
-    dataset's "unlabeled" list; a segment-only job every image in images/."""
+    dataset's "unlabeled" list; a segment-only job every image in images/. `mirror` off gives one
+    pass per window instead of the mirrored average (faster, slightly less accurate)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     source = (["--input", str(folder.dataset_json), "--split", "unlabeled"] if from_dataset
@@ -321,6 +323,8 @@ def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike, device: 
             "--events", str(folder.predict_events), "--device", device]
     if quality_checkpoint:
         args += ["--quality-checkpoint", str(quality_checkpoint)]
+    if not mirror:
+        args.append("--no-mirror")
     return args
 
 
