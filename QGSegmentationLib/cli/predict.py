@@ -103,7 +103,11 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     segmenter = ensemble_segmenters([load_segmenter(path, device=device) for path in args.checkpoint])
     if args.mirror:
         segmenter = segmenter.mirrored()
-    scorer = _load_scorer(args.quality_checkpoint, device) if args.quality_checkpoint else None
+    scorer = None
+    if args.quality_checkpoint:
+        from ..quality.score import load_scorer
+
+        scorer = load_scorer(args.quality_checkpoint, device=device)
     out_dir = Path(args.output)
     cancel = CancelToken(ctx.run_dir)
     stages = 2 if scorer else 1
@@ -152,13 +156,6 @@ def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
     for row in sorted(rows, key=lambda r: r["predicted_quality"]):
         writer.writerow(row)
     return write_text_atomic(path, buf.getvalue())
-
-
-def _load_scorer(paths: List[str], device):
-    """Returns f(image_path, label_map, geometry) -> {label: predicted Dice} using quality.score."""
-    from ..quality.score import load_scorer
-
-    return load_scorer(paths, device=device)
 
 
 def _overlay(image_path: Path, label, out: Path, title: str) -> Path:

@@ -330,11 +330,11 @@ def run_ensemble(args: argparse.Namespace) -> int:
         args.run_dir = str(Path(args.output).resolve().parent)
 
     def body(ctx):
-        from ..quality.predictor import load_predictor, save_ensemble
+        from ..quality.predictor import load_predictors, members_of, save_ensemble
 
-        path = save_ensemble(args.output, args.checkpoint)
-        n = len(getattr(load_predictor(path), "members", [None]))
-        ctx.say(f"wrote {path}: the mean of {n} quality predictors")
+        models = members_of(load_predictors(args.checkpoint))
+        path = save_ensemble(args.output, models, sources=args.checkpoint)
+        ctx.say(f"wrote {path}: the mean of {len(models)} quality predictors")
         return {"output": path}
 
     return run_with_events(args, "quality ensemble", body)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -335,12 +335,16 @@ def load_predictors(paths: Sequence[str | os.PathLike], device: str | torch.devi
         return load_predictor(paths[0], device)
     members, sources = [], []
     for path in paths:
-        model = load_predictor(path, device)
-        found = list(model.members) if isinstance(model, QualityEnsemble) else [model]
+        found = members_of(load_predictor(path, device))
         members += found
         sources += [path] * len(found)
     check_compatible(members, sources)
     return QualityEnsemble(members).to(device).eval()
+
+
+def members_of(model) -> List[QualityPredictor]:
+    """The predictors a loaded model averages: an ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, QualityEnsemble) else [model]
 
 
 def check_compatible(models: Sequence[QualityPredictor], sources: Sequence) -> None:
@@ -352,15 +356,14 @@ def check_compatible(models: Sequence[QualityPredictor], sources: Sequence) -> N
                               f"{key(model)} differ from {key(models[0])}")
 
 
-def save_ensemble(path: str | os.PathLike, members: Sequence[str | os.PathLike]) -> Path:
-    """Write one file holding the predictors of `members` (predictor or ensemble files), loadable
-    by `load_predictor` as their mean - e.g. g trained with several seeds (BENCHMARKS.md §2d)."""
-    ensemble = load_predictors(list(members))
-    models = list(ensemble.members) if isinstance(ensemble, QualityEnsemble) else [ensemble]
+def save_ensemble(path: str | os.PathLike, models: Sequence[QualityPredictor],
+                  sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Atomically write one file holding `models` (e.g. `members_of(load_predictors(files))` of g
+    trained with several seeds, BENCHMARKS.md §2d), which `load_predictor` answers with their mean."""
     state = {"format": ENSEMBLE_FORMAT, "format_version": FORMAT_VERSION,
              "members": [{"state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()},
                           "config": dict(m.config), "meta": dict(m.meta)} for m in models],
-             "sources": [str(p) for p in members]}
+             "sources": [str(p) for p in sources]}
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
     return Path(path)
