@@ -145,6 +145,12 @@ def test_la_split_is_fixed_disjoint_and_nested(fake_la, tmp_path):
     assert other["test"] != three["test"]  # a different split seed gives a different split
     spec = load_dataset(tmp_path / "l3" / "dataset.json")  # files reachable through the symlinks
     assert all(c.image.is_file() and c.label.is_file() for c in spec.test)
+    held = json.loads(make_la_split(fake_la, tmp_path / "h", labeled=3, n_test=3, n_val=2, split_seed=1,
+                                    unlabeled_as_test=True).read_text())
+    assert held["training"] == three["training"] and held["validation"] == three["validation"]
+    assert held["test"][:3] == three["test"] and held["unlabeled"] == []
+    assert [c["image"] for c in held["test"][3:]] == three["unlabeled"]
+    assert all(c["label"] for c in held["test"])
 
 
 def test_la_split_errors_name_the_file(fake_la, tmp_path):

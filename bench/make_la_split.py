@@ -5,6 +5,10 @@ QGSegmentationLib.benchmark.data.make_la_split), next to symlinks to the data.
 
 16 test cases (never used for training, selection or tuning), 4 validation cases (checkpoint
 selection), then `--labeled` labeled training cases; all remaining cases are unlabeled.
+`--unlabeled-as-test` lists those remaining cases (with their labels) as extra test cases instead:
+a 16 + N case held-out set for models that never saw them (supervised segmenters, g).
+
+    python bench/make_la_split.py --la ../shared/data/LA --out runs/la16_heldout --labeled 16 --unlabeled-as-test
 """
 
 from __future__ import annotations
@@ -20,5 +24,8 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     p.add_argument("--labeled", type=int, default=16)
     p.add_argument("--split-seed", type=int, default=2026)
+    p.add_argument("--unlabeled-as-test", action="store_true",
+                   help="append the remaining cases, with labels, to the test cases (no unlabeled cases)")
     a = p.parse_args()
-    print(make_la_split(Path(a.la), Path(a.out), a.labeled, split_seed=a.split_seed))
+    print(make_la_split(Path(a.la), Path(a.out), a.labeled, split_seed=a.split_seed,
+                        unlabeled_as_test=a.unlabeled_as_test))

@@ -170,7 +170,7 @@ def prepare_splits(section: Mapping, base_dir: Path, data_dir: Path) -> List[Spl
 
 
 def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: int = 4,
-                  split_seed: int = 2026) -> Path:
+                  split_seed: int = 2026, unlabeled_as_test: bool = False) -> Path:
     """Write `out/dataset.json` for the LA benchmark with a fixed split, next to symlinks to the data.
 
     Over the LA dataset.json's cases sorted by image path and shuffled with `split_seed`: the first
@@ -178,7 +178,12 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     validation (checkpoint selection), then `labeled` labeled training cases; all remaining cases
     are listed as unlabeled. The split therefore does not depend on `labeled`: the 8-labeled cases
     are the first 8 of the 16-labeled ones, and test/validation are identical. Same logic as
-    bench/make_la_split.py. The LA files are referenced through symlinks, never copied."""
+    bench/make_la_split.py. The LA files are referenced through symlinks, never copied.
+
+    `unlabeled_as_test` appends the would-be unlabeled cases, with their labels, to the test cases
+    and leaves "unlabeled" empty: a larger held-out set for evaluating models that never saw those
+    cases (supervised segmenters, quality predictors). Never train an SSL method on this split's
+    sibling and then evaluate it here: it trained on those images."""
     la, out = Path(la), Path(out)
     source = la / "dataset.json"
     desc = read_json(source, "LA dataset description (data.la.path of the benchmark config)")
@@ -198,13 +203,15 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     for sub in folders:
         _link(la / sub, out / sub)
     entry = lambda c: {"image": c["image"], "label": c["label"]}  # noqa: E731
+    rest = train[labeled:]
+    held_out = test + rest if unlabeled_as_test else test
     split = {
-        "name": f"LA split seed {split_seed}: {labeled} labeled",
+        "name": f"LA split seed {split_seed}: {labeled} labeled" + (", unlabeled cases held out as test" if unlabeled_as_test else ""),
         "labels": desc["labels"],
         "training": [entry(c) for c in train[:labeled]],
         "validation": [entry(c) for c in val],
-        "test": [entry(c) for c in test],
-        "unlabeled": [c["image"] for c in train[labeled:]],
+        "test": [entry(c) for c in held_out],
+        "unlabeled": [] if unlabeled_as_test else [c["image"] for c in rest],
     }
     return write_json_atomic(out / "dataset.json", split)
 
