@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -40,3 +41,33 @@ def test_prediction_folder_without_cases_is_a_clear_error(phantom_3d, tmp_path):
     res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g),
                   "--predictions", str(empty), "--run-dir", str(tmp_path / "e"), "--quiet")
     assert res.returncode == 2 and "empty" in res.stderr
+
+
+def test_second_opinion_is_measured_beside_g(phantom_3d, tmp_path):
+    """A second opinion equal to the reference must reproduce every true Dice exactly; a folder
+    lacking a case stops the evaluation naming the missing file, before anything is written."""
+    spec = load_dataset(phantom_3d)
+    eroded, reference = tmp_path / "eroded", tmp_path / "reference"
+    for ref in spec.test:
+        label, geometry = read_label(ref.label)
+        write_label(eroded / f"{ref.id}.nrrd", ndimage.binary_erosion(label > 0, iterations=2).astype(np.uint8), geometry)
+        write_label(reference / f"{ref.id}.nrrd", label, geometry)
+    g = save_predictor(tmp_path / "g.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    out = tmp_path / "eval"
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(eroded), "--second-opinion", str(reference), "--run-dir", str(out),
+                  "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    result = json.loads((out / "quality_evaluation.json").read_text())
+    assert result["second_opinion"]["metrics"]["mae"] == 0.0
+    assert result["second_opinion"]["metrics"]["n"] == result["metrics"]["n"] == len(spec.test)
+    rows = list(csv.DictReader((out / "quality_evaluation_rows.csv").open()))
+    assert all(float(r["second_opinion_dice"]) == float(r["true_dice"]) < 1.0 for r in rows)
+    assert (out / "quality_calibration_second_opinion.png").is_file()
+
+    (reference / f"{spec.test[0].id}.nrrd").unlink()
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(eroded), "--second-opinion", str(reference), "--run-dir", str(tmp_path / "e2"),
+                  "--device", "cpu", "--quiet")
+    assert res.returncode == 2 and f"{spec.test[0].id}.nrrd" in res.stderr and "second-opinion" in res.stderr
+    assert not (tmp_path / "e2" / "quality_evaluation.json").exists()

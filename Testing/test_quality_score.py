@@ -138,6 +138,33 @@ def test_score_pairs_csv_and_json_output(files, tmp_path):
     assert scores[0]["class_name"] == "label_1"
 
 
+def test_second_opinion_column_is_the_dice_against_the_other_mask(files, tmp_path, capsys):
+    from scipy import ndimage
+
+    from QGSegmentationLib.quality.dice import mask_dice
+
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(files["mask"])))
+    other = ndimage.binary_dilation(label > 0, iterations=1).astype(np.uint8)
+    second = tmp_path / "second"
+    second.mkdir()
+    _write(second / "img.nrrd", other, (1.2, 1.0, 1.0))  # named after the image's case
+    out = tmp_path / "s.csv"
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+                 "--masks", str(files["mask"]), "--second-opinion", str(second), "--output", str(out), "--quiet"])
+    assert code == 0
+    row = next(csv.DictReader(out.open()))
+    expected = mask_dice(label, other)
+    assert expected < 1.0 and float(row["second_opinion_dice"]) == pytest.approx(expected, abs=1e-6)
+
+    _write(second / "img.nrrd", other, (1.2, 1.0, 1.0), origin=(5.0, 0.0, 0.0))
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+                 "--masks", str(files["mask"]), "--second-opinion", str(second), "--output", str(tmp_path / "t.csv"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "second/img.nrrd" in err and "origin" in err
+    assert not (tmp_path / "t.csv").exists()
+
+
 def test_geometry_mismatch_exits_2_naming_the_files(files, tmp_path, capsys):
     code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
                  "--masks", str(files["shifted"]), "--output", str(tmp_path / "s.csv"), "--quiet"])

@@ -17,9 +17,15 @@ examples:
   qgseg predict --checkpoint seed0/checkpoints/best.pt seed1/checkpoints/best.pt --input imagesTs/ \\
                 --output preds/      # an ensemble: the softmaxes are averaged
 
+  qgseg predict --checkpoint seed0/checkpoints/best.pt --input imagesTs/ --output preds/ \
+                --quality-checkpoint runs/g/checkpoints/best.pt --second-opinion seed1/checkpoints/best.pt
+
 Writes <case>.nrrd (label map) and <case>.seg.nrrd (loads in 3D Slicer as a segmentation) with
 exactly the input volume's geometry, plus scores.csv with the predicted quality per case and
-segment when --quality-checkpoint is given (worst first).
+segment when --quality-checkpoint is given (worst first). --second-opinion segments every volume
+again with another model (twice the inference time) and adds each segment's Dice against that
+second segmentation to scores.csv (second_opinion_dice): it sees the masks at full resolution and
+often ranks cases better than g, but misses mistakes both models share (BENCHMARKS.md section 6).
 """
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
@@ -40,6 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True, help="folder for <case>.nrrd and <case>.seg.nrrd")
     parser.add_argument("--quality-checkpoint", nargs="+",
                         help="quality predictor (several: their mean): also write scores.csv")
+    parser.add_argument("--second-opinion", nargs="+", metavar="CHECKPOINT",
+                        help="another segmenter (several: their ensemble), ideally trained with another "
+                             "seed or network: scores.csv gets each segment's Dice against its mask")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="test-time mirroring: average the predictions of the 8 (2D: 4) mirrored "
@@ -96,13 +105,18 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.cancel import CancelToken
     from ..engine.device import resolve_device, translate_oom
     from ..inference import predict_volume, write_prediction
-    from ..segmenter import ensemble_segmenters, load_segmenter
+    from ..quality.second_opinion import agreement_per_class
 
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
-    segmenter = ensemble_segmenters([load_segmenter(path, device=device) for path in args.checkpoint])
-    if args.mirror:
-        segmenter = segmenter.mirrored()
+    segmenter = load_ensemble(args.checkpoint, args.mirror, device)
+    second = load_ensemble(args.second_opinion, args.mirror, device) if args.second_opinion else None
+    if second is not None and second.labels != segmenter.labels:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--second-opinion {' '.join(args.second_opinion)} segments {second.labels}, "
+                          f"but --checkpoint segments {segmenter.labels}; the second opinion must "
+                          "segment the same labels")
     scorer = None
     if args.quality_checkpoint:
         from ..quality.score import load_scorer
@@ -110,25 +124,30 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         scorer = load_scorer(args.quality_checkpoint, device=device)
     out_dir = Path(args.output)
     cancel = CancelToken(ctx.run_dir)
-    stages = 2 if scorer else 1
+    scoring = bool(scorer or second)
+    stages = 2 if scoring else 1
     ctx.events.stage("segment", 1, stages)
     from tqdm.auto import tqdm
 
     written, rows, started = [], [], time.time()
     for index, (case_id, image_path) in enumerate(tqdm(cases, desc="predict", disable=not ctx.show_progress)):
         cancel.check()
+        segment = lambda model: predict_volume(model.network, image_path, model.preprocessor,  # noqa: E731
+                                               model.patch_size, model.mode, device, overlap=args.overlap)
         with translate_oom(f"inference on {image_path}"), torch.no_grad():
-            label, _, geometry = predict_volume(segmenter.network, image_path, segmenter.preprocessor,
-                                                segmenter.patch_size, segmenter.mode, device,
-                                                overlap=args.overlap)
+            label, _, geometry = segment(segmenter)
+            other = segment(second)[0] if second is not None else None
         paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names)
         outputs = {k: str(v) for k, v in paths.items()}
         metrics = {}
-        if scorer:
-            scores = scorer(image_path, label, geometry)
-            rows += [{"case": case_id, "segment": segmenter.labels.get(c, str(c)), "label": c,
-                      "predicted_quality": round(float(q), 4)} for c, q in scores.items()]
-            metrics = {f"quality_{segmenter.labels.get(c, c)}": float(q) for c, q in scores.items()}
+        if scoring:
+            case_rows = score_rows(case_id, segmenter.foreground_names,
+                                   scorer(image_path, label, geometry) if scorer else None,
+                                   agreement_per_class(label, other, max(segmenter.foreground_names))
+                                   if other is not None else None)
+            rows += case_rows
+            metrics = {f"{name}_{r['segment']}": r[key] for r in case_rows for key, name in
+                       (("predicted_quality", "quality"), ("second_opinion_dice", "second_opinion")) if key in r}
         if args.png:
             outputs["png"] = str(_overlay(image_path, label, out_dir / f"{case_id}.png", case_id))
         written.append(outputs)
@@ -136,24 +155,54 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         rate = (time.time() - started) / (index + 1)
         ctx.events.progress(index + 1, len(cases), eta_s=rate * (len(cases) - index - 1), stage="segment")
     result: Dict[str, Any] = {"output": out_dir}
-    if scorer:
+    if scoring:
         result["scores"] = write_scores(rows, out_dir / "scores.csv")
-        worst = sorted(rows, key=lambda r: r["predicted_quality"])[:5]
-        ctx.say("lowest predicted quality: " + ", ".join(f"{r['case']}:{r['segment']}={r['predicted_quality']:.2f}" for r in worst))
+        key = _sort_key(rows)
+        worst = sorted(rows, key=lambda r: r[key])[:5]
+        ctx.say(f"lowest {key.replace('_', ' ')}: " + ", ".join(f"{r['case']}:{r['segment']}={r[key]:.2f}" for r in worst))
     ctx.say(f"wrote {len(written)} segmentations to {out_dir}")
     return result
 
 
+def load_ensemble(paths: List[str], mirror: bool, device):
+    """One segmenter from one or several checkpoints (softmaxes averaged), mirrored if asked."""
+    from ..segmenter import ensemble_segmenters, load_segmenter
+
+    model = ensemble_segmenters([load_segmenter(path, device=device) for path in paths])
+    return model.mirrored() if mirror else model
+
+
+def score_rows(case_id: str, foreground: Dict[int, str], quality: Dict[int, float] | None,
+               agreement) -> List[Dict[str, Any]]:
+    """scores.csv rows of one case: g's predicted quality and/or the second opinion's Dice."""
+    rows = []
+    for c, name in foreground.items():
+        row: Dict[str, Any] = {"case": case_id, "segment": name, "label": c}
+        if quality is not None:
+            row["predicted_quality"] = round(float(quality[c]), 4)
+        if agreement is not None:
+            row["second_opinion_dice"] = round(float(agreement[c - 1]), 4)
+        rows.append(row)
+    return rows
+
+
+def _sort_key(rows: List[Dict[str, Any]]) -> str:
+    return "predicted_quality" if "predicted_quality" in rows[0] else "second_opinion_dice"
+
+
 def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
+    """scores.csv, worst first by g's predicted quality (by the second opinion without g)."""
     import csv
     import io
 
     from ..fileio import write_text_atomic
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["case", "segment", "label", "predicted_quality"])
+    fields = ["case", "segment", "label"] + [k for k in ("predicted_quality", "second_opinion_dice") if k in rows[0]]
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["predicted_quality"]):
+    key = _sort_key(rows)
+    for row in sorted(rows, key=lambda r: r[key]):
         writer.writerow(row)
     return write_text_atomic(path, buf.getvalue())
 

@@ -69,8 +69,14 @@ What it does:
   failure-detection AUROC for Dice < 0.7, image-dependence check), quality_evaluation_rows.csv
   and quality_calibration.png into --run-dir.
 
-Example:
+  With --second-opinion DIR, each mask's Dice against another segmenter's mask of the same case
+  is evaluated as a quality estimate too (metrics under "second_opinion", a rows column and
+  quality_calibration_second_opinion.png).
+
+Examples:
   qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test
+  qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test \
+      --predictions runs/segA/pred_test --second-opinion runs/segB/pred_test
 """
 
 ENSEMBLE_EPILOG = """\
@@ -97,6 +103,12 @@ Examples:
       --masks ct1_seg.nrrd ct2_seg.nrrd --output scores.csv
   qgseg quality score --checkpoint runs/g/checkpoints/best.pt --pairs pairs.csv --output scores.json
   (pairs.csv has the header 'image,mask'; relative paths are relative to the CSV)
+
+A second opinion:
+  --second-opinion DIR adds each mask's Dice against another segmenter's mask of the same image
+  (DIR/<image case>.nrrd, e.g. `qgseg predict --checkpoint other.pt --output DIR`). It sees the
+  mask at full resolution and often ranks masks better than g, but misses mistakes both
+  segmenters share (BENCHMARKS.md section 6); read the two columns together.
 """
 
 
@@ -151,6 +163,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           help="evaluate on masks made by real segmenters instead of synthetic VQMs: "
                                "folders of <case>.nrrd written by `qgseg predict` (one per segmenter)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed of the VQM masks")
+    evaluate.add_argument("--second-opinion", metavar="DIR",
+                          help="also measure each mask's Dice against another segmenter's <case>.nrrd "
+                               "in DIR as a quality estimate, next to g's (BENCHMARKS.md section 6)")
     add_run_options(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
@@ -164,6 +179,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--masks", nargs="+", metavar="MASK", help="mask/label files, one per image")
     score.add_argument("--pairs", metavar="CSV", help="CSV with columns image,mask (instead of --images/--masks)")
     score.add_argument("--output", required=True, metavar="FILE", help="scores.csv or scores.json")
+    score.add_argument("--second-opinion", metavar="DIR",
+                       help="folder of another segmenter's masks named <image case>.nrrd: adds the "
+                            "column second_opinion_dice (each mask's Dice against that mask)")
     add_run_options(score)
     score.set_defaults(func=run_score)
     calibrate = sub.add_parser("calibrate", help="shift g's output to match real masks of known quality",
@@ -264,7 +282,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             pairs, source = prediction_pairs(cases, args.predictions), "real-segmenter masks"
         else:
             pairs, source = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode), "VQMs"
-        result = evaluate_predictor(model, pairs, device)
+        second = None
+        if args.second_opinion:
+            from ..quality.second_opinion import SecondOpinion
+
+            second = SecondOpinion(args.second_opinion)
+        result = evaluate_predictor(model, pairs, device, second_opinion=second)
         result["group"] = group
         result["source"] = source
         paths = write_evaluation(result, ctx.run_dir, title=f"{group} {source}")
@@ -272,6 +295,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         ctx.say(f"{group}: n={m['n']} MAE {m['mae']:.4f} Pearson {m['pearson']:.3f} "
                 f"Spearman {m['spearman']:.3f} AUROC(Dice<0.7) {m['auroc_failure']:.3f}; "
                 f"image dependence ok: {result['image_dependence_ok']}")
+        if second is not None:
+            o = result["second_opinion"]["metrics"]
+            ctx.say(f"second opinion ({second.folder}): MAE {o['mae']:.4f} Pearson {o['pearson']:.3f} "
+                    f"Spearman {o['spearman']:.3f} AUROC(Dice<0.7) {o['auroc_failure']:.3f}")
         for name in ("mae", "pearson", "spearman", "auroc_failure"):
             if m[name] == m[name]:  # not NaN
                 ctx.events.metric(name, m[name], split=group if group != "training" else "train")
@@ -301,11 +328,17 @@ def run_score(args: argparse.Namespace) -> int:
                               "or --pairs pairs.csv")
         device = resolve_device(args.device)
         model = load_predictors(args.checkpoint, device)
+        second = None
+        if args.second_opinion:
+            from ..quality.second_opinion import SecondOpinion
+
+            second = SecondOpinion(args.second_opinion)
         rows = score_pairs(model, pairs, device, output=args.output, events=ctx.events,
-                           cancel=CancelToken(ctx.run_dir))
+                           cancel=CancelToken(ctx.run_dir), second_opinion=second)
         if not args.json:
             for row in rows:
-                ctx.say(f"{row['case']}\t{row['class_name']}\t{row['predicted_quality']:.4f}")
+                agree = f"\tsecond opinion {row['second_opinion_dice']:.4f}" if second else ""
+                ctx.say(f"{row['case']}\t{row['class_name']}\t{row['predicted_quality']:.4f}{agree}")
         return {"scores": args.output}
 
     return run_with_events(args, "quality score", body)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from .second_opinion import SECOND_OPINION_COLUMN
 from .train import dice_per_class, pearson
 
 FAILURE_THRESHOLD = 0.7
@@ -117,10 +118,14 @@ def _as_pair(item, index: int) -> EvalPair:
 
 def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: float = FAILURE_THRESHOLD,
                        check_image_dependence: bool = True,
-                       min_drop: float = MIN_CORRELATION_DROP) -> Dict[str, Any]:
+                       min_drop: float = MIN_CORRELATION_DROP, second_opinion=None) -> Dict[str, Any]:
     """Score every pair (EvalPair or (image, mask, reference[, spacing]) tuples of label maps) and
     return {"metrics", "rows", "image_dependence"}; rows hold case, class, category, true and
-    predicted Dice (and the ablated predictions when the check runs)."""
+    predicted Dice (and the ablated predictions when the check runs).
+
+    With a `second_opinion.SecondOpinion`, each mask's Dice against that segmenter's mask of the
+    same case is measured as a predictor too: rows gain `second_opinion_dice`, the result a
+    "second_opinion" entry with the same metrics as g's."""
     pairs = [_as_pair(p, i) for i, p in enumerate(pairs)]
     if not pairs:
         from ..errors import DataError
@@ -129,7 +134,7 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
     model.eval()
     k = model.n_foreground
     rows: List[Dict[str, Any]] = []
-    real, truth, black, shuffled = [], [], [], []
+    real, truth, black, shuffled, agreement = [], [], [], [], []
     cases = list(dict.fromkeys(p.case for p in pairs))
     first_image = {c: next(p.image for p in pairs if p.case == c) for c in cases}
     for pair in pairs:
@@ -139,6 +144,8 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
         truth.append(true)
         entry = {"case": pair.case, "category": pair.category}
         extra = {}
+        if second_opinion is not None:
+            agreement.append(second_opinion.agreement(pair.case, pair.mask, k, f"the {pair.category or 'evaluated'} mask of {pair.case}"))
         if check_image_dependence:
             black_pred = _predict(model, pair, np.zeros_like(pair.image), device)
             black.append(black_pred)
@@ -152,9 +159,14 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
             row = {**entry, "class": c + 1, "true_dice": float(true[c]), "predicted": float(pred[c])}
             for name, values in extra.items():
                 row[f"predicted_{name}_image"] = float(values[c])
+            if agreement:
+                row[SECOND_OPINION_COLUMN] = float(agreement[-1][c])
             rows.append(row)
     real, truth = np.asarray(real), np.asarray(truth)
     result: Dict[str, Any] = {"metrics": agreement_metrics(real, truth, failure_threshold), "rows": rows}
+    if second_opinion is not None:
+        result["second_opinion"] = {"folder": str(second_opinion.folder),
+                                    "metrics": agreement_metrics(np.asarray(agreement), truth, failure_threshold)}
     if k > 1:
         result["per_class"] = {c + 1: agreement_metrics(real[:, c], truth[:, c], failure_threshold)
                                for c in range(k)}
@@ -249,4 +261,9 @@ def write_evaluation(result: Dict[str, Any], out_dir, title: str = "") -> Dict[s
     rows_path = write_text_atomic(out_dir / "quality_evaluation_rows.csv", buffer.getvalue())
     plot = calibration_scatter([r["predicted"] for r in rows], [r["true_dice"] for r in rows],
                                out_dir / "quality_calibration.png", title=title)
-    return {"metrics": str(metrics_path), "rows": str(rows_path), "calibration": str(plot)}
+    paths = {"metrics": str(metrics_path), "rows": str(rows_path), "calibration": str(plot)}
+    if "second_opinion" in result:
+        paths["calibration_second_opinion"] = str(calibration_scatter(
+            [r[SECOND_OPINION_COLUMN] for r in rows], [r["true_dice"] for r in rows],
+            out_dir / "quality_calibration_second_opinion.png", title=f"{title}: second opinion".strip(": ")))
+    return paths

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import DataError
 from ..fileio import write_text_atomic
 from .presentation import crop_box, label_to_channels, present
+from .second_opinion import SECOND_OPINION_COLUMN
 
 SCORE_COLUMNS = ("case", "class", "class_name", "predicted_quality", "image", "mask", "seconds")
 
@@ -93,8 +94,10 @@ def check_mask_for_model(mask: np.ndarray, n_foreground: int, path: str | os.Pat
                         "threshold a 0/255 mask to 0/1) or use a predictor trained for more classes")
 
 
-def score_pair(model, image_path, mask_path, device="cpu") -> List[Dict[str, Any]]:
-    """Rows (one per foreground class) for one (image, mask) file pair."""
+def score_pair(model, image_path, mask_path, device="cpu", second_opinion=None) -> List[Dict[str, Any]]:
+    """Rows (one per foreground class) for one (image, mask) file pair; with a
+    `second_opinion.SecondOpinion`, each row also holds the mask's Dice against the second
+    opinion's mask of the image's case (`second_opinion_dice`)."""
     from ..data import io
 
     start = time.perf_counter()
@@ -107,17 +110,25 @@ def score_pair(model, image_path, mask_path, device="cpu") -> List[Dict[str, Any
                         hint="resample the mask onto the image grid (nearest neighbour)")
     check_mask_for_model(mask, model.n_foreground, mask_path)
     predicted = predict_volume(model, image, mask, image_geometry.spacing[::-1], device)
+    agreement = None
+    if second_opinion is not None:
+        agreement = second_opinion.agreement(io.case_id_from_path(image_path), mask, model.n_foreground,
+                                             mask_path, geometry=mask_geometry)
     seconds = time.perf_counter() - start
     names = list(model.config.get("class_names") or [])
     case = io.case_id_from_path(mask_path)
-    return [{"case": case, "class": c, "class_name": names[c - 1] if c - 1 < len(names) else f"label_{c}",
+    rows = [{"case": case, "class": c, "class_name": names[c - 1] if c - 1 < len(names) else f"label_{c}",
              "predicted_quality": round(float(predicted[c - 1]), 6), "image": str(image_path),
              "mask": str(mask_path), "seconds": round(seconds, 4)}
             for c in range(1, model.n_foreground + 1)]
+    if agreement is not None:
+        for row, value in zip(rows, agreement):
+            row[SECOND_OPINION_COLUMN] = round(float(value), 6)
+    return rows
 
 
 def score_pairs(model, pairs: Sequence[Tuple[str, str]], device="cpu", output=None, events=None,
-                cancel=None) -> List[Dict[str, Any]]:
+                cancel=None, second_opinion=None) -> List[Dict[str, Any]]:
     """Score every (image path, mask path); optionally write `output` (.csv or .json) atomically.
     Emits a `case_done` event per pair when `events` is given."""
     if not pairs:
@@ -128,7 +139,7 @@ def score_pairs(model, pairs: Sequence[Tuple[str, str]], device="cpu", output=No
     for index, (image_path, mask_path) in enumerate(pairs):
         if cancel is not None:
             cancel.check()
-        got = score_pair(model, image_path, mask_path, device)
+        got = score_pair(model, image_path, mask_path, device, second_opinion)
         rows.extend(got)
         if events is not None:
             events.progress(index + 1, len(pairs), stage="scoring")
@@ -150,7 +161,8 @@ def write_scores(rows: List[Dict[str, Any]], path: str | os.PathLike) -> Path:
     if Path(path).suffix.lower() == ".json":
         return write_text_atomic(path, json.dumps({"scores": rows}, indent=1) + "\n")
     buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SCORE_COLUMNS), extrasaction="ignore")
+    columns = list(SCORE_COLUMNS) + ([SECOND_OPINION_COLUMN] if any(SECOND_OPINION_COLUMN in r for r in rows) else [])
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return write_text_atomic(path, buffer.getvalue())

@@ -1,0 +1,74 @@
+"""A second opinion on a mask: its Dice against another segmenter's mask of the same image.
+
+When a second segmenter is good and its mistakes are not the mask's mistakes, the Dice between
+the two masks tracks the mask's Dice against the (unknown) reference: where they agree, both are
+probably right; where they part, at least one is wrong. It needs no training beyond the second
+segmenter, and it sees the masks at full resolution, where g sees a coarse grid. It cannot see a
+mistake both segmenters make (the same unusual image fools both), and it reads low when the
+second segmenter is the one that failed, so it complements g rather than replacing it.
+BENCHMARKS.md section 6 compares the two on 60 held-out LA volumes.
+
+Second-opinion masks are `<case>.nrrd` label maps on the image's own grid, as `qgseg predict`
+writes them (`<case>` = the image's case id).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+SECOND_OPINION_COLUMN = "second_opinion_dice"
+
+
+def agreement_per_class(mask: np.ndarray, other: np.ndarray, n_foreground: int) -> np.ndarray:
+    """Dice of each foreground class 1..K between two label maps of one grid; both empty -> 1."""
+    from .train import dice_per_class
+
+    return dice_per_class(mask, other, n_foreground)
+
+
+class SecondOpinion:
+    """A folder of another segmenter's masks, looked up by case id.
+
+    `agreement(case, mask, n_foreground, source)` reads `<folder>/<case>.nrrd` and returns the
+    per-class Dice between it and `mask`; a missing file or a different grid is a DataError naming
+    both files."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DataError(f"{self.folder}: second-opinion folder not found",
+                            hint="segment the same images with another model, e.g. "
+                                 "`qgseg predict --checkpoint other.pt ... --output DIR`")
+
+    def path_for(self, case: str) -> Path:
+        return self.folder / f"{case}.nrrd"
+
+    def mask_for(self, case: str, shape: Sequence[int], source: str | os.PathLike, geometry=None) -> np.ndarray:
+        """The second opinion of `case`, checked against the shape (and geometry, when given) of
+        the mask it will be compared with (`source` names that mask in errors)."""
+        from ..data.io import read_label
+
+        path = self.path_for(case)
+        if not path.is_file():
+            raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
+                            hint="the second-opinion folder must hold <case>.nrrd for every scored case")
+        other, other_geometry = read_label(path)
+        if tuple(other.shape) != tuple(shape):
+            raise DataError(f"{path}: second-opinion mask has shape {other.shape} but {source} has "
+                            f"{tuple(shape)}; both must be on the image's own grid")
+        if geometry is not None:
+            problems = geometry.differences(other_geometry)
+            if problems:
+                raise DataError(f"{path}: second-opinion geometry does not match {source}: "
+                                + "; ".join(f"{p} ({source} vs second opinion)" for p in problems))
+        return other
+
+    def agreement(self, case: str, mask: np.ndarray, n_foreground: int, source: str | os.PathLike,
+                  geometry=None) -> np.ndarray:
+        return agreement_per_class(mask, self.mask_for(case, mask.shape, source, geometry), n_foreground)
