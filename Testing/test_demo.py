@@ -21,6 +21,7 @@ def test_demo_runs_all_stages(tmp_path):
     summary = json.loads((run / "demo_summary.json").read_text())
     assert len(summary["cases"]) == 16  # 4 test + 12 unlabeled
     assert all(0.0 <= c["predicted_quality"] <= 1.0 for c in summary["cases"])
+    assert all(0.0 <= c["second_opinion_dice"] <= 1.0 for c in summary["cases"])  # the supervised model's view
     assert (run / "overlay.png").stat().st_size > 1000
     assert (run / "mt-qg" / "checkpoints" / "best.pt").exists()
     assert len(list((run / "predictions").glob("*.seg.nrrd"))) == 16

@@ -74,7 +74,8 @@ def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     outputs["segmenter_checkpoint"] = final.best_checkpoint
 
     ctx.events.stage("segment and score", 4, 5)
-    summary = _predict_and_evaluate(ctx, dataset, final.best_checkpoint, quality_ckpt, args.device)
+    second = sup.best_checkpoint if final is not sup else None  # the supervised model as a second opinion
+    summary = _predict_and_evaluate(ctx, dataset, final.best_checkpoint, quality_ckpt, args.device, second)
     summary["supervised_val_dice"] = sup.best_metric
     summary["final_val_dice"] = final.best_metric
     write_json_atomic(run_dir / "demo_summary.json", summary)
@@ -107,7 +108,8 @@ def _train_quality(ctx: RunContext, dataset: Path, args) -> Path:
     return Path(result["best_checkpoint"])
 
 
-def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, quality_ckpt, device_name: str):
+def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, quality_ckpt, device_name: str,
+                          second_opinion: Path | None = None):
     import numpy as np
     import torch
 
@@ -117,11 +119,13 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
     from ..inference import predict_volume, write_prediction
     from ..metrics import evaluate_case
     from ..plots import overlay_png
+    from ..quality.second_opinion import agreement_per_class
     from ..segmenter import load_segmenter
 
     device = resolve_device(device_name)
     spec = load_dataset(dataset)
     seg = load_segmenter(checkpoint, device=device)
+    other = load_segmenter(second_opinion, device=device) if second_opinion else None
     scorer = None
     if quality_ckpt is not None:
         from ..quality.score import load_scorer
@@ -143,13 +147,20 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
             row["true_dice"] = evaluate_case(label, truth_label, tuple(reversed(geometry.spacing)), [1])["dice"]
         if scorer:
             row["predicted_quality"] = float(np.mean(list(scorer(ref.image, label, geometry).values())))
+        if other is not None:
+            with torch.no_grad():
+                other_label = predict_volume(other.network, ref.image, other.preprocessor, other.patch_size,
+                                             other.mode, device)[0]
+            row["second_opinion_dice"] = float(np.mean(agreement_per_class(label, other_label, max(seg.foreground_names))))
         rows.append(row)
         ctx.events.emit("case_done", case=ref.id, outputs={}, metrics={k: v for k, v in row.items() if isinstance(v, float)})
     rows.sort(key=lambda r: r.get("predicted_quality", r.get("true_dice", 0)))
-    ctx.say("\ncase        split      true Dice  predicted quality   (worst predicted first)")
+    ctx.say("\ncase        split      true Dice  predicted quality  second opinion   (worst predicted first)")
     for r in rows:
         ctx.say(f"{r['case']:<11} {r['split']:<10} {r.get('true_dice', float('nan')):9.3f}  "
-                f"{r.get('predicted_quality', float('nan')):9.3f}")
+                f"{r.get('predicted_quality', float('nan')):17.3f}  {r.get('second_opinion_dice', float('nan')):14.3f}")
+    if other is not None:
+        ctx.say("(second opinion: Dice against the supervised model's segmentation; README, 'A second opinion')")
     test_dice = [r["true_dice"] for r in rows if r["split"] == "test"]
     worst = rows[0]
     ref = next(r for r, _ in cases if r.id == worst["case"])

@@ -43,7 +43,7 @@ def calibration_scatter(predicted: Sequence[float], true: Sequence[float], out: 
     ax.set_ylabel("predicted Dice")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{title + ': ' if title else ''}MAE {mae:.3f}, r {r:.3f} (n={p.size})", fontsize=9)
+    ax.set_title(f"{title + chr(10) if title else ''}MAE {mae:.3f}, r {r:.3f} (n={p.size})", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
