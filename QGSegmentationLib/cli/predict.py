@@ -16,9 +16,9 @@ examples:
                 --quality-checkpoint runs/g/checkpoints/best.pt
   qgseg predict --checkpoint seed0/checkpoints/best.pt seed1/checkpoints/best.pt --input imagesTs/ \\
                 --output preds/      # an ensemble: the softmaxes are averaged
-
-  qgseg predict --checkpoint seed0/checkpoints/best.pt --input imagesTs/ --output preds/ \
+  qgseg predict --checkpoint seed0/checkpoints/best.pt --input imagesTs/ --output preds/ \\
                 --quality-checkpoint runs/g/checkpoints/best.pt --second-opinion seed1/checkpoints/best.pt
+                                     # g's score and a second model's agreement per case
 
 Writes <case>.nrrd (label map) and <case>.seg.nrrd (loads in 3D Slicer as a segmentation) with
 exactly the input volume's geometry, plus scores.csv with the predicted quality per case and

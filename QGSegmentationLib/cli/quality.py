@@ -75,7 +75,7 @@ What it does:
 
 Examples:
   qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test
-  qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test \
+  qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test \\
       --predictions runs/segA/pred_test --second-opinion runs/segB/pred_test
 """
 
@@ -256,6 +256,15 @@ def run_train(args: argparse.Namespace) -> int:
     return run_with_events(args, "quality train", body)
 
 
+def _second_opinion(folder):
+    """The --second-opinion folder, opened (None when not given)."""
+    if not folder:
+        return None
+    from ..quality.second_opinion import SecondOpinion
+
+    return SecondOpinion(folder)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     def body(ctx):
         from ..data.dataset import load_dataset
@@ -282,11 +291,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             pairs, source = prediction_pairs(cases, args.predictions), "real-segmenter masks"
         else:
             pairs, source = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode), "VQMs"
-        second = None
-        if args.second_opinion:
-            from ..quality.second_opinion import SecondOpinion
-
-            second = SecondOpinion(args.second_opinion)
+        second = _second_opinion(args.second_opinion)
         result = evaluate_predictor(model, pairs, device, second_opinion=second)
         result["group"] = group
         result["source"] = source
@@ -328,11 +333,7 @@ def run_score(args: argparse.Namespace) -> int:
                               "or --pairs pairs.csv")
         device = resolve_device(args.device)
         model = load_predictors(args.checkpoint, device)
-        second = None
-        if args.second_opinion:
-            from ..quality.second_opinion import SecondOpinion
-
-            second = SecondOpinion(args.second_opinion)
+        second = _second_opinion(args.second_opinion)
         rows = score_pairs(model, pairs, device, output=args.output, events=ctx.events,
                            cancel=CancelToken(ctx.run_dir), second_opinion=second)
         if not args.json:
