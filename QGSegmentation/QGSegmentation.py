@@ -28,7 +28,7 @@ if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this fi
 
 from QGSegmentationLib.slicer import environment, jobs, scene_io  # noqa: E402
 from QGSegmentationLib.slicer.review import (FILTERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
-                                             read_scores_csv)
+                                             read_scores_csv, read_second_opinions)
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
                                              python_slicer_executable, worker_command,
                                              worker_environment)
@@ -41,7 +41,7 @@ LOG_MAX_LINES = 500
 OUTPUT_FOLDER_SETTING = "QGSegmentation/OutputFolder"  # a user preference, not scene state
 ROLE_CHOICES = ("labeled", "unlabeled", "ignore")
 CASE_COLUMNS = ("Use", "Volume", "Role", "Reference segmentation")
-REVIEW_COLUMNS = ("Case", "Quality", "Status", "Comment")
+REVIEW_COLUMNS = ("Case", "Quality", "2nd opinion", "Status", "Comment")
 
 
 #
@@ -414,8 +414,9 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         self.ui.logTextEdit.clear()
-        self.logic.startTraining(slicer.mrmlScene, self.selectedCases(),
-                                 training_options_from(self._parameterNode),
+        options = training_options_from(self._parameterNode)
+        options.second_opinion = self.ui.secondOpinionPathLineEdit.currentPath
+        self.logic.startTraining(slicer.mrmlScene, self.selectedCases(), options,
                                  self.ui.outputFolderPathLineEdit.currentPath)
 
     @handler("Failed to start segmenting.", wait_cursor=True)
@@ -427,7 +428,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                  for c in self.selectedCases()]
         self.logic.startSegmenting(slicer.mrmlScene, cases, self._parameterNode.device,
                                    self.ui.outputFolderPathLineEdit.currentPath,
-                                   mirror=self._parameterNode.mirror)
+                                   mirror=self._parameterNode.mirror,
+                                   second_opinion=self.ui.secondOpinionPathLineEdit.currentPath)
 
     def onPollTimer(self):
         with slicer.util.tryWithErrorDisplay("Failed while following the run."):
@@ -494,8 +496,9 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.blockSignals(True)
         table.setRowCount(len(rows))
         for index, row in enumerate(rows):
-            quality = row.quality
-            cells = [row.case, "" if quality is None else f"{quality:.3f}", row.status, row.comment]
+            quality, agreement = row.quality, row.agreement
+            cells = [row.case, "" if quality is None else f"{quality:.3f}",
+                     "" if agreement is None else f"{agreement:.3f}", row.status, row.comment]
             for column, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
                 item.setData(qt.Qt.UserRole, row.case)
@@ -504,6 +507,9 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item.setBackground(qt.QBrush(qt.QColor(r, g, b)))
                     tip = "; ".join(f"{name}: {value:.3f}" for name, value in row.scores.items())
                     item.setToolTip(f"Predicted quality (estimated Dice) per segment: {tip}")
+                if column == 2 and row.second_opinion:
+                    tip = "; ".join(f"{name}: {value:.3f}" for name, value in row.second_opinion.items())
+                    item.setToolTip(f"Dice against the second-opinion model's segmentation: {tip}")
                 table.setItem(index, column, item)
             if row.case == self._currentReviewCase:
                 table.selectRow(index)
@@ -694,6 +700,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.runner = None
         self.checkpoint: Optional[str] = None         # segmenter
         self.qualityCheckpoint: Optional[str] = None  # quality predictor g
+        self.secondOpinion: Optional[str] = None      # another segmenter, for each result's 2nd opinion
         self._stage = 0
         self.options = jobs.TrainingOptions()
         self.cancelGraceS = DEFAULT_GRACE_S
@@ -747,6 +754,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
                       output_folder: str):
         options.validate()
+        self.secondOpinion = self._secondOpinionCheckpoint(options.second_opinion)
         self.state.transition(RunState.PREPARING)
         try:
             self.options = options
@@ -765,9 +773,10 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             raise
 
     def startSegmenting(self, scene, cases: List[jobs.CaseEntry], device: str, output_folder: str,
-                        mirror: bool = True):
+                        mirror: bool = True, second_opinion: str = ""):
         if self.checkpoint is None:
             raise ValueError("no model: train one or load a model folder first")
+        self.secondOpinion = self._secondOpinionCheckpoint(second_opinion)
         self.state.transition(RunState.PREPARING)
         try:
             label_names = self.spec.label_names if self.spec else []
@@ -778,11 +787,14 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
                                      label_names=label_names, checkpoint=self.checkpoint,
                                      quality_checkpoint=quality or "",
-                                     options={"device": device, "mirror": mirror}, versions=self._versions())
+                                     options={"device": device, "mirror": mirror,
+                                              "second_opinion": second_opinion or ""},
+                                     versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
             self.options = jobs.TrainingOptions(device=device, mirror=mirror)
             self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, device, quality,
-                                                       from_dataset=False, mirror=mirror),
+                                                       from_dataset=False, mirror=mirror,
+                                                       second_opinion=self.secondOpinion),
                              self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
         except Exception as exc:
@@ -845,7 +857,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                 self.state.transition(RunState.IDLE)
                 return
             self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, self.options.device,
-                                                       self.qualityCheckpoint, mirror=self.options.mirror),
+                                                       self.qualityCheckpoint, mirror=self.options.mirror,
+                                                       second_opinion=self.secondOpinion),
                              self.job.predict_run_dir, self.job.predict_events)
             self.state.transition(RunState.PREDICTING)
         else:
@@ -886,6 +899,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
     def importResults(self, scene):
         """Predictions + scores of a finished ok run -> segmentation nodes, statuses, table."""
         scores = read_scores_csv(self.job.scores_csv) if self.job.scores_csv.exists() else {}
+        seconds = read_second_opinions(self.job.scores_csv) if scores else {}
         if not scores:
             self.message.emit(f"warning: no scores in {self.job.scores_csv}")
         for case in self._casesToSegment():
@@ -904,7 +918,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             self.review.add(ReviewRow(case=case.case, volume=volume.GetName(), volume_id=volume.GetID(),
                                       segmentation=segmentation.GetName(),
                                       segmentation_id=segmentation.GetID(), scores=case_scores,
-                                      run_id=self.spec.run_id), notify=False)
+                                      run_id=self.spec.run_id, second_opinion=seconds.get(case.case, {})),
+                            notify=False)
         scene_io.write_review_table(scene, self.review.rows())
         self.review.changed.emit(None)
 
@@ -937,8 +952,13 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
     # models -------------------------------------------------------------------------------------------
-    SEGMENTER_FILE = "segmenter.pt"
-    QUALITY_FILE = "quality.pt"
+    SEGMENTER_FILE = jobs.MODEL_SEGMENTER_FILE
+    QUALITY_FILE = jobs.MODEL_QUALITY_FILE
+
+    @staticmethod
+    def _secondOpinionCheckpoint(folder: str) -> Optional[str]:
+        """The segmenter of the second-opinion model folder (None when none is chosen)."""
+        return str(jobs.model_segmenter(folder, "second-opinion model folder")) if folder else None
 
     def saveModel(self, folder: str):
         """Copy the segmenter, the quality predictor and the job spec into `folder`."""
@@ -956,12 +976,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             shutil.copy2(self.job.run_dir / "manifest.json", os.path.join(folder, "manifest.json"))
 
     def loadModel(self, folder: str):
-        if not folder or not os.path.isdir(folder):
-            raise ValueError(f"model folder {folder!r} does not exist")
-        segmenter = os.path.join(folder, self.SEGMENTER_FILE)
-        if not os.path.exists(segmenter):
-            raise ValueError(f"model folder {folder} holds no {self.SEGMENTER_FILE}")
-        self.checkpoint = segmenter
+        self.checkpoint = str(jobs.model_segmenter(folder))
         quality = os.path.join(folder, self.QUALITY_FILE)
         self.qualityCheckpoint = quality if os.path.exists(quality) else None
         if self.qualityCheckpoint is None:

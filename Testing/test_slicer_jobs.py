@@ -88,6 +88,8 @@ def test_stage_arguments(tmp_path):
     only = predict_arguments(folder, "/m/best.pt", from_dataset=False)
     assert only[only.index("--input") + 1] == str(folder.images_dir) and "--split" not in only
     assert "--no-mirror" not in pred and predict_arguments(folder, "/m/best.pt", mirror=False)[-1] == "--no-mirror"
+    second = predict_arguments(folder, "/m/best.pt", second_opinion="/other/segmenter.pt")
+    assert second[second.index("--second-opinion") + 1] == "/other/segmenter.pt" and "--second-opinion" not in pred
     with pytest.raises(ValueError):
         predict_arguments(folder, "/m/best.pt", "gpu")
 
@@ -100,9 +102,21 @@ def test_stage_arguments_parse_with_the_real_command_line(tmp_path):
     opts = TrainingOptions(mode="2d", target_spacing=0.8, quality_epochs=2)
     for args in (quality_arguments(folder, opts), train_arguments(folder, opts, "/q/best.pt"),
                  predict_arguments(folder, "/m/best.pt", "cpu", "/q/best.pt"),
-                 predict_arguments(folder, "/m/best.pt", from_dataset=False, mirror=False)):
+                 predict_arguments(folder, "/m/best.pt", from_dataset=False, mirror=False),
+                 predict_arguments(folder, "/m/best.pt", "cpu", "/q/best.pt", second_opinion="/o/segmenter.pt")):
         parsed = parser.parse_args(args)
         assert callable(parsed.func), args
+
+
+def test_model_segmenter_of_a_saved_model_folder(tmp_path):
+    from QGSegmentationLib.slicer.jobs import MODEL_SEGMENTER_FILE, model_segmenter
+
+    with pytest.raises(ValueError, match="second-opinion model folder .*does not exist"):
+        model_segmenter(tmp_path / "missing", "second-opinion model folder")
+    with pytest.raises(ValueError, match=f"holds no {MODEL_SEGMENTER_FILE}"):
+        model_segmenter(tmp_path)
+    (tmp_path / MODEL_SEGMENTER_FILE).write_bytes(b"weights")
+    assert model_segmenter(tmp_path) == tmp_path / MODEL_SEGMENTER_FILE
 
 
 def test_listed_networks_and_methods_are_registered():

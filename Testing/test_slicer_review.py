@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from QGSegmentationLib.slicer.review import ReviewModel, ReviewRow, Thresholds, read_scores_csv
+from QGSegmentationLib.slicer.review import (ReviewModel, ReviewRow, Thresholds, read_scores_csv,
+                                             read_second_opinions)
 
 
 def model():
@@ -80,6 +81,27 @@ def test_export_csv_atomic_and_complete(tmp_path):
     assert rows[1]["quality_lesion"] == "0.6000" and rows[3]["quality_lesion"] == ""
     assert rows[4]["category"] == "unknown"
     assert [p.name for p in path.parent.iterdir()] == ["review.csv"]  # no temporary left
+
+
+def test_second_opinion_is_read_shown_and_exported_beside_g(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("case,segment,label,predicted_quality,second_opinion_dice\n"
+                      "A,organ,1,0.81,0.9\nA,lesion,2,0.4,0.35\nB,organ,1,0.9,0.7\n")
+    seconds = read_second_opinions(scores)
+    assert seconds == {"A": {"organ": 0.9, "lesion": 0.35}, "B": {"organ": 0.7}}
+    m = ReviewModel([ReviewRow(c, scores=q, second_opinion=seconds[c]) for c, q in read_scores_csv(scores).items()])
+    assert [r.case for r in m.rows()] == ["A", "B"]  # ordered by g, not by the second opinion
+    assert m.row("A").agreement == 0.35 and ReviewRow("C").agreement is None
+    rows = list(csv.DictReader(m.to_csv_text().splitlines()))
+    assert rows[0]["second_opinion_lesion"] == "0.3500" and rows[1]["second_opinion_lesion"] == ""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("case,segment,predicted_quality\nA,organ,0.81\n")
+    assert read_second_opinions(plain) == {}
+    assert "second_opinion" not in ReviewModel([ReviewRow("A", scores={"organ": 0.8})]).to_csv_text()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case,segment,predicted_quality,second_opinion_dice\nA,organ,0.8,n/a\n")
+    with pytest.raises(ValueError, match="bad.csv line 2: second_opinion_dice"):
+        read_second_opinions(bad)
 
 
 def test_read_scores_csv(tmp_path):

@@ -266,6 +266,7 @@ def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
         rows.append(ReviewRow(case=case, volume=vol.GetName(), volume_id=vol.GetID(),
                               segmentation=seg.GetName(), segmentation_id=seg.GetID(),
                               scores=scores, run_id="r7"))
+    rows[0].second_opinion = {"organ": 0.93, "lesion": 0.42}  # only A's run had a second-opinion model
     seg_a = scene.GetNodeByID(rows[0].segmentation_id)
     seg_b = scene.GetNodeByID(rows[1].segmentation_id)
     assert scene_io.segment_statuses(seg_a) == {"organ": "notstarted", "lesion": "flagged"}
@@ -279,6 +280,7 @@ def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
     assert [(r.case, r.status, r.comment, r.run_id) for r in back] == [
         ("A", "unreviewed", "", "r7"), ("B", "approved", "looks right", "r7")]
     assert back[0].scores == pytest.approx({"organ": 0.91, "lesion": 0.55})
+    assert back[0].second_opinion == pytest.approx({"organ": 0.93, "lesion": 0.42}) and back[1].second_opinion == {}
 
     for suffix in (".mrb", ".mrml"):
         saved = scene_io.save_scene(scene, tmp_path / "saved" / f"review{suffix}")
@@ -290,6 +292,7 @@ def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
         assert [(r.case, r.status, r.comment) for r in rows2] == [
             ("A", "unreviewed", ""), ("B", "approved", "looks right")]
         assert rows2[0].scores == pytest.approx(rows[0].scores)
+        assert rows2[0].second_opinion == pytest.approx(rows[0].second_opinion) and rows2[0].agreement == 0.42
         seg2 = other.scene.GetNodeByID(rows2[0].segmentation_id)
         assert seg2 is not None and seg2.GetAttribute(scene_io.ATTR_QUALITY) == "0.550000"
         assert scene_io.segment_statuses(seg2)["lesion"] == "flagged"

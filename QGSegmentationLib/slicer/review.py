@@ -2,7 +2,9 @@
 
 Pure Python (the Review table widget and the MRML table node are views of it). Quality is the
 quality predictor's estimated Dice per segment; a case's `quality` is its worst segment, because
-one bad organ makes the case need attention.
+one bad organ makes the case need attention. When the run had a second-opinion model, each row
+also holds each segment's Dice against that model's segmentation (`second_opinion`, worst segment
+in `agreement`), shown beside g's estimate; the order stays g's.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ReviewRow:
     status: str = "unreviewed"
     comment: str = ""
     run_id: str = ""
+    second_opinion: Dict[str, float] = field(default_factory=dict)  # segment -> Dice against a second model
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -73,27 +76,48 @@ class ReviewRow:
     @property
     def quality(self) -> Optional[float]:
         """The worst segment's predicted quality (None when the case has no score)."""
-        values = [v for v in self.scores.values() if v is not None and not math.isnan(v)]
-        return min(values) if values else None
+        return _worst(self.scores)
+
+    @property
+    def agreement(self) -> Optional[float]:
+        """The worst segment's Dice against the second-opinion model (None without one)."""
+        return _worst(self.second_opinion)
+
+
+def _worst(values: Dict[str, float]) -> Optional[float]:
+    present = [v for v in values.values() if v is not None and not math.isnan(v)]
+    return min(present) if present else None
 
 
 def read_scores_csv(path: str | os.PathLike) -> Dict[str, Dict[str, float]]:
     """Read the worker's scores.csv (columns case, segment, predicted_quality) into
     {case: {segment: quality}}. Raises ValueError naming the file and the bad line."""
+    return _read_score_column(path, "predicted_quality", required=True)
+
+
+def read_second_opinions(path: str | os.PathLike) -> Dict[str, Dict[str, float]]:
+    """The optional second_opinion_dice column of scores.csv as {case: {segment: Dice}}
+    ({} when the run had no second-opinion model)."""
+    return _read_score_column(path, "second_opinion_dice", required=False)
+
+
+def _read_score_column(path, column: str, required: bool) -> Dict[str, Dict[str, float]]:
     path = os.fspath(path)
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            missing = {"case", "segment", "predicted_quality"} - set(reader.fieldnames or ())
+            fields = set(reader.fieldnames or ())
+            if not required and column not in fields:
+                return {}
+            missing = {"case", "segment", column} - fields
             if missing:
                 raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
             scores: Dict[str, Dict[str, float]] = {}
             for line_no, rec in enumerate(reader, start=2):
                 try:
-                    value = float(rec["predicted_quality"])
+                    value = float(rec[column])
                 except (TypeError, ValueError):
-                    raise ValueError(f"{path} line {line_no}: predicted_quality "
-                                     f"{rec['predicted_quality']!r} is not a number") from None
+                    raise ValueError(f"{path} line {line_no}: {column} {rec[column]!r} is not a number") from None
                 scores.setdefault(rec["case"], {})[rec["segment"]] = value
     except FileNotFoundError:
         raise ValueError(f"{path}: scores file not found") from None
@@ -134,10 +158,11 @@ class ReviewModel:
         return sorted(selected, key=lambda r: (r.quality is None,
                                                r.quality if r.quality is not None else 0.0, r.case))
 
-    def segment_names(self) -> List[str]:
+    def segment_names(self, second_opinion: bool = False) -> List[str]:
+        """Segments with a g score (with a second opinion when `second_opinion`), in first-seen order."""
         names: List[str] = []
         for row in self._rows.values():
-            for name in row.scores:
+            for name in (row.second_opinion if second_opinion else row.scores):
                 if name not in names:
                     names.append(name)
         return names
@@ -195,17 +220,18 @@ class ReviewModel:
 
     # --- export --------------------------------------------------------------------------------
     def to_csv_text(self) -> str:
-        segments = self.segment_names()
+        segments, seconds = self.segment_names(), self.segment_names(second_opinion=True)
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["case", "volume", "segmentation", "quality", "category",
-                         *[f"quality_{s}" for s in segments], "status", "comment", "run_id"])
+                         *[f"quality_{s}" for s in segments], *[f"second_opinion_{s}" for s in seconds],
+                         "status", "comment", "run_id"])
+        cell = lambda values, s: "" if s not in values else f"{values[s]:.4f}"  # noqa: E731
         for r in self.rows("all"):
             q = r.quality
             writer.writerow([r.case, r.volume, r.segmentation, "" if q is None else f"{q:.4f}",
-                             self.thresholds.category(q),
-                             *["" if s not in r.scores else f"{r.scores[s]:.4f}" for s in segments],
-                             r.status, r.comment, r.run_id])
+                             self.thresholds.category(q), *[cell(r.scores, s) for s in segments],
+                             *[cell(r.second_opinion, s) for s in seconds], r.status, r.comment, r.run_id])
         return out.getvalue()
 
     def export_csv(self, path: str | os.PathLike) -> str:

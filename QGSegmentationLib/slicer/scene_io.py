@@ -478,6 +478,7 @@ def segment_statuses(segmentation_node) -> Dict[str, str]:
 
 _TEXT_COLUMNS = ("case", "volume", "volume_id", "segmentation", "segmentation_id")
 _TAIL_COLUMNS = ("status", "comment", "run_id")
+SECOND_OPINION_PREFIX = "second_opinion_"
 
 
 def find_review_table(scene):
@@ -491,7 +492,8 @@ def find_review_table(scene):
 def write_review_table(scene, rows: Sequence[ReviewRow], table_node=None):
     """Write the review rows into one vtkMRMLTableNode (created if needed, found again by its
     attribute): text columns, then quality_<segment> (double) per segment, quality (worst),
-    status, comment, run_id. Returns the table node."""
+    second_opinion_<segment> (double) when a row has a second opinion, status, comment, run_id.
+    Returns the table node."""
     import vtk
 
     table_node = table_node or find_review_table(scene)
@@ -499,12 +501,16 @@ def write_review_table(scene, rows: Sequence[ReviewRow], table_node=None):
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", REVIEW_TABLE_NAME)
         table_node.SetAttribute(REVIEW_TABLE_ATTR, "1")
     segments: List[str] = []
+    seconds: List[str] = []
     for row in rows:
         segments += [s for s in row.scores if s not in segments]
+        seconds += [s for s in row.second_opinion if s not in seconds]
+    numeric = (tuple(f"quality_{s}" for s in segments) + ("quality",)
+               + tuple(f"{SECOND_OPINION_PREFIX}{s}" for s in seconds))
     table = vtk.vtkTable()
     columns = {}
-    for name in _TEXT_COLUMNS + tuple(f"quality_{s}" for s in segments) + ("quality",) + _TAIL_COLUMNS:
-        array = vtk.vtkDoubleArray() if name.startswith("quality") else vtk.vtkStringArray()
+    for name in _TEXT_COLUMNS + numeric + _TAIL_COLUMNS:
+        array = vtk.vtkDoubleArray() if name in numeric else vtk.vtkStringArray()
         array.SetName(name)
         array.SetNumberOfValues(len(rows))
         table.AddColumn(array)
@@ -514,10 +520,12 @@ def write_review_table(scene, rows: Sequence[ReviewRow], table_node=None):
             columns[name].SetValue(i, str(getattr(row, name)))
         for s in segments:
             columns[f"quality_{s}"].SetValue(i, row.scores.get(s, float("nan")))
+        for s in seconds:
+            columns[f"{SECOND_OPINION_PREFIX}{s}"].SetValue(i, row.second_opinion.get(s, float("nan")))
         columns["quality"].SetValue(i, float("nan") if row.quality is None else row.quality)
     table_node.SetAndObserveTable(table)
     for name in columns:
-        table_node.SetColumnType(name, vtk.VTK_DOUBLE if name.startswith("quality") else vtk.VTK_STRING)
+        table_node.SetColumnType(name, vtk.VTK_DOUBLE if name in numeric else vtk.VTK_STRING)
     return table_node
 
 
@@ -528,22 +536,21 @@ def read_review_table(table_node) -> List[ReviewRow]:
     missing = [c for c in _TEXT_COLUMNS + _TAIL_COLUMNS if c not in names]
     if missing:
         raise SceneIOError(f"table {table_node.GetName()!r} lacks column(s) {', '.join(missing)}")
-    segments = [n[len("quality_"):] for n in names if n.startswith("quality_")]
     rows = []
     for r in range(table.GetNumberOfRows()):
         def text(column):
             return str(table.GetValueByName(r, column).ToString())
 
-        scores = {}
-        for s in segments:
-            value = float(table.GetValueByName(r, f"quality_{s}").ToDouble())
-            if not math.isnan(value):
-                scores[s] = value
+        def numbers(prefix):
+            values = {n[len(prefix):]: float(table.GetValueByName(r, n).ToDouble())
+                      for n in names if n.startswith(prefix)}
+            return {s: v for s, v in values.items() if not math.isnan(v)}
+
         rows.append(ReviewRow(case=text("case"), volume=text("volume"), volume_id=text("volume_id"),
                               segmentation=text("segmentation"),
-                              segmentation_id=text("segmentation_id"), scores=scores,
+                              segmentation_id=text("segmentation_id"), scores=numbers("quality_"),
                               status=text("status") or "unreviewed", comment=text("comment"),
-                              run_id=text("run_id")))
+                              run_id=text("run_id"), second_opinion=numbers(SECOND_OPINION_PREFIX)))
     return rows
 
 
