@@ -42,6 +42,8 @@ def test_missing_dataset_exits_2_with_clear_error(tmp_path):
     error = next(e for e in events if e["event"] == "error")
     assert error["kind"] == "data"
     assert events[-1]["status"] == "failed" and events[-1]["exit_code"] == 2
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())  # failed runs say so too
+    assert manifest["status"] in ("failed", "interrupted") and manifest["config"]["dataset"] == str(missing)
 
 
 def test_bad_option_value_exits_2(phantom_3d, tmp_path):

@@ -24,5 +24,8 @@ def test_demo_runs_all_stages(tmp_path):
     assert all(0.0 <= c["second_opinion_dice"] <= 1.0 for c in summary["cases"])  # the supervised model's view
     assert (run / "overlay.png").stat().st_size > 1000
     assert (run / "mt-qg" / "checkpoints" / "best.pt").exists()
+    for sub in ("", "quality", "supervised", "mt-qg"):  # every run folder says what produced it
+        manifest = json.loads((run / sub / "manifest.json").read_text())
+        assert manifest["status"] == "ok" and manifest["versions"]["torch"] and manifest["config"], sub
     assert len(list((run / "predictions").glob("*.seg.nrrd"))) == 16
     assert "lowest predicted" in res.stdout or "worst predicted" in res.stdout

@@ -32,6 +32,8 @@ def test_evaluate_on_prediction_folders(phantom_3d, tmp_path):
     metrics = json.loads((out / "quality_evaluation.json").read_text())
     assert metrics["metrics"]["n"] == 2 * len(spec.test)
     assert metrics["source"] == "real-segmenter masks"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["command"][:3] == ["qgseg", "quality", "evaluate"]
 
 
 def test_prediction_folder_without_cases_is_a_clear_error(phantom_3d, tmp_path):

@@ -99,12 +99,43 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
     except BaseException as exc:  # noqa: BLE001 - every failure must end the stream properly
         code, status = _report_failure(ctx, exc)
     finally:
+        if ctx.is_main:
+            _ensure_manifest(ctx, args, status)
         ctx.events.emit("done", status=status, exit_code=code, outputs=ctx.outputs,
                         wall_s=round(time.time() - ctx.started, 2))
         ctx.events.close()
         if code in (EXIT_OK, EXIT_CANCELLED):  # all ranks got here; after a failure torchrun
             distributed.shutdown()              # tears the other ranks down itself
     return code
+
+
+def _ensure_manifest(ctx: RunContext, args: argparse.Namespace, status: str) -> None:
+    """Every run folder gets a manifest.json: commands that train write their own (with the
+    resolved config); for the others it records the command line's options. A manifest another
+    command left in the folder (say, scores written into a training run's folder) is kept."""
+    import json
+
+    from ..engine.manifest import write_manifest
+
+    path = ctx.run_dir / "manifest.json"
+    if path.exists():
+        if path.stat().st_mtime >= ctx.started - 1.0:
+            return  # written by this run
+        try:
+            previous = json.loads(path.read_text()).get("command", [])
+        except (OSError, ValueError, AttributeError):
+            previous = []
+        if previous[:2] != ["qgseg", ctx.command.split()[0]]:
+            return
+    options = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else
+                   [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
+               for k, v in vars(args).items() if not callable(v)}
+    try:
+        write_manifest(ctx.run_dir, command=["qgseg", *sys.argv[1:]], config=options,
+                       device=str(getattr(args, "device", "")), seed=getattr(args, "seed", None),
+                       started=ctx.started, status=status)
+    except OSError as exc:  # a run that failed for want of disk space still ends its event stream
+        ctx.events.emit("warning", message=f"could not write {path}: {exc}")
 
 
 def _report_failure(ctx: RunContext, exc: BaseException):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
 def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int, device: str,
            method: str = "sup", guidance: Dict[str, Any] | None = None, quality: Path | None = None):
     from ..engine.config import TrainConfig
+    from ..engine.manifest import write_manifest
     from ..engine.trainer import Trainer
 
     cfg = TrainConfig(dataset=str(dataset), mode="3d", patch_size=(32, 48, 48), batch_size=2,
@@ -40,7 +42,11 @@ def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int
                       lr=3e-3, network="unet", network_options={"channels": [8, 16, 32, 64]},
                       method=method, ssl=dict(guidance or {}), quality_checkpoint=str(quality) if quality else None,
                       seed=seed, device=device)
-    result = Trainer(cfg, ctx.run_dir / name, events=ctx.events, progress_bar=ctx.show_progress).fit()
+    started = time.time()
+    trainer = Trainer(cfg, ctx.run_dir / name, events=ctx.events, progress_bar=ctx.show_progress)
+    result = trainer.fit()
+    write_manifest(ctx.run_dir / name, command=["qgseg", "demo", name], config=cfg.to_dict(),
+                   device=str(trainer.device), seed=seed, started=started, status="ok")
     ctx.say(f"[{name}] best validation Dice {result.best_metric:.3f} ({result.wall_time_s:.0f} s)")
     return result
 
@@ -101,10 +107,15 @@ def _train_quality(ctx: RunContext, dataset: Path, args) -> Path:
     from ..data.dataset import load_dataset
     from ..quality.train import QualityTrainConfig, train_quality_predictor
 
+    from ..engine.manifest import write_manifest
+
     cfg = QualityTrainConfig(mode="3d", epochs=args.quality_epochs, seed=args.seed, batch_size=16,
                              samples_per_case=16, grid_size=[32, 32, 32], patience=10)
+    started = time.time()
     result = train_quality_predictor(load_dataset(dataset), cfg, ctx.run_dir / "quality", events=ctx.events,
                                      progress=ctx.show_progress, device=args.device)
+    write_manifest(ctx.run_dir / "quality", command=["qgseg", "demo", "quality"], config=cfg.to_dict(),
+                   device=result.get("device", args.device), seed=args.seed, started=started, status="ok")
     return Path(result["best_checkpoint"])
 
 
