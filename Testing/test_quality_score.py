@@ -125,6 +125,21 @@ def test_score_cli_round_trip_in_a_subprocess(files, tmp_path):
     assert 0.0 <= float(rows[0]["predicted_quality"]) <= 1.0
 
 
+def test_scores_written_into_another_runs_folder_keep_its_manifest(files, tmp_path):
+    import json
+
+    training = json.dumps({"command": ["qgseg", "train"], "status": "ok"})
+    (tmp_path / "manifest.json").write_text(training)
+    out = tmp_path / "scores.csv"
+    args = ["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+            "--masks", str(files["mask"]), "--output", str(out), "--quiet"]
+    assert main(args) == 0 and out.exists()
+    assert (tmp_path / "manifest.json").read_text() == training
+    alone = tmp_path / "alone"
+    assert main(args[:-2] + [str(alone / "scores.csv"), "--quiet"]) == 0
+    assert json.loads((alone / "manifest.json").read_text())["status"] == "ok"
+
+
 def test_score_pairs_csv_and_json_output(files, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"image,mask\n{files['image']},{files['mask']}\n")
