@@ -28,7 +28,7 @@ if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this fi
 
 from QGSegmentationLib.slicer import environment, jobs, scene_io  # noqa: E402
 from QGSegmentationLib.slicer.review import (FILTERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
-                                             read_scores_csv, read_second_opinions)
+                                             read_scores_and_second_opinions)
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
                                              python_slicer_executable, worker_command,
                                              worker_environment)
@@ -898,9 +898,9 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
     # results ------------------------------------------------------------------------------------------
     def importResults(self, scene):
         """Predictions + scores of a finished ok run -> segmentation nodes, statuses, table."""
-        scores = read_scores_csv(self.job.scores_csv) if self.job.scores_csv.exists() else {}
-        seconds = read_second_opinions(self.job.scores_csv) if scores else {}
-        if not scores:
+        scores, seconds = (read_scores_and_second_opinions(self.job.scores_csv)
+                           if self.job.scores_csv.exists() else ({}, {}))
+        if not scores and not seconds:
             self.message.emit(f"warning: no scores in {self.job.scores_csv}")
         for case in self._casesToSegment():
             path = self.job.prediction_path(case.case)

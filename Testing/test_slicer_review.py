@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from QGSegmentationLib.slicer.review import (ReviewModel, ReviewRow, Thresholds, read_scores_csv,
-                                             read_second_opinions)
+from QGSegmentationLib.slicer.review import (ReviewModel, ReviewRow, Thresholds, read_scores_and_second_opinions,
+                                             read_scores_csv, read_second_opinions)
 
 
 def model():
@@ -98,6 +98,14 @@ def test_second_opinion_is_read_shown_and_exported_beside_g(tmp_path):
     plain.write_text("case,segment,predicted_quality\nA,organ,0.81\n")
     assert read_second_opinions(plain) == {}
     assert "second_opinion" not in ReviewModel([ReviewRow("A", scores={"organ": 0.8})]).to_csv_text()
+    assert read_scores_and_second_opinions(scores) == (read_scores_csv(scores), seconds)
+    assert read_scores_and_second_opinions(plain) == ({"A": {"organ": 0.81}}, {})
+    without_g = tmp_path / "without_g.csv"  # a model folder without quality.pt, with a second opinion
+    without_g.write_text("case,segment,label,second_opinion_dice\nA,organ,1,0.9\n")
+    assert read_scores_and_second_opinions(without_g) == ({}, {"A": {"organ": 0.9}})
+    only_second = ReviewModel([ReviewRow("x", second_opinion={"organ": 0.9}), ReviewRow("y"),
+                               ReviewRow("z", second_opinion={"organ": 0.5})])
+    assert [r.case for r in only_second.rows()] == ["z", "x", "y"]  # worst first by the second opinion
     bad = tmp_path / "bad.csv"
     bad.write_text("case,segment,predicted_quality,second_opinion_dice\nA,organ,0.8,n/a\n")
     with pytest.raises(ValueError, match="bad.csv line 2: second_opinion_dice"):

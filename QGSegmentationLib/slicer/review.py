@@ -4,7 +4,8 @@ Pure Python (the Review table widget and the MRML table node are views of it). Q
 quality predictor's estimated Dice per segment; a case's `quality` is its worst segment, because
 one bad organ makes the case need attention. When the run had a second-opinion model, each row
 also holds each segment's Dice against that model's segmentation (`second_opinion`, worst segment
-in `agreement`), shown beside g's estimate; the order stays g's.
+in `agreement`), shown beside g's estimate; the order stays g's (the second opinion orders only
+rows g did not score, e.g. a model folder without a quality predictor).
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def read_second_opinions(path: str | os.PathLike) -> Dict[str, Dict[str, float]]
     return _read_score_column(path, "second_opinion_dice", required=False)
 
 
+def read_scores_and_second_opinions(path: str | os.PathLike) -> tuple:
+    """({case: {segment: g's quality}}, {case: {segment: second-opinion Dice}}) from scores.csv;
+    either may be empty (a run without g, or without a second opinion), not both."""
+    seconds = read_second_opinions(path)
+    if not seconds:
+        return read_scores_csv(path), {}
+    return _read_score_column(path, "predicted_quality", required=False), seconds
+
+
 def _read_score_column(path, column: str, required: bool) -> Dict[str, Dict[str, float]]:
     path = os.fspath(path)
     try:
@@ -151,12 +161,17 @@ class ReviewModel:
         return len(self._rows)
 
     def rows(self, filter: str = "all") -> List[ReviewRow]:
-        """Rows passing `filter`, worst quality first (unscored rows last, then by case)."""
+        """Rows passing `filter`, worst quality first (by the second opinion for rows g did not
+        score; rows with neither last, then by case)."""
         if filter not in FILTERS:
             raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
         selected = [r for r in self._rows.values() if filter == "all" or r.status == filter]
-        return sorted(selected, key=lambda r: (r.quality is None,
-                                               r.quality if r.quality is not None else 0.0, r.case))
+
+        def key(row):
+            value = row.quality if row.quality is not None else row.agreement
+            return (value is None, value if value is not None else 0.0, row.case)
+
+        return sorted(selected, key=key)
 
     def segment_names(self, second_opinion: bool = False) -> List[str]:
         """Segments with a g score (with a second opinion when `second_opinion`), in first-seen order."""
