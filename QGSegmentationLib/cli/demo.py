@@ -130,7 +130,7 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
     from ..inference import predict_volume, write_prediction
     from ..metrics import evaluate_case
     from ..plots import overlay_png
-    from ..quality.second_opinion import agreement_per_class
+    from ..quality.train import dice_per_class
     from ..segmenter import load_segmenter
 
     device = resolve_device(device_name)
@@ -162,7 +162,7 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
             with torch.no_grad():
                 other_label = predict_volume(other.network, ref.image, other.preprocessor, other.patch_size,
                                              other.mode, device)[0]
-            row["second_opinion_dice"] = float(np.mean(agreement_per_class(label, other_label, max(seg.foreground_names))))
+            row["second_opinion_dice"] = float(np.mean(dice_per_class(label, other_label, max(seg.foreground_names))))
         rows.append(row)
         ctx.events.emit("case_done", case=ref.id, outputs={}, metrics={k: v for k, v in row.items() if isinstance(v, float)})
     rows.sort(key=lambda r: r.get("predicted_quality", r.get("true_dice", 0)))

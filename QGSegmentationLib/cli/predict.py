@@ -105,7 +105,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.cancel import CancelToken
     from ..engine.device import resolve_device, translate_oom
     from ..inference import predict_volume, write_prediction
-    from ..quality.second_opinion import agreement_per_class
+    from ..quality.train import dice_per_class
 
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
@@ -130,20 +130,22 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     written, rows, started = [], [], time.time()
+    def segment(model, image_path):
+        return predict_volume(model.network, image_path, model.preprocessor, model.patch_size, model.mode,
+                              device, overlap=args.overlap)
+
     for index, (case_id, image_path) in enumerate(tqdm(cases, desc="predict", disable=not ctx.show_progress)):
         cancel.check()
-        segment = lambda model: predict_volume(model.network, image_path, model.preprocessor,  # noqa: E731
-                                               model.patch_size, model.mode, device, overlap=args.overlap)
         with translate_oom(f"inference on {image_path}"), torch.no_grad():
-            label, _, geometry = segment(segmenter)
-            other = segment(second)[0] if second is not None else None
+            label, _, geometry = segment(segmenter, image_path)
+            other = segment(second, image_path)[0] if second is not None else None
         paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names)
         outputs = {k: str(v) for k, v in paths.items()}
         metrics = {}
         if scoring:
             case_rows = score_rows(case_id, segmenter.foreground_names,
                                    scorer(image_path, label, geometry) if scorer else None,
-                                   agreement_per_class(label, other, max(segmenter.foreground_names))
+                                   dice_per_class(label, other, max(segmenter.foreground_names))
                                    if other is not None else None)
             rows += case_rows
             metrics = {f"{name}_{r['segment']}": r[key] for r in case_rows for key, name in

@@ -25,13 +25,6 @@ from ..errors import DataError
 SECOND_OPINION_COLUMN = "second_opinion_dice"
 
 
-def agreement_per_class(mask: np.ndarray, other: np.ndarray, n_foreground: int) -> np.ndarray:
-    """Dice of each foreground class 1..K between two label maps of one grid; both empty -> 1."""
-    from .train import dice_per_class
-
-    return dice_per_class(mask, other, n_foreground)
-
-
 class SecondOpinion:
     """A folder of another segmenter's masks, looked up by case id.
 
@@ -41,6 +34,7 @@ class SecondOpinion:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self._read: dict = {}  # case -> (mask, geometry): each file is read once per run
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: second-opinion folder not found",
                             hint="segment the same images with another model, e.g. "
@@ -55,10 +49,12 @@ class SecondOpinion:
         from ..data.io import read_label
 
         path = self.path_for(case)
-        if not path.is_file():
+        if case not in self._read and not path.is_file():
             raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
                             hint="the second-opinion folder must hold <case>.nrrd for every scored case")
-        other, other_geometry = read_label(path)
+        if case not in self._read:
+            self._read[case] = read_label(path)
+        other, other_geometry = self._read[case]
         if tuple(other.shape) != tuple(shape):
             raise DataError(f"{path}: second-opinion mask has shape {other.shape} but {source} has "
                             f"{tuple(shape)}; both must be on the image's own grid")
@@ -71,4 +67,6 @@ class SecondOpinion:
 
     def agreement(self, case: str, mask: np.ndarray, n_foreground: int, source: str | os.PathLike,
                   geometry=None) -> np.ndarray:
-        return agreement_per_class(mask, self.mask_for(case, mask.shape, source, geometry), n_foreground)
+        from .train import dice_per_class
+
+        return dice_per_class(mask, self.mask_for(case, mask.shape, source, geometry), n_foreground)
