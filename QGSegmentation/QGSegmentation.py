@@ -26,7 +26,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this file
     sys.path.insert(0, MODULE_DIR)
 
-from QGSegmentationLib.slicer import environment, jobs, scene_io  # noqa: E402
+from QGSegmentationLib.slicer import environment, jobs, pipeline, scene_io  # noqa: E402
 from QGSegmentationLib.slicer.review import (FILTERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
                                              read_scores_and_second_opinions)
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
@@ -83,6 +83,7 @@ class QGSegmentationParameterNode:
     patchSize: int = 96
     seed: int = 0
     mirror: bool = True
+    trainSecondOpinion: bool = False
     lowThreshold: float = 0.7
     highThreshold: float = 0.85
 
@@ -94,7 +95,7 @@ def training_options_from(parameters) -> jobs.TrainingOptions:
         mode=parameters.mode, target_spacing=parameters.targetSpacing,
         iterations=parameters.iterations, batch_size=parameters.batchSize,
         patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device,
-        mirror=parameters.mirror)
+        mirror=parameters.mirror, train_second_opinion=parameters.trainSecondOpinion)
 
 
 def handler(message: str, wait_cursor: bool = False) -> Callable:
@@ -701,7 +702,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.checkpoint: Optional[str] = None         # segmenter
         self.qualityCheckpoint: Optional[str] = None  # quality predictor g
         self.secondOpinion: Optional[str] = None      # another segmenter, for each result's 2nd opinion
-        self._stage = 0
+        self.pipeline: Optional[pipeline.RunPipeline] = None
         self.options = jobs.TrainingOptions()
         self.cancelGraceS = DEFAULT_GRACE_S
         self._requirements = None
@@ -747,14 +748,13 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         return None
 
     # runs -------------------------------------------------------------------------------------------
-    # A Train click runs three workers one after the other (stage k/3): the quality predictor g,
-    # the segmenter (guided by g), then segmenting + scoring the unlabeled volumes.
-    STAGES = ("quality predictor", "segmenter", "segment and score")
-
+    # A Train click runs its workers one after the other (stage k/n, order in pipeline.py): the
+    # quality predictor g, the segmenter (guided by g), optionally a second-opinion segmenter, then
+    # segmenting + scoring the unlabeled volumes. A Segment click runs the last stage only.
     def startTraining(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
                       output_folder: str):
         options.validate()
-        self.secondOpinion = self._secondOpinionCheckpoint(options.second_opinion)
+        secondOpinion = self._secondOpinionCheckpoint(options.second_opinion)
         self.state.transition(RunState.PREPARING)
         try:
             self.options = options
@@ -765,8 +765,10 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                                      options=vars(options).copy(), label_names=label_names,
                                      versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
-            self._startStage(0, jobs.quality_arguments(self.job, options), self.job.quality_dir,
-                             self.job.quality_events)
+            self.pipeline = pipeline.RunPipeline.for_training(
+                self.job, options, segment=any(c.role == "unlabeled" for c in cases),
+                second_opinion=secondOpinion)
+            self._startStage(self.pipeline.start())
             self.state.transition(RunState.TRAINING)
         except Exception as exc:
             self.state.transition(RunState.FAILED, str(exc))
@@ -776,26 +778,25 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                         mirror: bool = True, second_opinion: str = ""):
         if self.checkpoint is None:
             raise ValueError("no model: train one or load a model folder first")
-        self.secondOpinion = self._secondOpinionCheckpoint(second_opinion)
+        secondOpinion = self._secondOpinionCheckpoint(second_opinion)
         self.state.transition(RunState.PREPARING)
         try:
             label_names = self.spec.label_names if self.spec else []
-            quality = self.qualityCheckpoint
             self.job = jobs.create_job_folder(output_folder, prefix="segment")
             for case in cases:
                 scene_io.write_volume(scene.GetNodeByID(case.volume_id), self.job.image_path(case.case))
             self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
                                      label_names=label_names, checkpoint=self.checkpoint,
-                                     quality_checkpoint=quality or "",
+                                     quality_checkpoint=self.qualityCheckpoint or "",
+                                     second_opinion_checkpoint=secondOpinion or "",
                                      options={"device": device, "mirror": mirror,
                                               "second_opinion": second_opinion or ""},
                                      versions=self._versions())
             jobs.write_job_spec(self.job, self.spec)
             self.options = jobs.TrainingOptions(device=device, mirror=mirror)
-            self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, device, quality,
-                                                       from_dataset=False, mirror=mirror,
-                                                       second_opinion=self.secondOpinion),
-                             self.job.predict_run_dir, self.job.predict_events)
+            self.pipeline = pipeline.RunPipeline.for_segmenting(
+                self.job, self.options, self.checkpoint, self.qualityCheckpoint, secondOpinion)
+            self._startStage(self.pipeline.start())
             self.state.transition(RunState.PREDICTING)
         except Exception as exc:
             self.state.transition(RunState.FAILED, str(exc))
@@ -806,13 +807,11 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             return list(self.spec.cases)
         return [c for c in self.spec.cases if c.role == "unlabeled"]
 
-    def _startStage(self, index: int, arguments, run_dir, events_path):
-        self._stage = index
-        self.runEvent.emit({"event": "stage", "name": self.STAGES[index], "index": index + 1,
-                            "total": len(self.STAGES)})
-        command = worker_command(self.pythonExecutable(), arguments)
+    def _startStage(self, stage: pipeline.Stage):
+        self.runEvent.emit({"event": "stage", "name": stage.name, "index": stage.index, "total": stage.total})
+        command = worker_command(self.pythonExecutable(), stage.arguments)
         env = worker_environment(os.environ, MODULE_DIR)
-        self.runner = self.runner_factory(command, run_dir, events_path, env)
+        self.runner = self.runner_factory(command, stage.run_dir, stage.events, env)
         self.runner.start()
         self.message.emit("$ " + " ".join(command))
 
@@ -822,7 +821,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             return
         update = self.runner.poll()
         for event in update.events:
-            if event["event"] != "stage":  # the panel shows its own overall stage k/3
+            if event["event"] != "stage":  # the panel shows its own overall stage k/n
                 self.runEvent.emit(event)
         if not update.finished:
             return
@@ -843,27 +842,26 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             raise
 
     def _afterStage(self, scene, result):
-        if self._stage == 0:
-            self.spec.quality_checkpoint = str(jobs.find_checkpoint(self.job.quality_dir, result.outputs))
-            jobs.write_job_spec(self.job, self.spec)
-            self.qualityCheckpoint = self.spec.quality_checkpoint
-            self._startStage(1, jobs.train_arguments(self.job, self.options, self.qualityCheckpoint),
-                             self.job.run_dir, self.job.train_events)
-        elif self._stage == 1:
-            self.checkpoint = self.spec.checkpoint = str(jobs.find_checkpoint(self.job.run_dir, result.outputs))
-            jobs.write_job_spec(self.job, self.spec)
-            if not self._casesToSegment():
-                self.message.emit("trained; no unlabeled volume to segment")
-                self.state.transition(RunState.IDLE)
-                return
-            self._startStage(2, jobs.predict_arguments(self.job, self.checkpoint, self.options.device,
-                                                       self.qualityCheckpoint, mirror=self.options.mirror,
-                                                       second_opinion=self.secondOpinion),
-                             self.job.predict_run_dir, self.job.predict_events)
-            self.state.transition(RunState.PREDICTING)
-        else:
+        finished = self.pipeline.current
+        following = self.pipeline.finish(result.outputs)
+        run = self.pipeline  # a model loaded earlier stays until this run has produced its own
+        self.qualityCheckpoint = run.quality_checkpoint or self.qualityCheckpoint
+        self.checkpoint = run.checkpoint or self.checkpoint
+        self.secondOpinion = run.second_opinion
+        self.spec.quality_checkpoint = run.quality_checkpoint or ""
+        self.spec.checkpoint = run.checkpoint or ""
+        self.spec.second_opinion_checkpoint = run.second_opinion or ""
+        jobs.write_job_spec(self.job, self.spec)
+        if following is not None:
+            self._startStage(following)
+            if following.name == pipeline.SEGMENT:
+                self.state.transition(RunState.PREDICTING)
+        elif finished == pipeline.SEGMENT:
             self.state.transition(RunState.IMPORTING)
             self.importResults(scene)
+            self.state.transition(RunState.IDLE)
+        else:
+            self.message.emit("trained; no unlabeled volume to segment")
             self.state.transition(RunState.IDLE)
 
     def cancel(self):

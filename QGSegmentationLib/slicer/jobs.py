@@ -8,8 +8,11 @@ One run = one folder the user can open:
         images/<case>.nrrd  exported volumes          labels/<case>.nrrd  reference label maps
         quality/            stage 1: `qgseg quality train` run folder (quality predictor g)
         run/                stage 2: `qgseg train` run folder (segmenter checkpoints, manifest)
-        predict-run/        stage 3: `qgseg predict` run folder
-        quality-events.jsonl, events.jsonl, predict-events.jsonl   one event stream per stage
+        second-opinion-run/ optional: a second, supervised segmenter (another seed) whose
+                            agreement with each result is its second opinion
+        predict-run/        last stage: `qgseg predict` run folder
+        quality-events.jsonl, events.jsonl, second-opinion-events.jsonl, predict-events.jsonl
+                            one event stream per stage
         predictions/<case>.nrrd, <case>.seg.nrrd, scores.csv
 
 Each run folder receives its own CANCEL file; worker.log holds the worker's console output.
@@ -58,6 +61,7 @@ class TrainingOptions:
     quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
     mirror: bool = True  # test-time mirroring when segmenting: ~3x the time, +0.01 Dice on LA
     second_opinion: str = ""  # a model folder whose segmenter gives each result a second opinion
+    train_second_opinion: bool = False  # or train one here: a supervised segmenter, seed + 1
 
     def validate(self) -> "TrainingOptions":
         """Raise ValueError naming the option and the problem."""
@@ -71,6 +75,8 @@ class TrainingOptions:
             (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
             (bool(self.architecture), "architecture is empty"),
             (bool(self.ssl_method), "SSL method is empty"),
+            (not (self.second_opinion and self.train_second_opinion),
+             "choose a second-opinion model folder or train a second opinion, not both"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,6 +117,7 @@ class JobSpec:
     label_names: List[str] = field(default_factory=list)  # label value i+1 -> name
     checkpoint: str = ""                        # the segmenter used / produced
     quality_checkpoint: str = ""                # the quality predictor g used / produced
+    second_opinion_checkpoint: str = ""         # the second-opinion segmenter used / trained
     created: float = field(default_factory=time.time)
     versions: Dict[str, str] = field(default_factory=dict)
     version: int = JOB_SPEC_VERSION
@@ -178,6 +185,14 @@ class JobFolder:
     def predict_run_dir(self) -> Path:
         return self.root / "predict-run"
 
+    @property
+    def second_opinion_run_dir(self) -> Path:
+        return self.root / "second-opinion-run"
+
+    @property
+    def second_opinion_events(self) -> Path:
+        return self.root / "second-opinion-events.jsonl"
+
     def image_path(self, case: str) -> Path:
         return self.images_dir / f"{case}.nrrd"
 
@@ -207,7 +222,7 @@ def create_job_folder(output_dir: str | os.PathLike, run_id: Optional[str] = Non
         n += 1
         candidate = f"{base}-{n}"
     root = output_dir / candidate
-    for sub in ("images", "labels", "quality", "run", "predict-run", "predictions"):
+    for sub in ("images", "labels", "quality", "run", "second-opinion-run", "predict-run", "predictions"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return JobFolder(root)
 
@@ -276,7 +291,8 @@ def write_dataset_json(folder: JobFolder, cases: Iterable[CaseEntry],
 
 
 # --- worker argument lists ---------------------------------------------------------------------
-# The three stages of a Train click, as `qgseg` arguments (without the executable). Flags follow
+# The stages of a Train click, as `qgseg` arguments (without the executable; their order is
+# pipeline.py's). Flags follow
 # QGSegmentationLib/cli (quality.py, train.py, predict.py, common.py).
 def quality_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
     """Stage 1: train the quality predictor g on the labeled cases."""
@@ -296,14 +312,30 @@ def train_arguments(folder: JobFolder, options: TrainingOptions,
     guidance = options.guidance()
     if guidance != "none" and not quality_checkpoint:
         raise ValueError(f"training options: guidance {guidance} needs a quality predictor checkpoint")
-    args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(folder.run_dir),
-            "--events", str(folder.train_events), "--network", options.architecture,
-            "--method", options.ssl_method, "--mode", options.mode,
-            "--iterations", str(options.iterations), "--batch", str(options.batch_size),
-            "--patch", *options.patch(), "--seed", str(options.seed), "--device", options.device,
-            "--guidance", guidance]
+    args = _segmenter_training(folder.run_dir, folder.train_events, folder, options,
+                               method=options.ssl_method, seed=options.seed, guidance=guidance)
     if quality_checkpoint:
         args += ["--quality-checkpoint", str(quality_checkpoint)]
+    return args
+
+
+def second_opinion_train_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
+    """Optional stage: a second segmenter for the second opinion, as independent of the first as
+    the labeled cases allow: supervised (no unlabeled data, no g), seed + 1, same network and
+    schedule."""
+    options.validate()
+    return _segmenter_training(folder.second_opinion_run_dir, folder.second_opinion_events, folder,
+                               options, method="sup", seed=options.seed + 1, guidance="none")
+
+
+def _segmenter_training(run_dir: Path, events: Path, folder: JobFolder, options: TrainingOptions,
+                        method: str, seed: int, guidance: str) -> List[str]:
+    args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(run_dir),
+            "--events", str(events), "--network", options.architecture,
+            "--method", method, "--mode", options.mode,
+            "--iterations", str(options.iterations), "--batch", str(options.batch_size),
+            "--patch", *options.patch(), "--seed", str(seed), "--device", options.device,
+            "--guidance", guidance]
     if options.target_spacing > 0:
         args += ["--spacing", *[repr(float(options.target_spacing))] * 3]
     return args
@@ -313,7 +345,7 @@ def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike, device: 
                       quality_checkpoint: str | os.PathLike | None = None,
                       from_dataset: bool = True, mirror: bool = True,
                       second_opinion: str | os.PathLike | None = None) -> List[str]:
-    """Stage 3: segment (and score, with g) into predictions/. A train job segments the
+    """Last stage: segment (and score, with g) into predictions/. A train job segments the
     dataset's "unlabeled" list; a segment-only job every image in images/. `mirror` off gives one
     pass per window instead of the mirrored average (faster, slightly less accurate).
     `second_opinion`, a segmenter checkpoint, segments each volume again and adds each segment's

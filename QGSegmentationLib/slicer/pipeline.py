@@ -1,0 +1,119 @@
+"""The order of a run's workers, and what each stage hands to the next.
+
+A Train click runs, one worker after the other: the quality predictor g, the segmenter (guided by
+g), optionally a second, supervised segmenter for the second opinion, then segmenting + scoring
+the unlabeled volumes. A Segment click runs the last stage only. The module's Logic starts each
+stage's worker and gives the finished stage's `done` outputs back here; the decisions (which
+stage comes next, with which checkpoints) live here, in pure Python, so they are tested with real
+workers outside Slicer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import jobs
+
+QUALITY = "quality predictor"
+SEGMENTER = "segmenter"
+SECOND_OPINION = "second-opinion segmenter"
+SEGMENT = "segment and score"
+
+# stage -> (its run folder in the JobFolder, the pipeline attribute its checkpoint goes to)
+_PRODUCES = {QUALITY: ("quality_dir", "quality_checkpoint"), SEGMENTER: ("run_dir", "checkpoint"),
+             SECOND_OPINION: ("second_opinion_run_dir", "second_opinion")}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One worker to start: its `qgseg` arguments, the run folder that receives the CANCEL file,
+    and the events file the panel follows."""
+
+    name: str
+    index: int  # 1-based, for "stage k/n"
+    total: int
+    arguments: List[str]
+    run_dir: Path
+    events: Path
+
+
+class RunPipeline:
+    """Walks a job's stages. `second_opinion` is a segmenter checkpoint chosen by the user; with
+    `options.train_second_opinion` the pipeline trains one instead."""
+
+    def __init__(self, folder: jobs.JobFolder, options: jobs.TrainingOptions, names: Tuple[str, ...],
+                 second_opinion: Optional[str] = None, quality_checkpoint: Optional[str] = None,
+                 checkpoint: Optional[str] = None, from_dataset: bool = True):
+        self.folder = folder
+        self.options = options
+        self.names = names
+        self.second_opinion = second_opinion
+        self.quality_checkpoint = quality_checkpoint
+        self.checkpoint = checkpoint
+        self.from_dataset = from_dataset
+        self._position = -1
+
+    @classmethod
+    def for_training(cls, folder: jobs.JobFolder, options: jobs.TrainingOptions, segment: bool,
+                     second_opinion: Optional[str] = None) -> "RunPipeline":
+        """g, the segmenter, the optional second-opinion segmenter, and (when there are unlabeled
+        volumes to segment) segmenting + scoring them."""
+        options.validate()
+        names = (QUALITY, SEGMENTER)
+        if segment:
+            names += ((SECOND_OPINION,) if options.train_second_opinion else ()) + (SEGMENT,)
+        return cls(folder, options, names, second_opinion=second_opinion)
+
+    @classmethod
+    def for_segmenting(cls, folder: jobs.JobFolder, options: jobs.TrainingOptions, checkpoint: str,
+                       quality_checkpoint: Optional[str] = None,
+                       second_opinion: Optional[str] = None) -> "RunPipeline":
+        """Segment + score every image of the job folder with an existing model."""
+        return cls(folder, options, (SEGMENT,), second_opinion=second_opinion,
+                   quality_checkpoint=quality_checkpoint, checkpoint=checkpoint, from_dataset=False)
+
+    @property
+    def current(self) -> Optional[str]:
+        return self.names[self._position] if 0 <= self._position < len(self.names) else None
+
+    def start(self) -> Stage:
+        if self._position != -1:
+            raise RuntimeError("the pipeline has already started")
+        return self._advance()
+
+    def finish(self, outputs: Optional[Dict[str, str]] = None) -> Optional[Stage]:
+        """Record what the current stage produced; return the next stage, or None when done."""
+        name = self.current
+        if name is None:
+            raise RuntimeError("no stage is running")
+        if name in _PRODUCES:
+            run_dir, model = _PRODUCES[name]
+            setattr(self, model, str(jobs.find_checkpoint(getattr(self.folder, run_dir), outputs)))
+        return self._advance() if self._position + 1 < len(self.names) else self._end()
+
+    def _end(self) -> None:
+        self._position = len(self.names)
+        return None
+
+    def _advance(self) -> Stage:
+        self._position += 1
+        name = self.names[self._position]
+        arguments, run_dir, events = self._worker(name)
+        return Stage(name, self._position + 1, len(self.names), arguments, run_dir, events)
+
+    def _worker(self, name: str) -> Tuple[List[str], Path, Path]:
+        folder, options = self.folder, self.options
+        if name == QUALITY:
+            return jobs.quality_arguments(folder, options), folder.quality_dir, folder.quality_events
+        if name == SEGMENTER:
+            return (jobs.train_arguments(folder, options, self.quality_checkpoint), folder.run_dir,
+                    folder.train_events)
+        if name == SECOND_OPINION:
+            return (jobs.second_opinion_train_arguments(folder, options), folder.second_opinion_run_dir,
+                    folder.second_opinion_events)
+        return (jobs.predict_arguments(folder, self.checkpoint, options.device, self.quality_checkpoint,
+                                       from_dataset=self.from_dataset, mirror=options.mirror,
+                                       second_opinion=self.second_opinion),
+                folder.predict_run_dir, folder.predict_events)

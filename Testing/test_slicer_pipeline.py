@@ -1,0 +1,98 @@
+"""The panel's run pipeline (QGSegmentationLib.slicer.pipeline): which stages a Train or Segment
+click runs, in which order, and which checkpoints flow from one stage to the next. The end-to-end
+test starts the real `qgseg` workers exactly as the panel does, on a tiny phantom."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from QGSegmentationLib.data.phantom import make_phantom_dataset
+from QGSegmentationLib.engine.events import validate_stream
+from QGSegmentationLib.slicer import pipeline
+from QGSegmentationLib.slicer.jobs import TrainingOptions, create_job_folder
+from QGSegmentationLib.slicer.pipeline import RunPipeline
+from QGSegmentationLib.slicer.runner import WorkerRunner, worker_command, worker_environment
+
+from conftest import REPO
+
+
+def test_stage_order_follows_the_options(tmp_path):
+    folder = create_job_folder(tmp_path)
+    plain = RunPipeline.for_training(folder, TrainingOptions(), segment=True)
+    assert plain.names == (pipeline.QUALITY, pipeline.SEGMENTER, pipeline.SEGMENT)
+    second = RunPipeline.for_training(folder, TrainingOptions(train_second_opinion=True), segment=True)
+    assert second.names == (pipeline.QUALITY, pipeline.SEGMENTER, pipeline.SECOND_OPINION, pipeline.SEGMENT)
+    nothing_to_segment = RunPipeline.for_training(folder, TrainingOptions(train_second_opinion=True), segment=False)
+    assert nothing_to_segment.names == (pipeline.QUALITY, pipeline.SEGMENTER)
+    only = RunPipeline.for_segmenting(folder, TrainingOptions(device="cpu", mirror=False), "/m/best.pt",
+                                      "/q/best.pt", "/o/segmenter.pt")
+    stage = only.start()
+    assert (stage.name, stage.index, stage.total) == (pipeline.SEGMENT, 1, 1)
+    args = stage.arguments
+    assert args[args.index("--checkpoint") + 1] == "/m/best.pt"
+    assert args[args.index("--input") + 1] == str(folder.images_dir) and "--split" not in args
+    assert args[args.index("--second-opinion") + 1] == "/o/segmenter.pt" and "--no-mirror" in args
+    with pytest.raises(RuntimeError, match="already started"):
+        only.start()
+
+
+def test_second_opinion_folder_and_training_one_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        RunPipeline.for_training(create_job_folder(tmp_path),
+                                 TrainingOptions(second_opinion="/o", train_second_opinion=True), segment=True)
+
+
+def test_a_stage_that_left_no_checkpoint_stops_the_pipeline_with_its_folder(tmp_path):
+    folder = create_job_folder(tmp_path)
+    run = RunPipeline.for_training(folder, TrainingOptions(), segment=True)
+    run.start()
+    with pytest.raises(ValueError, match="quality.*no checkpoint"):
+        run.finish({})
+
+
+def run_worker(stage: pipeline.Stage, timeout_s: float = 300) -> dict:
+    env = worker_environment({**os.environ, "OMP_NUM_THREADS": "1"}, REPO)
+    runner = WorkerRunner(worker_command(sys.executable, stage.arguments), stage.run_dir, stage.events,
+                          env=env).start()
+    deadline = time.monotonic() + timeout_s
+    while not runner.poll().finished:
+        assert time.monotonic() < deadline, f"{stage.name} still running after {timeout_s} s"
+        time.sleep(0.2)
+    result = runner.result()
+    assert result.ok, (stage.name, runner.error)
+    validate_stream(runner.events)
+    return result.outputs
+
+
+def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
+    """g -> segmenter -> second-opinion segmenter -> segment and score, with real workers: the
+    second segmenter is supervised with seed + 1, and scores.csv carries its opinion."""
+    folder = create_job_folder(tmp_path / "out")
+    make_phantom_dataset(folder.root, n_labeled=2, n_unlabeled=2, n_validation=1, shape=(16, 32, 32), seed=4)
+    options = TrainingOptions(architecture="unet", ssl_method="pl", iterations=2, batch_size=1, patch_size=32,
+                              device="cpu", quality_epochs=1, mirror=False, seed=3, train_second_opinion=True)
+    run = RunPipeline.for_training(folder, options, segment=True)
+    stage, seen = run.start(), []
+    while stage is not None:
+        seen.append((stage.name, stage.index, stage.total))
+        stage = run.finish(run_worker(stage))
+    assert [name for name, _, _ in seen] == [pipeline.QUALITY, pipeline.SEGMENTER, pipeline.SECOND_OPINION,
+                                             pipeline.SEGMENT]
+    assert seen[-1][1:] == (4, 4) and run.current is None
+    assert run.quality_checkpoint.startswith(str(folder.quality_dir))
+    assert run.checkpoint.startswith(str(folder.run_dir))
+    assert run.second_opinion.startswith(str(folder.second_opinion_run_dir))
+    manifest = json.loads((folder.second_opinion_run_dir / "manifest.json").read_text())
+    assert (manifest["config"]["method"], manifest["seed"]) == ("sup", 4)
+    with open(folder.scores_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    for row in rows:
+        assert 0.0 <= float(row["second_opinion_dice"]) <= 1.0 and row["predicted_quality"]
+        assert (folder.predictions_dir / f"{row['case']}.seg.nrrd").is_file()
