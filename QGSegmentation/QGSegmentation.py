@@ -778,7 +778,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                         mirror: bool = True, second_opinion: str = ""):
         if self.checkpoint is None:
             raise ValueError("no model: train one or load a model folder first")
-        secondOpinion = self._secondOpinionCheckpoint(second_opinion)
+        # the chosen folder's segmenter, else the model's own second opinion (trained or loaded)
+        secondOpinion = self._secondOpinionCheckpoint(second_opinion) or self.secondOpinion
         self.state.transition(RunState.PREPARING)
         try:
             label_names = self.spec.label_names if self.spec else []
@@ -950,38 +951,30 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
     # models -------------------------------------------------------------------------------------------
-    SEGMENTER_FILE = jobs.MODEL_SEGMENTER_FILE
-    QUALITY_FILE = jobs.MODEL_QUALITY_FILE
-
     @staticmethod
     def _secondOpinionCheckpoint(folder: str) -> Optional[str]:
         """The segmenter of the second-opinion model folder (None when none is chosen)."""
         return str(jobs.model_segmenter(folder, "second-opinion model folder")) if folder else None
 
     def saveModel(self, folder: str):
-        """Copy the segmenter, the quality predictor and the job spec into `folder`."""
+        """Copy the segmenter, its quality predictor and second opinion, the job spec and the
+        training manifest into `folder`."""
         if not self.checkpoint:
             raise ValueError("no model to save: train one first")
-        if not folder:
-            raise ValueError("choose a model folder in the Models section")
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy2(self.checkpoint, os.path.join(folder, self.SEGMENTER_FILE))
-        if self.qualityCheckpoint:
-            shutil.copy2(self.qualityCheckpoint, os.path.join(folder, self.QUALITY_FILE))
-        if self.job is not None and self.job.job_json.exists():
-            shutil.copy2(self.job.job_json, os.path.join(folder, "job.json"))
-        if self.job is not None and (self.job.run_dir / "manifest.json").exists():
-            shutil.copy2(self.job.run_dir / "manifest.json", os.path.join(folder, "manifest.json"))
+        job_json, manifest = ((self.job.job_json, self.job.run_dir / "manifest.json") if self.job else (None, None))
+        jobs.save_model_folder(folder, self.checkpoint, self.qualityCheckpoint, self.secondOpinion,
+                               job_json if job_json and job_json.exists() else None,
+                               manifest if manifest and manifest.exists() else None)
 
     def loadModel(self, folder: str):
-        self.checkpoint = str(jobs.model_segmenter(folder))
-        quality = os.path.join(folder, self.QUALITY_FILE)
-        self.qualityCheckpoint = quality if os.path.exists(quality) else None
+        model = jobs.read_model_folder(folder)
+        self.checkpoint = str(model.segmenter)
+        self.qualityCheckpoint = str(model.quality) if model.quality else None
+        self.secondOpinion = str(model.second_opinion) if model.second_opinion else None
         if self.qualityCheckpoint is None:
-            self.message.emit(f"{folder} has no {self.QUALITY_FILE}: segmentations will have no quality scores")
-        spec_path = os.path.join(folder, "job.json")
-        if os.path.exists(spec_path):
-            self.spec = jobs.read_job_spec(spec_path)
+            self.message.emit(f"{folder} has no {jobs.MODEL_QUALITY_FILE}: segmentations will have no quality scores")
+        if model.job_json:
+            self.spec = jobs.read_job_spec(model.job_json)
 
     @staticmethod
     def _versions():

@@ -119,6 +119,36 @@ def test_model_segmenter_of_a_saved_model_folder(tmp_path):
     assert model_segmenter(tmp_path) == tmp_path / MODEL_SEGMENTER_FILE
 
 
+def test_model_folder_round_trip_with_second_opinion(tmp_path):
+    """Save model copies the checkpoints under fixed names; saving a model without a second
+    opinion over one that had it removes the old second opinion (never two models mixed)."""
+    from QGSegmentationLib.slicer.jobs import (MODEL_SECOND_OPINION_FILE, read_model_folder,
+                                              save_model_folder)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "g.pt", "other.pt", "job.json"):
+        (run / name).write_bytes(name.encode())
+    model = save_model_folder(tmp_path / "model", run / "best.pt", run / "g.pt", run / "other.pt",
+                              job_json=run / "job.json")
+    assert model == read_model_folder(tmp_path / "model")
+    assert model.second_opinion.read_bytes() == b"other.pt" and model.quality.read_bytes() == b"g.pt"
+    assert model.job_json.read_bytes() == b"job.json" and model.segmenter.read_bytes() == b"best.pt"
+    again = save_model_folder(tmp_path / "model", run / "best.pt")
+    assert again.second_opinion is None and again.quality is None and again.job_json is None
+    assert not (tmp_path / "model" / MODEL_SECOND_OPINION_FILE).exists()
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["segmenter.pt"]
+    with pytest.raises(ValueError, match="missing.pt does not exist"):
+        save_model_folder(tmp_path / "model2", run / "best.pt", run / "missing.pt")
+    assert not (tmp_path / "model2").exists()
+    with pytest.raises(ValueError, match="choose a model folder"):
+        save_model_folder("", run / "best.pt")
+    with pytest.raises(ValueError, match="is not a folder"):
+        save_model_folder(run / "job.json", run / "best.pt")
+    with pytest.raises(ValueError, match="holds no segmenter.pt"):
+        read_model_folder(run)
+
+
 def test_listed_networks_and_methods_are_registered():
     networks = pytest.importorskip("QGSegmentationLib.networks")
     methods = pytest.importorskip("QGSegmentationLib.ssl.methods")

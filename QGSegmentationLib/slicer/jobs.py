@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ..fileio import write_json_atomic
+from ..fileio import atomic_path, write_json_atomic
 
 ROLES = ("labeled", "unlabeled", "ignore")
 JOB_SPEC_VERSION = 1
@@ -368,6 +369,54 @@ def predict_arguments(folder: JobFolder, checkpoint: str | os.PathLike, device: 
 
 MODEL_SEGMENTER_FILE = "segmenter.pt"  # a saved model folder: the segmenter ...
 MODEL_QUALITY_FILE = "quality.pt"      # ... and, when it has one, its quality predictor
+MODEL_SECOND_OPINION_FILE = "second_opinion.pt"  # ... and the segmenter of its second opinion
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A saved model: what `Save model` wrote and `Load model` / `Segment` use."""
+
+    segmenter: Path
+    quality: Optional[Path] = None
+    second_opinion: Optional[Path] = None
+    job_json: Optional[Path] = None
+
+
+def save_model_folder(folder: str | os.PathLike, segmenter: str | os.PathLike,
+                      quality: str | os.PathLike | None = None,
+                      second_opinion: str | os.PathLike | None = None,
+                      job_json: str | os.PathLike | None = None,
+                      manifest: str | os.PathLike | None = None) -> ModelFolder:
+    """Copy a run's checkpoints, job spec and training manifest into `folder` under fixed names
+    (each copy atomic). A file of an earlier save that this model lacks (e.g. its second
+    opinion) is removed, so the folder never mixes two models."""
+    if not os.fspath(folder).strip():
+        raise ValueError("choose a model folder in the Models section")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"model folder {folder} exists and is not a folder")
+    files = {MODEL_SEGMENTER_FILE: segmenter, MODEL_QUALITY_FILE: quality,
+             MODEL_SECOND_OPINION_FILE: second_opinion, "job.json": job_json, "manifest.json": manifest}
+    for source in files.values():
+        if source and not Path(source).is_file():
+            raise ValueError(f"cannot save the model: {source} does not exist")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        if source:
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(source, tmp)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    return read_model_folder(folder)
+
+
+def read_model_folder(folder: str | os.PathLike) -> ModelFolder:
+    """The files of a saved model folder; ValueError naming the folder when it holds no segmenter."""
+    segmenter = model_segmenter(folder)
+    optional = {name: segmenter.parent / name if (segmenter.parent / name).is_file() else None
+                for name in (MODEL_QUALITY_FILE, MODEL_SECOND_OPINION_FILE, "job.json")}
+    return ModelFolder(segmenter, optional[MODEL_QUALITY_FILE], optional[MODEL_SECOND_OPINION_FILE],
+                       optional["job.json"])
 
 
 def model_segmenter(folder: str | os.PathLike, role: str = "model folder") -> Path:
