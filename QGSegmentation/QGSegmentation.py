@@ -27,7 +27,7 @@ if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this fi
     sys.path.insert(0, MODULE_DIR)
 
 from QGSegmentationLib.slicer import environment, jobs, pipeline, scene_io  # noqa: E402
-from QGSegmentationLib.slicer.review import (FILTERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
+from QGSegmentationLib.slicer.review import (FILTERS, ORDERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
                                              read_scores_and_second_opinions)
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
                                              python_slicer_executable, worker_command,
@@ -163,6 +163,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openRunFolderButton.connect("clicked(bool)", self.onOpenRunFolder)
         self.ui.reviewTable.connect("itemSelectionChanged()", self.onReviewSelectionChanged)
         self.ui.reviewFilterComboBox.connect("currentIndexChanged(int)", self.onReviewFilterChanged)
+        self.ui.reviewOrderComboBox.connect("currentIndexChanged(int)", self.onReviewOrderChanged)
         self.ui.approveButton.connect("clicked(bool)", self.onApprove)
         self.ui.flagButton.connect("clicked(bool)", self.onFlag)
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
@@ -215,6 +216,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modeComboBox.addItems(list(jobs.MODES))
         self.ui.deviceComboBox.addItems(list(jobs.DEVICES))
         self.ui.reviewFilterComboBox.addItems(list(FILTERS))
+        self.ui.reviewOrderComboBox.addItems(list(ORDERS))
 
     def _setupTables(self):
         table = self.ui.casesTable
@@ -520,6 +522,11 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @handler("Failed to filter the review table.")
     def onReviewFilterChanged(self, _=None):
+        self.refreshReviewTable()
+
+    @handler("Failed to order the review table.")
+    def onReviewOrderChanged(self, _=None):
+        self.logic.review.order = self.ui.reviewOrderComboBox.currentText or ORDERS[0]
         self.refreshReviewTable()
 
     @handler("Failed to apply the thresholds.")

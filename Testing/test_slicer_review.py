@@ -131,3 +131,26 @@ def test_read_scores_csv(tmp_path):
 def test_row_status_validated():
     with pytest.raises(ValueError, match="case 'x'"):
         ReviewRow("x", status="done")
+
+
+def test_order_by_quality_second_opinion_or_the_lower_of_both():
+    """The reviewer picks what "worst first" means; Next unreviewed follows the same order, and a
+    row without the chosen value falls back on the other one."""
+    rows = [ReviewRow(case="a", volume="a", scores={"la": 0.9}, second_opinion={"la": 0.5}),
+            ReviewRow(case="b", volume="b", scores={"la": 0.6}, second_opinion={"la": 0.95}),
+            ReviewRow(case="c", volume="c", scores={"la": 0.8}, second_opinion={"la": 0.8}),
+            ReviewRow(case="d", volume="d", second_opinion={"la": 0.7}),  # no g score
+            ReviewRow(case="e", volume="e")]                             # neither
+    model = ReviewModel(rows)
+    assert [r.case for r in model.rows()] == ["b", "d", "c", "a", "e"]
+    model.order = "2nd opinion"
+    assert [r.case for r in model.rows()] == ["a", "d", "c", "b", "e"]
+    assert model.next_unreviewed().case == "a" and model.next_unreviewed("a").case == "d"
+    model.order = "lower of both"
+    assert [r.case for r in model.rows()] == ["a", "b", "d", "c", "e"]
+    model.approve("a")
+    assert [r.case for r in model.rows("unreviewed")] == ["b", "d", "c", "e"]
+    with pytest.raises(ValueError, match="order must be one of"):
+        model.order = "best"
+    with pytest.raises(ValueError, match="order must be one of"):
+        ReviewModel(order="random")

@@ -4,8 +4,9 @@ Pure Python (the Review table widget and the MRML table node are views of it). Q
 quality predictor's estimated Dice per segment; a case's `quality` is its worst segment, because
 one bad organ makes the case need attention. When the run had a second-opinion model, each row
 also holds each segment's Dice against that model's segmentation (`second_opinion`, worst segment
-in `agreement`), shown beside g's estimate; the order stays g's (the second opinion orders only
-rows g did not score, e.g. a model folder without a quality predictor).
+in `agreement`), shown beside g's estimate. The order is the reviewer's choice (ORDERS): g's
+estimate (the default; the second opinion stands in for rows g did not score, e.g. a model folder
+without a quality predictor), the second opinion, or the lower of the two.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .signal import Signal
 
 STATUSES = ("unreviewed", "approved", "flagged")
 FILTERS = ("all", "unreviewed", "flagged", "approved")
+# Worst first by: g's estimate / the Dice against the second-opinion model / whichever is lower.
+ORDERS = ("quality", "2nd opinion", "lower of both")
 CATEGORY_COLORS = {  # (r, g, b) 0..255 for table cells
     "poor": (230, 124, 115),
     "uncertain": (247, 203, 77),
@@ -137,9 +140,11 @@ def _read_score_column(path, column: str, required: bool) -> Dict[str, Dict[str,
 class ReviewModel:
     """Rows plus the reviewer's actions. `changed(case_or_None)` fires after every change."""
 
-    def __init__(self, rows: Iterable[ReviewRow] = (), thresholds: Thresholds = Thresholds()):
+    def __init__(self, rows: Iterable[ReviewRow] = (), thresholds: Thresholds = Thresholds(),
+                 order: str = "quality"):
         self._rows: Dict[str, ReviewRow] = {}
         self.thresholds = thresholds
+        self.order = order
         self.changed = Signal("review changed")
         for row in rows:
             self.add(row, notify=False)
@@ -160,18 +165,36 @@ class ReviewModel:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def order(self) -> str:
+        return self._order
+
+    @order.setter
+    def order(self, order: str) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self._order = order
+
     def rows(self, filter: str = "all") -> List[ReviewRow]:
-        """Rows passing `filter`, worst quality first (by the second opinion for rows g did not
-        score; rows with neither last, then by case)."""
+        """Rows passing `filter`, worst first by `order` (a row without the chosen value falls
+        back on the other one; rows with neither come last, then by case)."""
         if filter not in FILTERS:
             raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
         selected = [r for r in self._rows.values() if filter == "all" or r.status == filter]
 
         def key(row):
-            value = row.quality if row.quality is not None else row.agreement
+            value = self._order_value(row)
             return (value is None, value if value is not None else 0.0, row.case)
 
         return sorted(selected, key=key)
+
+    def _order_value(self, row: ReviewRow) -> Optional[float]:
+        present = [v for v in (row.quality, row.agreement) if v is not None]
+        if self._order == "lower of both":
+            return min(present, default=None)
+        first, second = ((row.agreement, row.quality) if self._order == "2nd opinion"
+                         else (row.quality, row.agreement))
+        return first if first is not None else second
 
     def segment_names(self, second_opinion: bool = False) -> List[str]:
         """Segments with a g score (with a second opinion when `second_opinion`), in first-seen order."""
@@ -216,7 +239,7 @@ class ReviewModel:
         return row
 
     def next_unreviewed(self, after: Optional[str] = None) -> Optional[ReviewRow]:
-        """The next unreviewed row in worst-first order after `after` (wrapping around);
+        """The next unreviewed row in the table's order after `after` (wrapping around);
         None when every row is reviewed."""
         ordered = self.rows("all")
         start = 0
