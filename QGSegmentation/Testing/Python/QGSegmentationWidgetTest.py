@@ -158,6 +158,8 @@ class QGSegmentationWidgetTest(ScriptedLoadableModuleTest):
         self.test_replayed_run_updates_panel_and_fills_review()
         self.setUp()
         self.test_cancel_imports_nothing()
+        self.setUp()
+        self.test_trained_second_opinion_adds_a_stage_and_is_saved_with_the_model()
 
     def _widget(self, runner_factory):
         import QGSegmentation as module
@@ -210,4 +212,25 @@ class QGSegmentationWidgetTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.state.state, RunState.IDLE)
         self.assertEqual(len(logic.review), 0)
         self.assertIsNone(scene_io.find_review_table(slicer.mrmlScene))
+        widget.cleanup()
+
+    def test_trained_second_opinion_adds_a_stage_and_is_saved_with_the_model(self):
+        build_tiny_scene()
+        module, widget, logic = self._widget(lambda c, r, e, env: FakeRunner(c, r, e, env))
+        output = tempfile.mkdtemp(prefix="qgseg-widget-")
+        logic.startTraining(slicer.mrmlScene, widget.selectedCases(),
+                            jobs.TrainingOptions(device="cpu", train_second_opinion=True), output)
+        for _ in range(500):
+            widget.onPollTimer()
+            if logic.state.state in (RunState.IDLE, RunState.FAILED):
+                break
+        self.assertEqual(logic.state.state, RunState.IDLE, logic.state.failure_message)
+        self.assertIn("4/4", widget.ui.stageLabel.text)
+        self.assertTrue(logic.secondOpinion.startswith(str(logic.job.second_opinion_run_dir)))
+        self.assertEqual(jobs.read_job_spec(logic.job.job_json).second_opinion_checkpoint, logic.secondOpinion)
+        model_folder = os.path.join(output, "model")
+        logic.saveModel(model_folder)
+        self.assertIsNotNone(jobs.read_model_folder(model_folder).second_opinion)
+        widget.ui.reviewOrderComboBox.currentText = "lower of both"
+        self.assertEqual(logic.review.order, "lower of both")
         widget.cleanup()
