@@ -223,7 +223,7 @@ def create_job_folder(output_dir: str | os.PathLike, run_id: Optional[str] = Non
         n += 1
         candidate = f"{base}-{n}"
     root = output_dir / candidate
-    for sub in ("images", "labels", "quality", "run", "second-opinion-run", "predict-run", "predictions"):
+    for sub in ("images", "labels", "quality", "run", "predict-run", "predictions"):  # second-opinion-run: only when used
         (root / sub).mkdir(parents=True, exist_ok=True)
     return JobFolder(root)
 
