@@ -50,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..engine.manifest import remember_commit
+
+    remember_commit()
     return int(args.func(args) or 0)
 
 

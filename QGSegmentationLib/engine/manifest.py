@@ -47,6 +47,20 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+_STARTED_AT: Dict[str, str | None] = {}
+
+
+def remember_commit(path: str | os.PathLike | None = None) -> str | None:
+    """Record the checkout's commit now, at the start of a command: its manifest then names the
+    code the run started with, even when an editable checkout moves on while it trains."""
+    _STARTED_AT["commit"] = git_commit(path)
+    return _STARTED_AT["commit"]
+
+
+def forget_commit() -> None:
+    _STARTED_AT.clear()
+
+
 def write_manifest(run_dir: str | os.PathLike, *, command: list[str], config: Dict[str, Any],
                    device: str, seed: int | None, started: float, status: str,
                    extra: Dict[str, Any] | None = None) -> Path:
@@ -60,7 +74,7 @@ def write_manifest(run_dir: str | os.PathLike, *, command: list[str], config: Di
         "versions": package_versions(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "git_commit": git_commit(),
+        "git_commit": _STARTED_AT["commit"] if "commit" in _STARTED_AT else git_commit(),
         "config": config,
     }
     if extra:
