@@ -105,9 +105,8 @@ def _has_quality() -> bool:
 
 def _train_quality(ctx: RunContext, dataset: Path, args) -> Path:
     from ..data.dataset import load_dataset
-    from ..quality.train import QualityTrainConfig, train_quality_predictor
-
     from ..engine.manifest import write_manifest
+    from ..quality.train import QualityTrainConfig, train_quality_predictor
 
     cfg = QualityTrainConfig(mode="3d", epochs=args.quality_epochs, seed=args.seed, batch_size=16,
                              samples_per_case=16, grid_size=[32, 32, 32], patience=10)

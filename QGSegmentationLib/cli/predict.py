@@ -130,6 +130,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     written, rows, started = [], [], time.time()
+
     def segment(model, image_path):
         return predict_volume(model.network, image_path, model.preprocessor, model.patch_size, model.mode,
                               device, overlap=args.overlap)

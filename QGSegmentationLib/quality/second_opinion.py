@@ -49,10 +49,10 @@ class SecondOpinion:
         from ..data.io import read_label
 
         path = self.path_for(case)
-        if case not in self._read and not path.is_file():
-            raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
-                            hint="the second-opinion folder must hold <case>.nrrd for every scored case")
         if case not in self._read:
+            if not path.is_file():
+                raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
+                                hint="the second-opinion folder must hold <case>.nrrd for every scored case")
             self._read[case] = read_label(path)
         other, other_geometry = self._read[case]
         if tuple(other.shape) != tuple(shape):

@@ -91,11 +91,10 @@ class RunPipeline:
         if name in _PRODUCES:
             run_dir, model = _PRODUCES[name]
             setattr(self, model, str(jobs.find_checkpoint(getattr(self.folder, run_dir), outputs)))
-        return self._advance() if self._position + 1 < len(self.names) else self._end()
-
-    def _end(self) -> None:
-        self._position = len(self.names)
-        return None
+        if self._position + 1 == len(self.names):
+            self._position = len(self.names)  # done: `current` is None from now on
+            return None
+        return self._advance()
 
     def _advance(self) -> Stage:
         self._position += 1

@@ -109,9 +109,7 @@ def read_scores_and_second_opinions(path: str | os.PathLike) -> tuple:
     """({case: {segment: g's quality}}, {case: {segment: second-opinion Dice}}) from scores.csv;
     either may be empty (a run without g, or without a second opinion), not both."""
     seconds = read_second_opinions(path)
-    if not seconds:
-        return read_scores_csv(path), {}
-    return _read_score_column(path, "predicted_quality", required=False), seconds
+    return _read_score_column(path, "predicted_quality", required=not seconds), seconds
 
 
 def _read_score_column(path, column: str, required: bool) -> Dict[str, Dict[str, float]]:
