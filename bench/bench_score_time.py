@@ -16,7 +16,8 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="g's checkpoint; several: their mean, as `qgseg quality score` does")
     parser.add_argument("--image", required=True)
     parser.add_argument("--mask", required=True)
     parser.add_argument("--repeats", type=int, default=10)
@@ -25,11 +26,11 @@ def main() -> None:
 
     import torch
 
-    from QGSegmentationLib.quality.predictor import load_predictor
+    from QGSegmentationLib.quality.predictor import load_predictors
     from QGSegmentationLib.quality.score import score_pair
 
     torch.set_num_threads(args.threads)
-    model = load_predictor(args.checkpoint)
+    model = load_predictors(args.checkpoint)
     score_pair(model, args.image, args.mask)  # warm-up
     times = []
     for _ in range(args.repeats):
