@@ -279,3 +279,25 @@ def test_ensemble_file_answers_as_the_mean_of_its_members_everywhere(files, tmp_
     assert len(load_predictors([out, other]).members) == 3  # an ensemble among several: flattened
     with pytest.raises(ConfigError, match="g_ensemble.pt: an ensemble of 2 predictors; calibrate each member"):
         calibrate_checkpoint(out, tmp_path / "dataset.json", [tmp_path], tmp_path / "cal.pt")
+
+
+def test_second_opinion_keeps_masks_within_its_byte_budget(tmp_path):
+    from QGSegmentationLib.quality.second_opinion import SecondOpinion
+
+    shape = (4, 5, 6)
+    for case in ("a", "b", "c"):
+        _write(tmp_path / f"{case}.nrrd", np.ones(shape, np.uint8))
+    one_mask = np.ones(shape, np.uint8).nbytes
+    opinion = SecondOpinion(tmp_path, cache_bytes=2 * one_mask)
+    mask = np.ones(shape, np.uint8)
+    for case in ("a", "b", "a", "c"):           # "a" used again, so "b" is the oldest when "c" comes
+        assert opinion.agreement(case, mask, 1, "mask.nrrd")[0] == pytest.approx(1.0)
+    assert list(opinion._read) == ["a", "c"] and opinion.cached_bytes() == 2 * one_mask
+    (tmp_path / "a.nrrd").unlink()               # kept masks are not read again ...
+    assert opinion.agreement("a", mask, 1, "mask.nrrd")[0] == pytest.approx(1.0)
+    (tmp_path / "b.nrrd").unlink()               # ... dropped ones are
+    with pytest.raises(DataError, match=r"b\.nrrd: no second-opinion mask"):
+        opinion.agreement("b", mask, 1, "mask.nrrd")
+    tiny = SecondOpinion(tmp_path, cache_bytes=1)  # a budget below one mask still keeps the last one
+    tiny.agreement("c", mask, 1, "mask.nrrd")
+    assert list(tiny._read) == ["c"]

@@ -15,6 +15,7 @@ writes them (`<case>` = the image's case id).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from ..errors import DataError
 
 SECOND_OPINION_COLUMN = "second_opinion_dice"
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class SecondOpinion:
@@ -30,11 +32,16 @@ class SecondOpinion:
 
     `agreement(case, mask, n_foreground, source)` reads `<folder>/<case>.nrrd` and returns the
     per-class Dice between it and `mask`; a missing file or a different grid is a DataError naming
-    both files."""
+    both files.
 
-    def __init__(self, folder: str | os.PathLike):
+    Masks already read are kept, so that evaluating several segmenters' masks of the same cases
+    reads each second-opinion file once; the least recently used ones are dropped when the kept
+    masks exceed `cache_bytes` (1 GiB: every mask of a few hundred LA-sized volumes)."""
+
+    def __init__(self, folder: str | os.PathLike, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.folder = Path(folder)
-        self._read: dict = {}  # case -> (mask, geometry): each file is read once per run
+        self.cache_bytes = cache_bytes
+        self._read: OrderedDict = OrderedDict()  # case -> (mask, geometry), most recently used last
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: second-opinion folder not found",
                             hint="segment the same images with another model, e.g. "
@@ -49,11 +56,13 @@ class SecondOpinion:
         from ..data.io import read_label
 
         path = self.path_for(case)
-        if case not in self._read:
+        if case in self._read:
+            self._read.move_to_end(case)
+        else:
             if not path.is_file():
                 raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
                                 hint="the second-opinion folder must hold <case>.nrrd for every scored case")
-            self._read[case] = read_label(path)
+            self._keep(case, read_label(path))
         other, other_geometry = self._read[case]
         if tuple(other.shape) != tuple(shape):
             raise DataError(f"{path}: second-opinion mask has shape {other.shape} but {source} has "
@@ -64,6 +73,14 @@ class SecondOpinion:
                 raise DataError(f"{path}: second-opinion geometry does not match {source}: "
                                 + "; ".join(f"{p} ({source} vs second opinion)" for p in problems))
         return other
+
+    def _keep(self, case: str, entry) -> None:
+        self._read[case] = entry
+        while len(self._read) > 1 and self.cached_bytes() > self.cache_bytes:
+            self._read.popitem(last=False)
+
+    def cached_bytes(self) -> int:
+        return sum(mask.nbytes for mask, _ in self._read.values())
 
     def agreement(self, case: str, mask: np.ndarray, n_foreground: int, source: str | os.PathLike,
                   geometry=None) -> np.ndarray:
