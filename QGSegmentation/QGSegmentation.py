@@ -84,6 +84,7 @@ class QGSegmentationParameterNode:
     seed: int = 0
     mirror: bool = True
     trainSecondOpinion: bool = False
+    qualitySeeds: int = 1
     lowThreshold: float = 0.7
     highThreshold: float = 0.85
 
@@ -95,7 +96,8 @@ def training_options_from(parameters) -> jobs.TrainingOptions:
         mode=parameters.mode, target_spacing=parameters.targetSpacing,
         iterations=parameters.iterations, batch_size=parameters.batchSize,
         patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device,
-        mirror=parameters.mirror, train_second_opinion=parameters.trainSecondOpinion)
+        mirror=parameters.mirror, train_second_opinion=parameters.trainSecondOpinion,
+        quality_seeds=parameters.qualitySeeds)
 
 
 def handler(message: str, wait_cursor: bool = False) -> Callable:

@@ -61,7 +61,11 @@ def test_stage_arguments(tmp_path):
                            guidance_qw=False, target_spacing=1.5, quality_epochs=3)
     q = quality_arguments(folder, opts)
     assert q[:2] == ["quality", "train"] and q[q.index("--run-dir") + 1] == str(folder.quality_dir)
-    assert q[q.index("--epochs") + 1] == "3"
+    assert q[q.index("--epochs") + 1] == "3" and "--seeds" not in q
+    four = quality_arguments(folder, TrainingOptions(quality_seeds=4))
+    assert four[four.index("--seeds") + 1] == "4"
+    with pytest.raises(ValueError, match="quality predictor seeds must be >= 1"):
+        quality_arguments(folder, TrainingOptions(quality_seeds=0))
     args = train_arguments(folder, opts, quality_checkpoint="/q/best.pt")
     assert args[:7] == ["train", "--dataset", str(folder.dataset_json), "--run-dir",
                         str(folder.run_dir), "--events", str(folder.train_events)]
@@ -99,7 +103,7 @@ def test_stage_arguments_parse_with_the_real_command_line(tmp_path):
     main = pytest.importorskip("QGSegmentationLib.cli.main")
     parser = main.build_parser()
     folder = create_job_folder(tmp_path, run_id="r")
-    opts = TrainingOptions(mode="2d", target_spacing=0.8, quality_epochs=2)
+    opts = TrainingOptions(mode="2d", target_spacing=0.8, quality_epochs=2, quality_seeds=3)
     for args in (quality_arguments(folder, opts), train_arguments(folder, opts, "/q/best.pt"),
                  predict_arguments(folder, "/m/best.pt", "cpu", "/q/best.pt"),
                  predict_arguments(folder, "/m/best.pt", from_dataset=False, mirror=False),

@@ -71,12 +71,16 @@ def run_worker(stage: pipeline.Stage, timeout_s: float = 300) -> dict:
 
 
 def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
-    """g -> segmenter -> second-opinion segmenter -> segment and score, with real workers: the
-    second segmenter is supervised with seed + 1, and scores.csv carries its opinion."""
+    """g (two seeds) -> segmenter -> second-opinion segmenter -> segment and score, with real
+    workers: g's ensemble guides the segmenter and scores its results, the second segmenter is
+    supervised with seed + 1, and scores.csv carries its opinion."""
+    from QGSegmentationLib.quality.predictor import QualityEnsemble, load_predictor
+
     folder = create_job_folder(tmp_path / "out")
     make_phantom_dataset(folder.root, n_labeled=2, n_unlabeled=2, n_validation=1, shape=(16, 32, 32), seed=4)
     options = TrainingOptions(architecture="unet", ssl_method="pl", iterations=2, batch_size=1, patch_size=32,
-                              device="cpu", quality_epochs=1, mirror=False, seed=3, train_second_opinion=True)
+                              device="cpu", quality_epochs=1, mirror=False, seed=3, train_second_opinion=True,
+                              quality_seeds=2)
     run = RunPipeline.for_training(folder, options, segment=True)
     stage, seen = run.start(), []
     while stage is not None:
@@ -85,7 +89,11 @@ def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
     assert [name for name, _, _ in seen] == [pipeline.QUALITY, pipeline.SEGMENTER, pipeline.SECOND_OPINION,
                                              pipeline.SEGMENT]
     assert seen[-1][1:] == (4, 4) and run.current is None
-    assert run.quality_checkpoint.startswith(str(folder.quality_dir))
+    assert run.quality_checkpoint == str(folder.quality_dir / "checkpoints" / "best.pt")
+    g = load_predictor(run.quality_checkpoint)
+    assert isinstance(g, QualityEnsemble) and len(g.members) == 2
+    assert json.loads((folder.run_dir / "manifest.json").read_text())["config"]["quality_checkpoint"] == \
+        run.quality_checkpoint
     assert run.checkpoint.startswith(str(folder.run_dir))
     assert run.second_opinion.startswith(str(folder.second_opinion_run_dir))
     manifest = json.loads((folder.second_opinion_run_dir / "manifest.json").read_text())

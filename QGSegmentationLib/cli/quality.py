@@ -34,6 +34,10 @@ What it does:
 
 Defaults: paper settings (AdamW 3e-4, cosine warm restarts, SmoothL1, early stop 25 epochs on
 validation MAE), 50 masks per case per epoch on a GPU, 8 on a CPU, backbone 'convnet'.
+`--seeds N` trains N members (seeds --seed, --seed + 1, ...) in seed-<s>/ and writes their
+ensemble, which answers with their mean, as checkpoints/best.pt (N times the time; on LA the
+four-seed mean beat every single seed: BENCHMARKS.md section 6). Members already finished are
+not trained again when the command is rerun.
 `--set segmentation_head=true` adds an image-only U-Net to g whose segmentation serves as a
 reference estimate (slower, better at ranking segmenters; BENCHMARKS.md section 2d).
 
@@ -45,6 +49,7 @@ Examples:
       --extra-masks runs/other_seg/pred_training   # masks of the training cases by another segmenter
   qgseg quality train --dataset Task/dataset.json --run-dir runs/g --set segmentation_head=true \\
       --validation-masks runs/other_seg/pred_validation  # select and calibrate on real masks
+  qgseg quality train --dataset Task/dataset.json --run-dir runs/g4 --seeds 4   # a four-seed ensemble
 """
 
 CALIBRATE_EPILOG = """\
@@ -137,6 +142,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--samples-per-case", type=int,
                        help="VQM masks per training case per epoch (default 50 on GPU, 8 on CPU)")
     train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="train N members with seeds --seed ... --seed+N-1 and save their ensemble "
+                            "(the mean of their predictions) as checkpoints/best.pt")
     train.add_argument("--extra-masks", nargs="+", metavar="DIR",
                        help="folders of <case>.nrrd segmentations of the training cases made by other "
                             "(e.g. partially trained) segmenters, such as `qgseg predict --split "
@@ -231,29 +239,50 @@ def run_train(args: argparse.Namespace) -> int:
     def body(ctx):
         from ..data.dataset import load_dataset
         from ..engine.cancel import CancelToken
-        from ..quality.train import QualityTrainConfig, train_quality_predictor
-
         from ..engine.manifest import write_manifest
+        from ..quality.train import QualityTrainConfig
 
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
         config = QualityTrainConfig.from_dict(_train_config(args), source=args.config or "options")
         spec = load_dataset(args.dataset)
         status = "interrupted"
         try:
-            result = train_quality_predictor(spec, config, ctx.run_dir, events=ctx.events,
-                                             cancel=CancelToken(ctx.run_dir), progress=ctx.show_progress,
-                                             device=args.device)
+            train = _train_one if args.seeds == 1 else _train_members
+            outputs = train(args, ctx, spec, config, CancelToken(ctx.run_dir))
             status = "ok"
         finally:
             if ctx.is_main:
                 write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=config.to_dict(),
                                device=args.device, seed=config.seed, started=ctx.started, status=status,
-                               extra={"dataset": str(args.dataset)})
-        ctx.say(f"best epoch {result['best_epoch']}: validation MAE {result['best_val_mae']:.4f}, "
-                f"Pearson {result['best_val_pearson']:.3f}\ncheckpoint: {result['best_checkpoint']}")
-        return {"checkpoint": result["best_checkpoint"], "last_checkpoint": result["last_checkpoint"],
-                "curve": result["curve"], "calibration": result["calibration"]}
+                               extra={"dataset": str(args.dataset), "seeds": args.seeds})
+        return outputs
 
     return run_with_events(args, "quality train", body)
+
+
+def _train_one(args, ctx, spec, config, cancel) -> Dict[str, Any]:
+    from ..quality.train import train_quality_predictor
+
+    result = train_quality_predictor(spec, config, ctx.run_dir, events=ctx.events, cancel=cancel,
+                                     progress=ctx.show_progress, device=args.device)
+    ctx.say(f"best epoch {result['best_epoch']}: validation MAE {result['best_val_mae']:.4f}, "
+            f"Pearson {result['best_val_pearson']:.3f}\ncheckpoint: {result['best_checkpoint']}")
+    return {"checkpoint": result["best_checkpoint"], "last_checkpoint": result["last_checkpoint"],
+            "curve": result["curve"], "calibration": result["calibration"]}
+
+
+def _train_members(args, ctx, spec, config, cancel) -> Dict[str, Any]:
+    from ..quality.ensemble import train_quality_ensemble
+
+    result = train_quality_ensemble(spec, config, args.seeds, ctx.run_dir, events=ctx.events, cancel=cancel,
+                                    progress=ctx.show_progress, device=args.device)
+    for member in result["members"]:
+        ctx.say(f"seed {member['seed']}: best epoch {member['best_epoch']}, validation MAE "
+                f"{member['best_val_mae']:.4f}, Pearson {member['best_val_pearson']:.3f}")
+    ctx.say(f"ensemble of {len(result['members'])} seeds: {result['best_checkpoint']}")
+    return {"checkpoint": result["best_checkpoint"], "curve": result["curve"],
+            "members": [m["best_checkpoint"] for m in result["members"]]}
 
 
 def _second_opinion(folder):

@@ -69,3 +69,27 @@ def training_curve(history: List[Dict[str, Any]], out: str | Path, title: str = 
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def member_curves(histories: Dict[str, List[Dict[str, Any]]], out: str | Path,
+                  title: str = "quality predictor ensemble") -> Path:
+    """Validation MAE (left) and Pearson r (right) per epoch of each ensemble member, the best
+    epoch of each (lowest MAE) marked."""
+    plt = _pyplot()
+    fig, (mae_ax, r_ax) = plt.subplots(1, 2, figsize=(8, 3.5), dpi=110)
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        maes = [h["val_mae"] for h in history]
+        line, = mae_ax.plot(epochs, maes, "-", lw=1.2, label=name)
+        r_ax.plot(epochs, [h["val_pearson"] for h in history], "-", lw=1.2, color=line.get_color())
+        if maes:
+            best = int(np.nanargmin(maes))
+            mae_ax.plot(epochs[best], maes[best], "o", color=line.get_color())
+    mae_ax.set(xlabel="epoch", ylabel="validation MAE")
+    r_ax.set(xlabel="epoch", ylabel="validation Pearson r", ylim=(-1, 1))
+    for ax in (mae_ax, r_ax):
+        ax.grid(alpha=0.3)
+    mae_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -60,6 +60,7 @@ class TrainingOptions:
     seed: int = 0
     device: str = "auto"
     quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
+    quality_seeds: int = 1  # > 1: g trained with that many seeds, their mean used (an ensemble)
     mirror: bool = True  # test-time mirroring when segmenting: ~3x the time, +0.01 Dice on LA
     second_opinion: str = ""  # a model folder whose segmenter gives each result a second opinion
     train_second_opinion: bool = False  # or train one here: a supervised segmenter, seed + 1
@@ -74,6 +75,7 @@ class TrainingOptions:
             (self.patch_size >= 8, f"patch size must be >= 8 voxels, got {self.patch_size}"),
             (self.target_spacing >= 0, f"target spacing must be >= 0 mm, got {self.target_spacing}"),
             (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
+            (self.quality_seeds >= 1, f"quality predictor seeds must be >= 1, got {self.quality_seeds}"),
             (bool(self.architecture), "architecture is empty"),
             (bool(self.ssl_method), "SSL method is empty"),
             (not (self.second_opinion and self.train_second_opinion),
@@ -303,6 +305,8 @@ def quality_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
             "--mode", options.mode, "--seed", str(options.seed), "--device", options.device]
     if options.quality_epochs:
         args += ["--epochs", str(options.quality_epochs)]
+    if options.quality_seeds > 1:
+        args += ["--seeds", str(options.quality_seeds)]
     return args
 
 
