@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from QGSegmentationLib.data.dataset import load_dataset
@@ -65,6 +66,10 @@ def test_second_opinion_is_measured_beside_g(phantom_3d, tmp_path):
     assert result["second_opinion"]["metrics"]["n"] == result["metrics"]["n"] == len(spec.test)
     rows = list(csv.DictReader((out / "quality_evaluation_rows.csv").open()))
     assert all(float(r["second_opinion_dice"]) == float(r["true_dice"]) < 1.0 for r in rows)
+    combined = result["combined"]  # with the truth as second opinion: half g's error, or its shortfall only
+    assert combined["mean of both"]["mae"] == pytest.approx(result["metrics"]["mae"] / 2)
+    shortfall = np.mean([max(float(r["true_dice"]) - float(r["predicted"]), 0.0) for r in rows])
+    assert combined["lower of both"]["mae"] == pytest.approx(shortfall)
     assert (out / "quality_calibration_second_opinion.png").is_file()
 
     (reference / f"{spec.test[0].id}.nrrd").unlink()

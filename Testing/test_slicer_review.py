@@ -133,7 +133,7 @@ def test_row_status_validated():
         ReviewRow("x", status="done")
 
 
-def test_order_by_quality_second_opinion_or_the_lower_of_both():
+def test_order_by_quality_second_opinion_the_lower_or_the_mean_of_both():
     """The reviewer picks what "worst first" means; Next unreviewed follows the same order, and a
     row without the chosen value falls back on the other one."""
     rows = [ReviewRow(case="a", volume="a", scores={"la": 0.9}, second_opinion={"la": 0.5}),
@@ -148,6 +148,9 @@ def test_order_by_quality_second_opinion_or_the_lower_of_both():
     assert model.next_unreviewed().case == "a" and model.next_unreviewed("a").case == "d"
     model.order = "lower of both"
     assert [r.case for r in model.rows()] == ["a", "b", "d", "c", "e"]
+    model.order = "mean of both"  # a 0.70, b 0.775, c 0.80, d 0.70 (its only value)
+    assert [r.case for r in model.rows()] == ["a", "d", "b", "c", "e"]
+    model.order = "lower of both"
     model.approve("a")
     assert [r.case for r in model.rows("unreviewed")] == ["b", "d", "c", "e"]
     with pytest.raises(ValueError, match="order must be one of"):

@@ -334,10 +334,14 @@ def report_markdown(result: Dict) -> str:
         within = ", ".join(f"{k} {v:.2f}" for k, v in g["within_segmenter_pearson"].items())
         lines.append(f"| g {name} | {m['n']} | {m['mae']:.3f} | {m['pearson']:.3f} | {m['spearman']:.3f} | "
                      f"{m['auroc_failure']:.3f} | {dep['pearson_black']:.2f} / {dep['pearson_shuffled']:.2f} | {within} |")
-    second = next(g for g in result["issue3"].values() if isinstance(g, dict) and "second_opinion" in g)["second_opinion"]
-    m = second["metrics"]
-    lines.append(f"| second opinion ({Path(second['folder']).name}, exploratory) | {m['n']} | {m['mae']:.3f} | "
-                 f"{m['pearson']:.3f} | {m['spearman']:.3f} | {m['auroc_failure']:.3f} | | |")
+    primary = result["issue3"][result["frozen_models"]["primary_quality_predictor"]]
+    second = primary["second_opinion"]
+    exploratory = {f"second opinion ({Path(second['folder']).name})": second["metrics"]}
+    exploratory.update({f"{name}: primary g and second opinion": metrics
+                        for name, metrics in primary.get("combined", {}).items()})
+    for name, m in exploratory.items():
+        lines.append(f"| {name} (exploratory) | {m['n']} | {m['mae']:.3f} | {m['pearson']:.3f} | "
+                     f"{m['spearman']:.3f} | {m['auroc_failure']:.3f} | | |")
     lines += ["", f"Scoring time: {result['issue3']['score_timing']}", "", "## Commands", "", "```bash"]
     lines += result["commands"] + ["```", ""]
     return "\n".join(lines)

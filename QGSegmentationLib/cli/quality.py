@@ -76,7 +76,8 @@ What it does:
 
   With --second-opinion DIR, each mask's Dice against another segmenter's mask of the same case
   is evaluated as a quality estimate too (metrics under "second_opinion", a rows column and
-  quality_calibration_second_opinion.png).
+  quality_calibration_second_opinion.png), and so are the mean and the lower of g's estimate and
+  that Dice (metrics under "combined").
 
 Examples:
   qgseg quality evaluate --dataset Task/dataset.json --checkpoint runs/g/checkpoints/best.pt --group test
@@ -333,6 +334,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             o = result["second_opinion"]["metrics"]
             ctx.say(f"second opinion ({second.folder}): MAE {o['mae']:.4f} Pearson {o['pearson']:.3f} "
                     f"Spearman {o['spearman']:.3f} AUROC(Dice<0.7) {o['auroc_failure']:.3f}")
+            for name, c in result["combined"].items():
+                ctx.say(f"{name} (g and second opinion): MAE {c['mae']:.4f} Pearson {c['pearson']:.3f} "
+                        f"Spearman {c['spearman']:.3f} AUROC(Dice<0.7) {c['auroc_failure']:.3f}")
         for name in ("mae", "pearson", "spearman", "auroc_failure"):
             if m[name] == m[name]:  # not NaN
                 ctx.events.metric(name, m[name], split=group if group != "training" else "train")

@@ -116,6 +116,10 @@ def _as_pair(item, index: int) -> EvalPair:
                     np.asarray(reference), spacing)
 
 
+# Ways of joining g's estimate with a second opinion into one estimate (see review.ORDERS).
+COMBINATIONS = {"mean of both": lambda g, other: (g + other) / 2, "lower of both": np.minimum}
+
+
 def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: float = FAILURE_THRESHOLD,
                        check_image_dependence: bool = True,
                        min_drop: float = MIN_CORRELATION_DROP, second_opinion=None) -> Dict[str, Any]:
@@ -125,7 +129,9 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
 
     With a `second_opinion.SecondOpinion`, each mask's Dice against that segmenter's mask of the
     same case is measured as a predictor too: rows gain `second_opinion_dice`, the result a
-    "second_opinion" entry with the same metrics as g's."""
+    "second_opinion" entry with the same metrics as g's, and a "combined" entry with the metrics
+    of the mean and of the lower of g's estimate and the second opinion (the Review panel's
+    "mean of both" / "lower of both" orders)."""
     pairs = [_as_pair(p, i) for i, p in enumerate(pairs)]
     if not pairs:
         from ..errors import DataError
@@ -165,8 +171,11 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
     real, truth = np.asarray(real), np.asarray(truth)
     result: Dict[str, Any] = {"metrics": agreement_metrics(real, truth, failure_threshold), "rows": rows}
     if second_opinion is not None:
+        agreement = np.asarray(agreement)
         result["second_opinion"] = {"folder": str(second_opinion.folder),
-                                    "metrics": agreement_metrics(np.asarray(agreement), truth, failure_threshold)}
+                                    "metrics": agreement_metrics(agreement, truth, failure_threshold)}
+        result["combined"] = {name: agreement_metrics(combine(real, agreement), truth, failure_threshold)
+                              for name, combine in COMBINATIONS.items()}
     if k > 1:
         result["per_class"] = {c + 1: agreement_metrics(real[:, c], truth[:, c], failure_threshold)
                                for c in range(k)}
