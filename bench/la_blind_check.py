@@ -121,7 +121,8 @@ def verify_models(models: Path) -> Dict:
             problems.append(f"{path}: SHA-256 differs from {FROZEN.name} (not the frozen model)")
         entry["file"] = str(path)
     if problems:
-        sys.exit("frozen models:\n  " + "\n  ".join(problems))
+        sys.exit("frozen models:\n  " + "\n  ".join(problems) + f"\n--models {models} must be the folder the "
+                 f"paths of {FROZEN.name} are relative to (the runs/ folder they were trained in)")
     return frozen
 
 
