@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
 from ..fileio import read_json, write_json_atomic
+from .train import RESULT_FILE
 
-RESULT_FILE = "quality_result.json"
 ENSEMBLE_CURVE_FILE = "quality_training_curves.png"
 
 
@@ -32,7 +32,7 @@ def member_dir(run_dir: str | os.PathLike, seed: int) -> Path:
 
 class MemberEvents:
     """The run's event writer, with each stage name prefixed by the member it belongs to
-    ("seed 2 of 4: epochs"), so a progress display can say which member is training."""
+    ("seed 5 (2 of 4): epochs"), so a progress display can say which member is training."""
 
     def __init__(self, events, prefix: str):
         self._events, self._prefix = events, prefix

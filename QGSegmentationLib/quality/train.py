@@ -66,6 +66,7 @@ LAST_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "quality_history.json"
 CURVE_FILE = "quality_training_curve.png"
 CALIBRATION_FILE = "quality_calibration_validation.png"
+RESULT_FILE = "quality_result.json"
 ROI_MARGIN_FRACTION = 0.5
 CPU_SAMPLES_PER_CASE = 8
 GPU_SAMPLES_PER_CASE = 50
@@ -925,5 +926,5 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
               "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
               "timing": timing, "device": str(dev),
               "calibration_shift": None if shift is None else [float(v) for v in shift]}
-    write_json_atomic(run_dir / "quality_result.json", {k: v for k, v in result.items() if k != "history"})
+    write_json_atomic(run_dir / RESULT_FILE, {k: v for k, v in result.items() if k != "history"})
     return result
