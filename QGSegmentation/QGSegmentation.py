@@ -1039,7 +1039,8 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Training for a few iterations on the CPU")
         options = jobs.TrainingOptions(architecture="unet", ssl_method="mt", iterations=4,
-                                       batch_size=1, patch_size=32, device="cpu", quality_epochs=1)
+                                       batch_size=1, patch_size=32, device="cpu", quality_epochs=1,
+                                       quality_seeds=2)
         output = tempfile.mkdtemp(prefix="qgseg-selftest-")
         logic.startTraining(slicer.mrmlScene, cases, options, output)
         logic.runToCompletion(slicer.mrmlScene, timeout_s=600)
