@@ -36,6 +36,16 @@ def test_folder_layout_pairs_images_with_labels(blind, tmp_path):
         {"image": "imagesTr/b.nrrd", "label": "labelsTr/b.nrrd"}]
 
 
+def test_test_folders_are_read_too(blind, tmp_path):
+    (tmp_path / "imagesTs").mkdir()
+    (tmp_path / "labelsTs").mkdir()
+    for sub in ("imagesTs", "labelsTs"):
+        (tmp_path / sub / "x.nrrd").write_bytes(b"x")
+    assert blind.hidden_cases(tmp_path) == [{"image": "imagesTs/x.nrrd", "label": "labelsTs/x.nrrd"}]
+    with pytest.raises(SystemExit, match="expected a dataset.json"):
+        blind.hidden_cases(tmp_path / "imagesTs")
+
+
 def test_missing_label_is_named(blind, tmp_path):
     write_pairs(tmp_path, ["a.nrrd"])
     (tmp_path / "imagesTr" / "c.nrrd").write_bytes(b"x")

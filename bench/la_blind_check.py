@@ -9,8 +9,8 @@ seen:
     python bench/la_blind_check.py --hidden /path/to/LA_test20 --out runs/la_blind
 
 `--hidden` is a folder with a Decathlon-style dataset.json (cases with "image" and "label" under
-"test" or "training") or with imagesTr/ + labelsTr/ of equally named files, in the LA data's
-format. Its volumes must not be among the 80 development volumes (compared by file content);
+"test" or "training") or with imagesTr/ + labelsTr/ (or imagesTs/ + labelsTs/) of equally named
+files, in the LA data's format. Its volumes must not be among the 80 development volumes (compared by file content);
 `--allow-dev-cases` lifts that for a dry run on development volumes, and the report then says in
 its first line that it is not blind.
 
@@ -78,15 +78,17 @@ def hidden_cases(folder: Path) -> List[Dict[str, str]]:
         if not cases:
             sys.exit(f"{description}: no cases with both \"image\" and \"label\" under test/training/validation")
         return [{"image": c["image"], "label": c["label"]} for c in cases]
-    images, labels = folder / "imagesTr", folder / "labelsTr"
-    if not (images.is_dir() and labels.is_dir()):
-        sys.exit(f"{folder}: expected a dataset.json or the folders imagesTr/ and labelsTr/")
+    layout = next(((i, l) for i, l in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs"))
+                   if (folder / i).is_dir() and (folder / l).is_dir()), None)
+    if layout is None:
+        sys.exit(f"{folder}: expected a dataset.json or the folders imagesTr/ + labelsTr/ (or imagesTs/ + labelsTs/)")
+    images, labels = (folder / name for name in layout)
     cases = []
     for image in sorted(p for p in images.iterdir() if p.name.endswith(IMAGE_SUFFIXES)):
         label = labels / image.name
         if not label.is_file():
             sys.exit(f"{image}: no label {label}")
-        cases.append({"image": f"imagesTr/{image.name}", "label": f"labelsTr/{image.name}"})
+        cases.append({"image": f"{layout[0]}/{image.name}", "label": f"{layout[1]}/{image.name}"})
     if not cases:
         sys.exit(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return cases
