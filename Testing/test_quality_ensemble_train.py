@@ -64,3 +64,13 @@ def test_a_rerun_trains_only_the_members_not_finished(dataset, tmp_path, capsys)
 def test_seeds_below_one_are_refused(dataset, tmp_path, capsys):
     assert train(dataset, tmp_path / "g", "--seeds", "0", "--quiet") == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_rerun_from_another_folder_finds_the_finished_members(dataset, tmp_path, monkeypatch):
+    """Members finished by a run given a relative --run-dir are found by a rerun started elsewhere."""
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert train(dataset, "g", "--seeds", "2", "--quiet") == 0
+    monkeypatch.chdir(tmp_path)
+    assert train(dataset, tmp_path / "first" / "g", "--seeds", "2", "--quiet") == 0
+    assert len(load_predictor(tmp_path / "first" / "g" / "checkpoints" / "best.pt").members) == 2

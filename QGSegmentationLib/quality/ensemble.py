@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
 from ..fileio import read_json, write_json_atomic
-from .train import RESULT_FILE
+from .train import BEST_FILE, RESULT_FILE
 
 ENSEMBLE_CURVE_FILE = "quality_training_curves.png"
 
@@ -70,14 +70,15 @@ def train_quality_ensemble(source, config, n_seeds: int, run_dir: str | os.PathL
         members.append(train_quality_predictor(source, dataclasses.replace(config, seed=seed), folder,
                                                events=member_events, cancel=cancel, progress=progress,
                                                device=device))
-    sources = [m["best_checkpoint"] for m in members]
-    ensemble = save_ensemble(run_dir / "checkpoints" / "best.pt", [load_predictor(p) for p in sources], sources)
+    sources = [str(member_dir(run_dir, seed) / BEST_FILE) for seed in seeds]  # not the results' paths:
+    # those are as the run that wrote them was given them, possibly relative to another folder
+    ensemble = save_ensemble(run_dir / BEST_FILE, [load_predictor(p) for p in sources], sources)
     histories = {f"seed {seed}": read_json(member_dir(run_dir, seed) / HISTORY_FILE, "member history")["history"]
                  for seed in seeds}
     curves = plots.member_curves(histories, run_dir / ENSEMBLE_CURVE_FILE)
     result = {"best_checkpoint": str(ensemble), "curve": str(curves), "seeds": seeds,
-              "members": [{"seed": seed, "best_checkpoint": m["best_checkpoint"], "best_epoch": m["best_epoch"],
+              "members": [{"seed": seed, "best_checkpoint": path, "best_epoch": m["best_epoch"],
                            "best_val_mae": m["best_val_mae"], "best_val_pearson": m["best_val_pearson"],
-                           "calibration": m.get("calibration")} for seed, m in zip(seeds, members)]}
+                           "calibration": m.get("calibration")} for seed, path, m in zip(seeds, sources, members)]}
     write_json_atomic(run_dir / RESULT_FILE, result)
     return result
