@@ -29,6 +29,7 @@ Steps (each is skipped when its output is already there, so an interrupted check
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -43,8 +44,11 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from QGSegmentationLib.benchmark.data import make_la_split  # noqa: E402
+from QGSegmentationLib.data.io import IMAGE_EXTENSIONS, case_id_from_path  # noqa: E402
+
 FROZEN = HERE / "la_frozen_models.json"
-IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".nhdr", ".mha", ".mhd")
 
 ISSUE2_DICE_BAR = 0.86
 ISSUE3_PEARSON_BAR, ISSUE3_MAE_BAR, SCORE_SECONDS_BAR = 0.90, 0.06, 1.0
@@ -59,14 +63,6 @@ RETRAIN_ARGS = ["--spacing", "1.25", "1.25", "1.25", "--patch", "32", "64", "64"
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-def case_id(path: str) -> str:
-    name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
 
 def hidden_cases(folder: Path) -> List[Dict[str, str]]:
     """(image, label) entries relative to `folder`, from its dataset.json or imagesTr/labelsTr."""
@@ -84,13 +80,13 @@ def hidden_cases(folder: Path) -> List[Dict[str, str]]:
         sys.exit(f"{folder}: expected a dataset.json or the folders imagesTr/ + labelsTr/ (or imagesTs/ + labelsTs/)")
     images, labels = (folder / name for name in layout)
     cases = []
-    for image in sorted(p for p in images.iterdir() if p.name.endswith(IMAGE_SUFFIXES)):
+    for image in sorted(p for p in images.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS)):
         label = labels / image.name
         if not label.is_file():
             sys.exit(f"{image}: no label {label}")
         cases.append({"image": f"{layout[0]}/{image.name}", "label": f"{layout[1]}/{image.name}"})
     if not cases:
-        sys.exit(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        sys.exit(f"{images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return cases
 
 
@@ -131,9 +127,6 @@ def verify_models(models: Path) -> Dict:
 def write_dataset(out: Path, hidden: Path, cases, la: Path) -> Path:
     """out/dataset.json: the 16-label development split's training and validation cases (for
     --retrain and --minimal) and the hidden cases as its test list, all through symlinks."""
-    sys.path.insert(0, str(HERE.parent))
-    from QGSegmentationLib.benchmark.data import make_la_split
-
     development = json.loads(make_la_split(la, out / "development", 16).read_text())
     link = out / "hidden"
     if link.is_symlink():
@@ -206,10 +199,8 @@ def evaluate(steps: Steps, name: str, predictions: str = "") -> Dict:
 
 
 def per_case_dice(metrics_csv: Path) -> Dict[str, float]:
-    lines = metrics_csv.read_text().splitlines()
-    header = lines[0].split(",")
-    case, dice = header.index("case"), header.index("dice")
-    return {row.split(",")[case]: float(row.split(",")[dice]) for row in lines[1:] if row}
+    with open(metrics_csv, newline="") as handle:
+        return {row["case"]: float(row["dice"]) for row in csv.DictReader(handle)}
 
 
 def issue2(steps: Steps, frozen: Dict, retrain: bool, minimal: bool) -> Dict:
@@ -266,22 +257,19 @@ def issue3(steps: Steps, frozen: Dict, first_case: Dict[str, str]) -> Dict:
     timing = steps.output("time scoring one volume + mask with the primary g", [
         sys.executable, str(HERE / "bench_score_time.py"), "--checkpoint",
         *[m["file"] for m in frozen["quality_predictors"][primary]],
-        "--image", first_case["image"], "--mask", f"{folders[0]}/{case_id(first_case['image'])}.nrrd"])
+        "--image", first_case["image"], "--mask", f"{folders[0]}/{case_id_from_path(first_case['image'])}.nrrd"])
     result["score_seconds_median"] = float(re.search(r"median ([0-9.]+) s", timing).group(1))
     result["score_timing"] = timing.strip()
     return result
 
 
 def within_segmenter_pearson(rows_csv: Path) -> Dict[str, float]:
-    lines = rows_csv.read_text().splitlines()
-    header = lines[0].split(",")
-    category, true, predicted = (header.index(k) for k in ("category", "true_dice", "predicted"))
     groups: Dict[str, Tuple[list, list]] = {}
-    for row in lines[1:]:
-        fields = row.split(",")
-        pair = groups.setdefault(Path(fields[category]).name, ([], []))
-        pair[0].append(float(fields[true]))
-        pair[1].append(float(fields[predicted]))
+    with open(rows_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            true, predicted = groups.setdefault(Path(row["category"]).name, ([], []))
+            true.append(float(row["true_dice"]))
+            predicted.append(float(row["predicted"]))
     return {name: float(np.corrcoef(t, p)[0, 1]) if len(t) > 2 and np.std(t) > 0 and np.std(p) > 0 else float("nan")
             for name, (t, p) in groups.items()}
 
