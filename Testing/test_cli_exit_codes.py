@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -29,6 +30,25 @@ def test_help_lists_commands_and_does_not_import_torch():
 def test_each_command_has_help_with_examples(command):
     res = run_cli(command, "--help")
     assert res.returncode == 0 and "usage: qgseg" in res.stdout
+
+
+def _all_parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _all_parsers(child)
+
+
+def test_help_shows_real_defaults_and_never_a_meaningless_one():
+    from QGSegmentationLib.cli.main import build_parser
+
+    helps = {p.prog: " ".join(p.format_help().split()) for p in _all_parsers(build_parser())}
+    assert len(helps) >= 12
+    for prog, text in helps.items():
+        assert "(default: None)" not in text and "(default: [])" not in text, prog
+    assert "(default: 0.5)" in helps["qgseg predict"]  # a real default is still shown
+    assert "[3d]" in helps["qgseg train"]  # config-backed options keep naming theirs
 
 
 def test_missing_dataset_exits_2_with_clear_error(tmp_path):

@@ -27,7 +27,24 @@ from ..errors import (EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY,
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the hand-made line breaks of descriptions and examples."""
+    """Shows defaults and keeps the hand-made line breaks of descriptions and examples.
+
+    Options whose default comes from the training config are declared with ``default=None`` and
+    name the real default in their help (``[3d]``); printing "(default: None)" after them would
+    contradict it, so a default is shown only when it says something: not None, not the False of
+    a flag, not an empty list, and not already in the help text.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _says_nothing(action.default) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _says_nothing(default: Any) -> bool:
+    """None, a flag's False, an empty list, or argparse.SUPPRESS (identity: 0 is a real default)."""
+    return default is None or default is False or default is argparse.SUPPRESS or default == []
 
 
 def add_run_options(parser: argparse.ArgumentParser, run_dir_default: Optional[str] = None) -> None:
