@@ -51,6 +51,19 @@ def test_help_shows_real_defaults_and_never_a_meaningless_one():
     assert "[3d]" in helps["qgseg train"]  # config-backed options keep naming theirs
 
 
+def test_help_wraps_long_descriptions_and_keeps_examples_verbatim(monkeypatch):
+    from QGSegmentationLib.cli.main import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parsers = {p.prog: p for p in _all_parsers(build_parser())}
+    for prog, parser in parsers.items():
+        for line in parser.format_help().splitlines():
+            assert len(line) <= 100 or line.startswith("  "), (prog, line)  # only indented examples may run long
+    train_help = parsers["qgseg train"].format_help()
+    assert "--method names an SSL method" in " ".join(train_help.split())
+    assert "  qgseg train --dataset" in train_help  # an example line, indentation kept
+
+
 def test_missing_dataset_exits_2_with_clear_error(tmp_path):
     missing = tmp_path / "nope" / "dataset.json"
     res = run_cli("train", "--dataset", str(missing), "--run-dir", str(tmp_path / "r"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 import traceback
 import uuid
@@ -34,6 +35,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     contradict it, so a default is shown only when it says something: not None, not the False of
     a flag, not an empty list, and not already in the help text.
     """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Wrap long prose lines; keep short and indented ones (examples) exactly as written."""
+        lines = []
+        for line in text.splitlines():
+            if len(line) > width and not line[:1].isspace():
+                lines.extend(textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent))
+            else:
+                lines.append(indent + line)
+        return "\n".join(lines)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
