@@ -220,3 +220,17 @@ def test_losses_are_read_back_together_and_a_nan_stops_the_run_naming_its_iterat
     pending.append({"loss": torch.tensor(float("nan")), "sup": torch.tensor(1.0), "weight": 0.3})
     with pytest.raises(DataError, match="training diverged at iteration 12: loss is nan"):
         trainer.read_losses(pending, first_iteration=10)
+
+
+def test_a_quality_predictor_given_as_segmenter_is_refused_with_a_hint(tmp_path):
+    from QGSegmentationLib.errors import DataError
+
+    g_file, other_file = tmp_path / "g.pt", tmp_path / "other.pt"
+    torch.save({"format": "qgseg-quality-predictor"}, g_file)
+    torch.save({"format": "something-else"}, other_file)
+    with pytest.raises(DataError, match="g.pt: expected a qgseg-segmenter checkpoint") as refused:
+        load_checkpoint(g_file)
+    assert "--quality-checkpoint" in refused.value.hint
+    with pytest.raises(DataError, match="other.pt") as other:
+        load_checkpoint(other_file)
+    assert other.value.hint is None
