@@ -1,0 +1,111 @@
+"""Split a `qgseg quality evaluate` run into the subsets BENCHMARKS.md §6 reports.
+
+The §6 evaluation set is 60 held-out LA volumes: the 16 test volumes of the first split ("T16")
+and 44 volumes nobody trained or selected on ("H44"). `quality_evaluation.json` holds the metrics
+over all masks; this script adds, from `quality_evaluation_rows.csv`:
+
+- MAE, Pearson, Spearman and failure AUROC (true Dice < 0.7) on all masks, T16 and H44;
+- Pearson within each segmenter, on all cases and on H44 (does g rank one segmenter's cases, not
+  just tell segmenters apart?);
+- the same for the second opinion and for the mean and the lower of the two (§7) when the run had
+  `--second-opinion`;
+- the image-dependence check as recorded by the evaluation.
+
+    python bench/la_subset_summary.py runs/la_h60/g_ens6_g48 --test-split runs/la16/dataset.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from QGSegmentationLib.data.io import case_id_from_path
+from QGSegmentationLib.quality.evaluate import auroc, spearman
+from QGSegmentationLib.quality.train import pearson
+
+FAILURE_DICE = 0.7
+COLUMNS = {"g": "predicted", "second opinion": "second_opinion_dice"}
+COMBINED = {"mean of both": lambda g, o: (g + o) / 2, "lower of both": np.minimum}
+
+
+def estimates(rows: Sequence[Dict[str, str]]) -> Dict[str, np.ndarray]:
+    """g's prediction, and with a second opinion also that and the two combinations of §7."""
+    found = {name: np.array([float(r[column]) for r in rows])
+             for name, column in COLUMNS.items() if column in rows[0]}
+    if "second opinion" in found:
+        found.update({name: combine(found["g"], found["second opinion"]) for name, combine in COMBINED.items()})
+    return found
+
+
+def test_cases(dataset_json: Path) -> set:
+    """Case ids of the `test` list of a dataset.json (the T16 of §6)."""
+    description = json.loads(Path(dataset_json).read_text())
+    return {case_id_from_path(entry["image"]) for entry in description["test"]}
+
+
+def subset_metrics(true: np.ndarray, estimate: np.ndarray) -> Dict[str, float]:
+    if len(true) == 0:
+        return {"n": 0}
+    return {"n": int(len(true)), "mae": float(np.abs(estimate - true).mean()),
+            "pearson": pearson(estimate, true), "spearman": spearman(estimate, true),
+            "auroc": auroc(list(1 - estimate), list(true < FAILURE_DICE))}
+
+
+def summarise(rows: Sequence[Dict[str, str]], test: set) -> Dict[str, Dict]:
+    """Per estimate: metrics on all/T16/H44, and within each segmenter on all cases and on H44."""
+    true = np.array([float(r["true_dice"]) for r in rows])
+    in_test = np.array([r["case"] in test for r in rows])
+    segmenters = list(dict.fromkeys(Path(r["category"]).name for r in rows))
+    segmenter = np.array([Path(r["category"]).name for r in rows])
+    subsets = {"all": np.ones(len(rows), bool), "T16": in_test, "H44": ~in_test}
+    summary = {}
+    for name, estimate in estimates(rows).items():
+        summary[name] = {key: subset_metrics(true[sel], estimate[sel]) for key, sel in subsets.items()}
+        for key in ("all", "H44"):
+            summary[name][f"within_segmenter_{key}"] = {
+                seg: pearson(estimate[(segmenter == seg) & subsets[key]], true[(segmenter == seg) & subsets[key]])
+                for seg in segmenters}
+    return summary
+
+
+def report(run: Path, summary: Dict[str, Dict], dependence: Dict) -> List[str]:
+    lines = [str(run)]
+    for name, parts in summary.items():
+        for key in ("all", "T16", "H44"):
+            m = parts[key]
+            if not m["n"]:
+                lines.append(f"  {name:15s} {key:3s} n=  0")
+                continue
+            lines.append(f"  {name:15s} {key:3s} n={m['n']:3d}  MAE {m['mae']:.3f}  Pearson {m['pearson']:.3f}  "
+                         f"Spearman {m['spearman']:.3f}  AUROC {m['auroc']:.3f}")
+        for key in ("all", "H44"):
+            within = ", ".join(f"{seg} {r:.2f}" for seg, r in parts[f"within_segmenter_{key}"].items())
+            lines.append(f"  {name:15s} within one segmenter, {key}: {within}")
+    if dependence:
+        lines.append(f"  image dependence: r blacked-out {dependence['pearson_black']:.2f}, other image "
+                     f"{dependence['pearson_shuffled']:.2f}, real {dependence['pearson_real']:.3f} -> "
+                     f"{'passes' if dependence['image_dependence_ok'] else 'fails'}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of `qgseg quality evaluate`")
+    parser.add_argument("--test-split", type=Path, required=True,
+                        help="dataset.json whose `test` list is T16; every other case counts as H44")
+    args = parser.parse_args(argv)
+    test = test_cases(args.test_split)
+    for run in args.runs:
+        with open(run / "quality_evaluation_rows.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        evaluation = json.loads((run / "quality_evaluation.json").read_text())
+        print("\n".join(report(run, summarise(rows, test), evaluation.get("image_dependence", {}))))
+
+
+if __name__ == "__main__":
+    main()
