@@ -67,3 +67,13 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "QGSegmentationLib.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def load_bench_script(name: str):
+    """Import `bench/<name>.py` (bench scripts are not a package) so tests can call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,21 +3,17 @@ changed models, and judges the bars. The full check needs the LA data and the fr
 is run by hand (BENCHMARKS.md section 7)."""
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "la_blind_check.py"
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def blind():
-    spec = importlib.util.spec_from_file_location("la_blind_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("la_blind_check")
 
 
 def write_pairs(folder: Path, names, content=b"volume"):

@@ -2,22 +2,17 @@
 that BENCHMARKS.md §6 reports, checked on rows whose metrics are known by construction."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "la_subset_summary.py"
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def summary():
-    spec = importlib.util.spec_from_file_location("la_subset_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("la_subset_summary")
 
 
 def rows_of(cases, true, predicted, second=None):
