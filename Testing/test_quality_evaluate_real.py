@@ -36,6 +36,15 @@ def test_evaluate_on_prediction_folders(phantom_3d, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["command"][:3] == ["qgseg", "quality", "evaluate"]
 
+    per_source = metrics["per_source"]  # one entry per segmenter folder, together all the masks
+    assert [name.split("/")[-1] for name in per_source] == ["eroded", "dilated"]
+    assert all(entry["g"]["n"] == len(spec.test) for entry in per_source.values())
+    rows = list(csv.DictReader((out / "quality_evaluation_rows.csv").open()))
+    for name, entry in per_source.items():
+        errors = [abs(float(r["predicted"]) - float(r["true_dice"])) for r in rows if r["category"] == name]
+        assert entry["g"]["mae"] == pytest.approx(np.mean(errors))
+    assert "within each source" in res.stdout and "eroded: n=" in res.stdout
+
 
 def test_prediction_folder_without_cases_is_a_clear_error(phantom_3d, tmp_path):
     g = save_predictor(tmp_path / "g.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
@@ -71,6 +80,7 @@ def test_second_opinion_is_measured_beside_g(phantom_3d, tmp_path):
     shortfall = np.mean([max(float(r["true_dice"]) - float(r["predicted"]), 0.0) for r in rows])
     assert combined["lower of both"]["mae"] == pytest.approx(shortfall)
     assert (out / "quality_calibration_second_opinion.png").is_file()
+    assert "per_source" not in result  # one folder of masks: nothing to split
 
     (reference / f"{spec.test[0].id}.nrrd").unlink()
     res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",

@@ -74,6 +74,11 @@ What it does:
   failure-detection AUROC for Dice < 0.7, image-dependence check), quality_evaluation_rows.csv
   and quality_calibration.png into --run-dir.
 
+  With several --predictions folders (one per segmenter) it also reports the metrics within each
+  folder ("per_source", one console line each, one colour each in the plot): the overall Pearson
+  rewards telling a weak segmenter from a good one, while reviewing one model's output needs g to
+  rank that model's cases.
+
   With --second-opinion DIR, each mask's Dice against another segmenter's mask of the same case
   is evaluated as a quality estimate too (metrics under "second_opinion", a rows column and
   quality_calibration_second_opinion.png), and so are the mean and the lower of g's estimate and
@@ -337,12 +342,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
             for name, c in result["combined"].items():
                 ctx.say(f"{name} (g and second opinion): MAE {c['mae']:.4f} Pearson {c['pearson']:.3f} "
                         f"Spearman {c['spearman']:.3f} AUROC(Dice<0.7) {c['auroc_failure']:.3f}")
+        _say_per_source(ctx, result.get("per_source", {}))
         for name in ("mae", "pearson", "spearman", "auroc_failure"):
             if m[name] == m[name]:  # not NaN
                 ctx.events.metric(name, m[name], split=group if group != "training" else "train")
         return paths
 
     return run_with_events(args, "quality evaluate", body)
+
+
+def _say_per_source(ctx, per_source: Dict[str, Dict[str, Dict]], most: int = 12) -> None:
+    """One line per source of masks: does g rank the cases of one segmenter, not only segmenters?"""
+    if not per_source or len(per_source) > most:
+        return
+    ctx.say("within each source of masks (segmenter folder or corruption category; Pearson here "
+            "says whether g ranks the cases of one source):")
+    for source, estimates in per_source.items():
+        g = estimates["g"]
+        line = f"  {source}: n={g['n']} MAE {g['mae']:.4f} Pearson {_pearson_text(g)}"
+        if "second_opinion" in estimates:
+            line += f"; second opinion Pearson {_pearson_text(estimates['second_opinion'])}"
+        ctx.say(line)
+
+
+def _pearson_text(metrics: Dict[str, Any]) -> str:
+    return f"{metrics['pearson']:.3f}" if metrics["n"] >= 3 else "n/a (fewer than 3 masks)"
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -179,6 +179,10 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
     if k > 1:
         result["per_class"] = {c + 1: agreement_metrics(real[:, c], truth[:, c], failure_threshold)
                                for c in range(k)}
+    sources = [p.category for p in pairs]
+    if len(set(sources)) > 1:
+        estimates = {"g": real, **({"second_opinion": np.asarray(agreement)} if agreement else {})}
+        result["per_source"] = per_source_metrics(sources, estimates, truth, failure_threshold)
     if check_image_dependence:
         r_real = result["metrics"]["pearson"]
         r_black = pearson(np.asarray(black).ravel(), truth.ravel())
@@ -190,6 +194,19 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
             "image_dependence_ok": image_dependence_ok(r_real, r_black, r_shuffled, min_drop)}
         result["image_dependence_ok"] = result["image_dependence"]["image_dependence_ok"]
     return result
+
+
+def per_source_metrics(sources: Sequence[str], estimates: Dict[str, np.ndarray], truth: np.ndarray,
+                       failure_threshold: float = FAILURE_THRESHOLD) -> Dict[str, Dict[str, Any]]:
+    """Metrics within each source of masks (one segmenter's folder, or one corruption category).
+
+    The overall correlation rewards telling a weak segmenter from a good one; a user reviewing one
+    model's output needs g to rank *that model's* cases, which only the within-source numbers show
+    (on LA, g's weak point: BENCHMARKS.md section 6)."""
+    sources = np.asarray(sources)
+    return {source: {name: agreement_metrics(values[sources == source], truth[sources == source], failure_threshold)
+                     for name, values in estimates.items()}
+            for source in dict.fromkeys(sources.tolist())}
 
 
 def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict | None = None,
@@ -268,11 +285,13 @@ def write_evaluation(result: Dict[str, Any], out_dir, title: str = "") -> Dict[s
     writer.writeheader()
     writer.writerows(rows)
     rows_path = write_text_atomic(out_dir / "quality_evaluation_rows.csv", buffer.getvalue())
+    groups = [r["category"] for r in rows]
     plot = calibration_scatter([r["predicted"] for r in rows], [r["true_dice"] for r in rows],
-                               out_dir / "quality_calibration.png", title=title)
+                               out_dir / "quality_calibration.png", title=title, groups=groups)
     paths = {"metrics": str(metrics_path), "rows": str(rows_path), "calibration": str(plot)}
     if "second_opinion" in result:
         paths["calibration_second_opinion"] = str(calibration_scatter(
             [r[SECOND_OPINION_COLUMN] for r in rows], [r["true_dice"] for r in rows],
-            out_dir / "quality_calibration_second_opinion.png", title=f"{title}: second opinion".strip(": ")))
+            out_dir / "quality_calibration_second_opinion.png", title=f"{title}: second opinion".strip(": "),
+            groups=groups))
     return paths

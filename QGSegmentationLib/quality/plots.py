@@ -27,16 +27,32 @@ def _save(fig, out: str | Path) -> Path:
     return Path(out)
 
 
+MAX_COLOURED_GROUPS = 10
+
+
 def calibration_scatter(predicted: Sequence[float], true: Sequence[float], out: str | Path,
-                        title: str = "") -> Path:
-    """Predicted vs true Dice with the identity line; MAE and Pearson r in the title."""
+                        title: str = "", groups: Sequence[str] | None = None) -> Path:
+    """Predicted vs true Dice with the identity line; MAE and Pearson r in the title.
+
+    With `groups` (one name per point, e.g. the segmenter that made each mask) and 2 to
+    MAX_COLOURED_GROUPS of them, each group gets its own colour and legend entry, so a cloud that
+    is well ordered overall but flat within one segmenter shows."""
     plt = _pyplot()
     p, t = np.asarray(predicted, float).ravel(), np.asarray(true, float).ravel()
     mae = float(np.abs(p - t).mean()) if p.size else float("nan")
     r = float(np.corrcoef(p, t)[0, 1]) if p.size > 1 and p.std() > 0 and t.std() > 0 else float("nan")
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
     ax.plot([0, 1], [0, 1], "--", color="0.5", lw=1, label="ideal")
-    ax.scatter(t, p, s=10, alpha=0.6, color="tab:blue", edgecolors="none")
+    names = list(dict.fromkeys(groups)) if groups is not None else []
+    if 2 <= len(names) <= MAX_COLOURED_GROUPS:
+        labels = np.asarray(groups)
+        for index, name in enumerate(names):
+            chosen = labels == name
+            ax.scatter(t[chosen], p[chosen], s=10, alpha=0.7, color=f"C{index}", edgecolors="none",
+                       label=Path(name).name or name)
+        ax.legend(fontsize=6, loc="lower right", markerscale=1.5)
+    else:
+        ax.scatter(t, p, s=10, alpha=0.6, color="tab:blue", edgecolors="none")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("true Dice")
