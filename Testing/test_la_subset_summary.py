@@ -29,7 +29,7 @@ def rows_of(cases, true, predicted, second=None):
 def test_test_split_cases_are_read_from_the_dataset_json(summary, tmp_path):
     dataset = tmp_path / "dataset.json"
     dataset.write_text(json.dumps({"test": [{"image": "imagesTs/la_001_X.nrrd", "label": "l.nrrd"}]}))
-    assert summary.test_cases(dataset) == {"la_001_X"}
+    assert summary.cases_of_test_list(dataset) == {"la_001_X"}
 
 
 def test_subsets_split_by_the_test_list_and_metrics_match_by_construction(summary):
@@ -43,7 +43,7 @@ def test_subsets_split_by_the_test_list_and_metrics_match_by_construction(summar
     assert g["T16"]["mae"] == pytest.approx(0.0) and g["H44"]["mae"] == pytest.approx(0.1)
     assert g["all"]["mae"] == pytest.approx(0.06)
     assert g["H44"]["pearson"] == pytest.approx(1.0) and g["H44"]["spearman"] == pytest.approx(1.0)
-    assert g["H44"]["auroc"] == pytest.approx(1.0)  # 0.65, 0.55, 0.45 are failures, ranked lowest
+    assert g["H44"]["auroc_failure"] == pytest.approx(1.0)  # 0.65, 0.55, 0.45 are failures, ranked lowest
     assert set(g["within_segmenter_H44"]) == {"seg0", "seg1"}
     assert all(r == pytest.approx(1.0) for r in g["within_segmenter_H44"].values())
     assert "second opinion" not in result

@@ -25,12 +25,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from QGSegmentationLib.data.io import case_id_from_path
-from QGSegmentationLib.quality.evaluate import auroc, spearman
-from QGSegmentationLib.quality.train import pearson
+from QGSegmentationLib.quality.evaluate import COMBINATIONS, agreement_metrics, per_source_metrics
 
-FAILURE_DICE = 0.7
 COLUMNS = {"g": "predicted", "second opinion": "second_opinion_dice"}
-COMBINED = {"mean of both": lambda g, o: (g + o) / 2, "lower of both": np.minimum}
 
 
 def estimates(rows: Sequence[Dict[str, str]]) -> Dict[str, np.ndarray]:
@@ -38,38 +35,34 @@ def estimates(rows: Sequence[Dict[str, str]]) -> Dict[str, np.ndarray]:
     found = {name: np.array([float(r[column]) for r in rows])
              for name, column in COLUMNS.items() if column in rows[0]}
     if "second opinion" in found:
-        found.update({name: combine(found["g"], found["second opinion"]) for name, combine in COMBINED.items()})
+        found.update({name: combine(found["g"], found["second opinion"]) for name, combine in COMBINATIONS.items()})
     return found
 
 
-def test_cases(dataset_json: Path) -> set:
+def cases_of_test_list(dataset_json: Path) -> set:
     """Case ids of the `test` list of a dataset.json (the T16 of §6)."""
     description = json.loads(Path(dataset_json).read_text())
     return {case_id_from_path(entry["image"]) for entry in description["test"]}
 
 
 def subset_metrics(true: np.ndarray, estimate: np.ndarray) -> Dict[str, float]:
-    if len(true) == 0:
-        return {"n": 0}
-    return {"n": int(len(true)), "mae": float(np.abs(estimate - true).mean()),
-            "pearson": pearson(estimate, true), "spearman": spearman(estimate, true),
-            "auroc": auroc(list(1 - estimate), list(true < FAILURE_DICE))}
+    """The library's metrics (MAE, Pearson, Spearman, failure AUROC), or only n=0 for an empty subset."""
+    return agreement_metrics(estimate, true) if len(true) else {"n": 0}
 
 
 def summarise(rows: Sequence[Dict[str, str]], test: set) -> Dict[str, Dict]:
     """Per estimate: metrics on all/T16/H44, and within each segmenter on all cases and on H44."""
     true = np.array([float(r["true_dice"]) for r in rows])
     in_test = np.array([r["case"] in test for r in rows])
-    segmenters = list(dict.fromkeys(Path(r["category"]).name for r in rows))
     segmenter = np.array([Path(r["category"]).name for r in rows])
     subsets = {"all": np.ones(len(rows), bool), "T16": in_test, "H44": ~in_test}
     summary = {}
     for name, estimate in estimates(rows).items():
         summary[name] = {key: subset_metrics(true[sel], estimate[sel]) for key, sel in subsets.items()}
         for key in ("all", "H44"):
-            summary[name][f"within_segmenter_{key}"] = {
-                seg: pearson(estimate[(segmenter == seg) & subsets[key]], true[(segmenter == seg) & subsets[key]])
-                for seg in segmenters}
+            sel = subsets[key]
+            within = per_source_metrics(segmenter[sel], {name: estimate[sel]}, true[sel])
+            summary[name][f"within_segmenter_{key}"] = {seg: m[name]["pearson"] for seg, m in within.items()}
     return summary
 
 
@@ -82,7 +75,7 @@ def report(run: Path, summary: Dict[str, Dict], dependence: Dict) -> List[str]:
                 lines.append(f"  {name:15s} {key:3s} n=  0")
                 continue
             lines.append(f"  {name:15s} {key:3s} n={m['n']:3d}  MAE {m['mae']:.3f}  Pearson {m['pearson']:.3f}  "
-                         f"Spearman {m['spearman']:.3f}  AUROC {m['auroc']:.3f}")
+                         f"Spearman {m['spearman']:.3f}  AUROC {m['auroc_failure']:.3f}")
         for key in ("all", "H44"):
             within = ", ".join(f"{seg} {r:.2f}" for seg, r in parts[f"within_segmenter_{key}"].items())
             lines.append(f"  {name:15s} within one segmenter, {key}: {within}")
@@ -99,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test-split", type=Path, required=True,
                         help="dataset.json whose `test` list is T16; every other case counts as H44")
     args = parser.parse_args(argv)
-    test = test_cases(args.test_split)
+    test = cases_of_test_list(args.test_split)
     for run in args.runs:
         with open(run / "quality_evaluation_rows.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
