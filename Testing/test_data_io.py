@@ -219,3 +219,15 @@ def test_case_id_and_extension():
     assert io.case_id_from_path("imagesTr/la_003.nii.gz") == "la_003"
     assert io.case_id_from_path("x/pred.seg.nrrd") == "pred"
     assert io.file_extension("A.NRRD") == ".nrrd"
+
+
+def test_case_files_are_found_in_any_format_nrrd_first_and_seg_nrrd_last(tmp_path):
+    assert io.find_case_file(tmp_path, "la_003") is None
+    (tmp_path / "la_003.seg.nrrd").write_bytes(b"")
+    assert io.find_case_file(tmp_path, "la_003").name == "la_003.seg.nrrd"  # a Slicer export alone
+    (tmp_path / "la_003.nii.gz").write_bytes(b"")
+    assert io.find_case_file(tmp_path, "la_003").name == "la_003.nii.gz"  # e.g. nnU-Net output
+    (tmp_path / "la_003.nrrd").write_bytes(b"")
+    assert io.find_case_file(tmp_path, "la_003").name == "la_003.nrrd"  # what qgseg predict writes
+    assert io.find_case_file(tmp_path, "la_00") is None  # no prefix matches
+    assert io.case_file_pattern("x").startswith("x.nrrd (or .nii.gz")

@@ -180,6 +180,25 @@ def test_second_opinion_column_is_the_dice_against_the_other_mask(files, tmp_pat
     assert not (tmp_path / "t.csv").exists()
 
 
+def test_second_opinion_of_another_tool_in_nifti_is_read_too(files, tmp_path):
+    from scipy import ndimage
+
+    from QGSegmentationLib.quality.dice import mask_dice
+
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(files["mask"])))
+    other = ndimage.binary_erosion(label > 0, iterations=1).astype(np.uint8)
+    second = tmp_path / "nnunet"
+    second.mkdir()
+    _write(second / "img.nii.gz", other, (1.2, 1.0, 1.0))
+    out = tmp_path / "s.csv"
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
+                 "--masks", str(files["mask"]), "--second-opinion", str(second), "--output", str(out), "--quiet"])
+    assert code == 0
+    expected = mask_dice(label, other)
+    assert expected < 1.0
+    assert float(next(csv.DictReader(out.open()))["second_opinion_dice"]) == pytest.approx(expected, abs=1e-6)
+
+
 def test_geometry_mismatch_exits_2_naming_the_files(files, tmp_path, capsys):
     code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
                  "--masks", str(files["shifted"]), "--output", str(tmp_path / "s.csv"), "--quiet"])

@@ -13,7 +13,8 @@ examples:
   qgseg evaluate --predictions preds/ --dataset dataset.json --split test
   qgseg evaluate --predictions preds/ --references labelsTs/
 
-Predictions are matched to references by case name (<case>.nrrd). Metrics are computed on the
+Predictions are matched to references by case name (<case>.nrrd, or .nii.gz, .nii, .mha,
+.mhd, .seg.nrrd: outputs of other tools such as nnU-Net work as they are). Metrics are computed on the
 reference's grid in mm. Conventions: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
 HD95/ASD = the volume diagonal (counted as a failure, never dropped).
 Writes metrics.csv (per case and class) and summary.json (mean, std, median) into --run-dir.
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score predictions against reference labels",
                                    description="Per-case, per-class Dice/IoU/HD95/ASD and their summary.",
                                    epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--predictions", required=True, help="folder of <case>.nrrd label maps (qgseg predict)")
+    parser.add_argument("--predictions", required=True, help="folder of <case>.nrrd label maps (qgseg predict) or NIfTI/MHA ones of another tool")
     ref = parser.add_mutually_exclusive_group(required=True)
     ref.add_argument("--dataset", help="dataset.json whose --split lists the references")
     ref.add_argument("--references", help="folder of reference label maps named like the predictions")
@@ -34,8 +35,8 @@ def register(subparsers) -> None:
 
 
 def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
+    from ..data.io import IMAGE_EXTENSIONS, case_file_pattern, case_id_from_path, file_extension, find_case_file
     from ..errors import DataError
-    from .predict import IMAGE_SUFFIXES, case_id_of
 
     pred_dir = Path(args.predictions)
     if not pred_dir.is_dir():
@@ -48,18 +49,17 @@ def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
         folder = Path(args.references)
         if not folder.is_dir():
             raise DataError(f"{folder}: references folder not found")
-        refs = [(case_id_of(p), p) for p in sorted(folder.iterdir())
-                if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.endswith(".seg.nrrd")]
+        refs = [(case_id_from_path(p), p) for p in sorted(folder.iterdir()) if file_extension(p) in IMAGE_EXTENSIONS]
     pairs, missing = [], []
     for case_id, label_path in refs:
-        pred = pred_dir / f"{case_id}.nrrd"
-        if pred.exists():
+        pred = find_case_file(pred_dir, case_id)
+        if pred is not None:
             pairs.append((case_id, pred, label_path))
         else:
             missing.append(case_id)
     if missing:
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing[:8])}"
-                        + (" ..." if len(missing) > 8 else ""))
+                        + (" ..." if len(missing) > 8 else "") + f" (looked for {case_file_pattern()})")
     if not pairs:
         raise DataError("no reference cases to evaluate")
     return pairs

@@ -28,8 +28,6 @@ second segmentation to scores.csv (second_opinion_dice): it sees the masks at fu
 often ranks cases better than g, but misses mistakes both models share (BENCHMARKS.md section 6).
 """
 
-IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -59,16 +57,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def case_id_of(path: Path) -> str:
-    name = path.name
-    for suffix in (".seg.nrrd",) + IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
-    """(case id, image path) for files, folders, or a dataset.json split."""
+    """(case id, image path) for files, folders (their images, not their .seg.nrrd files), or a
+    dataset.json split."""
+    from ..data.io import IMAGE_EXTENSIONS, case_id_from_path, file_extension
     from ..errors import DataError
 
     out: List[Tuple[str, Path]] = []
@@ -82,12 +74,12 @@ def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
             for group in groups:
                 out += [(ref.id, Path(ref.image)) for ref in getattr(spec, group)]
         elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+            files = sorted(p for p in path.iterdir() if file_extension(p) in IMAGE_EXTENSIONS)
             if not files:
-                raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            out += [(case_id_of(p), p) for p in files]
+                raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out += [(case_id_from_path(p), p) for p in files]
         elif path.is_file():
-            out.append((case_id_of(path), path))
+            out.append((case_id_from_path(path), path))
         else:
             raise DataError(f"{path}: no such file or folder")
     if not out:

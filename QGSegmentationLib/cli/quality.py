@@ -117,7 +117,7 @@ Examples:
 
 A second opinion:
   --second-opinion DIR adds each mask's Dice against another segmenter's mask of the same image
-  (DIR/<image case>.nrrd, e.g. `qgseg predict --checkpoint other.pt --output DIR`). It sees the
+  (DIR/<image case>.nrrd or .nii.gz, e.g. `qgseg predict --checkpoint other.pt --output DIR`). It sees the
   mask at full resolution and often ranks masks better than g, but misses mistakes both
   segmenters share (BENCHMARKS.md section 6); read the two columns together.
 """
@@ -152,12 +152,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="train N members with seeds --seed ... --seed+N-1 and save their ensemble "
                             "(the mean of their predictions) as checkpoints/best.pt")
     train.add_argument("--extra-masks", nargs="+", metavar="DIR",
-                       help="folders of <case>.nrrd segmentations of the training cases made by other "
+                       help="folders of <case>.nrrd (or NIfTI) segmentations of the training cases made by other "
                             "(e.g. partially trained) segmenters, such as `qgseg predict --split "
                             "training` outputs: real masks of known Dice, drawn with probability "
                             "p_weak like the weak snapshots")
     train.add_argument("--validation-masks", nargs="+", metavar="DIR",
-                       help="folders of <case>.nrrd segmentations of the validation cases by real "
+                       help="folders of <case>.nrrd (or NIfTI) segmentations of the validation cases by real "
                             "segmenters (e.g. `qgseg predict --split validation`): early stopping then "
                             "selects g on the mean of its synthetic-mask and real-mask validation MAE")
     add_run_options(train)
@@ -175,11 +175,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     evaluate.add_argument("--samples-per-case", type=int, default=5, help="VQM masks per case")
     evaluate.add_argument("--predictions", nargs="+", metavar="DIR",
                           help="evaluate on masks made by real segmenters instead of synthetic VQMs: "
-                               "folders of <case>.nrrd written by `qgseg predict` (one per segmenter)")
+                               "folders of <case>.nrrd written by `qgseg predict`, or NIfTI of another tool "
+                               "(one folder per segmenter)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed of the VQM masks")
     evaluate.add_argument("--second-opinion", metavar="DIR",
                           help="also measure each mask's Dice against another segmenter's <case>.nrrd "
-                               "in DIR as a quality estimate, next to g's (BENCHMARKS.md section 6)")
+                               "(or NIfTI) in DIR as a quality estimate, next to g's (BENCHMARKS.md "
+                               "section 6)")
     add_run_options(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 

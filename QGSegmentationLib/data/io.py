@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -130,6 +130,24 @@ def case_id_from_path(path: str | os.PathLike) -> str:
     name = Path(path).name
     ext = file_extension(path)
     return name[: len(name) - len(ext)] if ext else Path(path).stem
+
+
+#: Where a folder of label maps (predictions, masks of another tool) is searched for one case's
+#: file, in this order: qgseg writes `<case>.nrrd` (beside a `<case>.seg.nrrd` for Slicer); other
+#: tools (nnU-Net, MONAI) write NIfTI; a Slicer-exported `.seg.nrrd` alone is taken last.
+CASE_FILE_SEARCH_ORDER = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd", SEGMENTATION_EXTENSION)
+
+
+def find_case_file(folder: str | os.PathLike, case_id: str) -> Optional[Path]:
+    """`<folder>/<case_id><ext>` for the first extension of CASE_FILE_SEARCH_ORDER that exists."""
+    folder = Path(folder)
+    return next((folder / f"{case_id}{ext}" for ext in CASE_FILE_SEARCH_ORDER
+                 if (folder / f"{case_id}{ext}").is_file()), None)
+
+
+def case_file_pattern(case_id: str = "<case>") -> str:
+    """How error messages name the files `find_case_file` looks for: '<case>.nrrd (or .nii.gz, ...)'."""
+    return f"{case_id}{CASE_FILE_SEARCH_ORDER[0]} (or {', '.join(CASE_FILE_SEARCH_ORDER[1:])})"
 
 
 def _check_extension(path: Path, allowed: Sequence[str], what: str) -> None:

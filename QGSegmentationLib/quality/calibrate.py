@@ -54,7 +54,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, dataset: str | os.PathLi
                          mask_folders: Sequence[str | os.PathLike], output: str | os.PathLike,
                          group: str = "validation", device="cpu") -> Dict[str, Any]:
     """Write a calibrated copy of a predictor file: its shift fitted on the masks in
-    `mask_folders` (`<case>.nrrd`) of the `group` cases of `dataset` (their labels are the truth).
+    `mask_folders` (`<case>.nrrd` or NIfTI/MHA) of the `group` cases of `dataset` (their labels are the truth).
     Refuses cases g was trained on: their masks would teach the shift g's training bias."""
     import torch
 

@@ -234,11 +234,11 @@ def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict 
 
 def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPair]:
     """Real-segmenter evaluation pairs: for every folder of predictions (`<case>.nrrd` on the case's
-    own grid, as `qgseg predict` writes them) and every case it holds, (image, prediction,
+    own grid, as `qgseg predict` writes them, or NIfTI/MHA: `data.io.find_case_file`) and every case it holds, (image, prediction,
     reference). The folder name becomes the pair's category, so results can be split by segmenter."""
     from pathlib import Path
 
-    from ..data.io import read_label
+    from ..data.io import case_file_pattern, find_case_file, read_label
     from ..errors import DataError
     from .train import as_volume_case
 
@@ -249,8 +249,8 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
             raise DataError(f"{folder}: predictions folder not found")
         found = 0
         for case in cases:
-            path = folder / f"{case.id}.nrrd"
-            if not path.is_file():
+            path = find_case_file(folder, case.id)
+            if path is None:
                 continue
             mask, _ = read_label(path)
             if mask.shape != case.label.shape:
@@ -260,7 +260,7 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
                                   "/".join(folder.parts[-4:])))
             found += 1
         if not found:
-            raise DataError(f"{folder}: holds no <case>.nrrd for any of the {len(cases)} evaluated cases")
+            raise DataError(f"{folder}: holds no {case_file_pattern()} for any of the {len(cases)} evaluated cases")
     return pairs
 
 

@@ -9,7 +9,7 @@ second segmenter is the one that failed, so it complements g rather than replaci
 BENCHMARKS.md section 6 compares the two on 60 held-out LA volumes.
 
 Second-opinion masks are `<case>.nrrd` label maps on the image's own grid, as `qgseg predict`
-writes them (`<case>` = the image's case id).
+writes them (`<case>` = the image's case id), or NIfTI/MHA ones (`data.io.find_case_file`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_CACHE_BYTES = 1 << 30
 class SecondOpinion:
     """A folder of another segmenter's masks, looked up by case id.
 
-    `agreement(case, mask, n_foreground, source)` reads `<folder>/<case>.nrrd` and returns the
+    `agreement(case, mask, n_foreground, source)` reads the case's mask in `folder` and returns the
     per-class Dice between it and `mask`; a missing file or a different grid is a DataError naming
     both files.
 
@@ -48,12 +48,15 @@ class SecondOpinion:
                                  "`qgseg predict --checkpoint other.pt ... --output DIR`")
 
     def path_for(self, case: str) -> Path:
-        return self.folder / f"{case}.nrrd"
+        """The case's mask in the folder (`data.io.find_case_file`), or the `.nrrd` name it lacks."""
+        from ..data.io import find_case_file
+
+        return find_case_file(self.folder, case) or self.folder / f"{case}.nrrd"
 
     def mask_for(self, case: str, shape: Sequence[int], source: str | os.PathLike, geometry=None) -> np.ndarray:
         """The second opinion of `case`, checked against the shape (and geometry, when given) of
         the mask it will be compared with (`source` names that mask in errors)."""
-        from ..data.io import read_label
+        from ..data.io import case_file_pattern, read_label
 
         path = self.path_for(case)
         if case in self._read:
@@ -61,7 +64,8 @@ class SecondOpinion:
         else:
             if not path.is_file():
                 raise DataError(f"{path}: no second-opinion mask for case '{case}' (needed for {source})",
-                                hint="the second-opinion folder must hold <case>.nrrd for every scored case")
+                                hint=f"the second-opinion folder must hold {case_file_pattern()} for every "
+                                     "scored case")
             self._keep(case, read_label(path))
         other, other_geometry = self._read[case]
         if tuple(other.shape) != tuple(shape):

@@ -96,14 +96,11 @@ class WeakPool:
 
 # ------------------------------------------------------------------------ masks from other tools
 
-MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
-
-
 def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int,
                       role: str = "training") -> Dict[str, List[np.ndarray]]:
     """{case id: [label map per folder]} of segmentations of `cases` (`role`: which cases, for
     messages) found in `folders`
-    (`<folder>/<case id>.nrrd`, e.g. `qgseg predict` outputs of other, partially trained
+    (`<folder>/<case id>.nrrd` or NIfTI/MHA, `io.find_case_file`; e.g. `qgseg predict` outputs of other, partially trained
     segmenters): real segmenter masks of known Dice, served like weak snapshots.
 
     Each mask must lie on its case's grid (the size of the case's image) and use the declared
@@ -116,8 +113,7 @@ def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_f
             raise DataError(f"{folder}: mask folder not found")
         hits = 0
         for case in cases:
-            path = next((folder / f"{case.id}{suffix}" for suffix in MASK_SUFFIXES
-                         if (folder / f"{case.id}{suffix}").is_file()), None)
+            path = io.find_case_file(folder, case.id)
             if path is None:
                 continue
             mask, _ = io.read_label(path, allowed_labels=list(range(n_foreground + 1)))
@@ -127,7 +123,7 @@ def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_f
             found.setdefault(case.id, []).append(np.asarray(mask, np.uint8))
             hits += 1
         if not hits:
-            raise DataError(f"{folder}: no mask named after a {role} case (<case id>.nrrd); "
+            raise DataError(f"{folder}: no mask named after a {role} case ({io.case_file_pattern('<case id>')}); "
                             f"{role} cases: {', '.join(c.id for c in cases[:5])}"
                             + ("..." if len(cases) > 5 else ""))
     return found

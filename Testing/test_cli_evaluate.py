@@ -1,0 +1,73 @@
+"""`qgseg evaluate` and `qgseg quality evaluate` on segmentations made by other tools: NIfTI
+folders (nnU-Net, MONAI) work like qgseg's own .nrrd outputs, and a missing case names what was
+looked for."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from QGSegmentationLib.cli.predict import collect_inputs
+from QGSegmentationLib.data.dataset import load_dataset
+from QGSegmentationLib.data.io import read_label, write_label
+from QGSegmentationLib.quality.predictor import QualityPredictor, save_predictor
+
+from conftest import run_cli
+
+
+def eroded_predictions(spec, folder, extension):
+    """Each test case's reference eroded once, written as <case><extension>; returns true Dice."""
+    dice = {}
+    for ref in spec.test:
+        label, geometry = read_label(ref.label)
+        prediction = ndimage.binary_erosion(label > 0).astype(np.uint8)
+        write_label(folder / f"{ref.id}{extension}", prediction, geometry)
+        reference = label > 0
+        dice[ref.id] = 2 * np.logical_and(prediction, reference).sum() / (prediction.sum() + reference.sum())
+    return dice
+
+
+def test_segmentation_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):
+    spec = load_dataset(phantom_3d)
+    expected = eroded_predictions(spec, tmp_path / "nnunet_out", ".nii.gz")
+    res = run_cli("evaluate", "--predictions", str(tmp_path / "nnunet_out"), "--dataset", str(phantom_3d),
+                  "--split", "test", "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["n_cases"] == len(spec.test)
+    assert summary["summary"]["dice"]["mean"] == pytest.approx(np.mean(list(expected.values())))
+    assert max(expected.values()) < 1.0  # the predictions really were read, not the references
+
+
+def test_a_missing_prediction_names_the_files_looked_for(phantom_3d, tmp_path):
+    spec = load_dataset(phantom_3d)
+    folder = tmp_path / "partial"
+    eroded_predictions(spec, folder, ".nii.gz")
+    (folder / f"{spec.test[0].id}.nii.gz").unlink()
+    res = run_cli("evaluate", "--predictions", str(folder), "--dataset", str(phantom_3d), "--split", "test",
+                  "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 2
+    assert spec.test[0].id in res.stderr and ".nii.gz" in res.stderr and ".nrrd" in res.stderr
+
+
+def test_quality_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):
+    spec = load_dataset(phantom_3d)
+    expected = eroded_predictions(spec, tmp_path / "other_tool", ".nii.gz")
+    g = save_predictor(tmp_path / "g.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(tmp_path / "other_tool"), "--run-dir", str(tmp_path / "q"),
+                  "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    with open(tmp_path / "q" / "quality_evaluation_rows.csv", newline="") as handle:
+        true_dice = {row["case"]: float(row["true_dice"]) for row in csv.DictReader(handle)}
+    assert true_dice == pytest.approx(expected)
+
+
+def test_predict_takes_a_folders_images_but_not_its_seg_nrrd_files(tmp_path):
+    for name in ("a.nrrd", "a.seg.nrrd", "b.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert collect_inputs([str(tmp_path)], "test") == [("a", tmp_path / "a.nrrd"), ("b", tmp_path / "b.nii.gz")]
