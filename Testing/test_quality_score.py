@@ -320,3 +320,36 @@ def test_second_opinion_keeps_masks_within_its_byte_budget(tmp_path):
     tiny = SecondOpinion(tmp_path, cache_bytes=1)  # a budget below one mask still keeps the last one
     tiny.agreement("c", mask, 1, "mask.nrrd")
     assert list(tiny._read) == ["c"]
+
+
+def test_folders_of_images_and_masks_are_matched_by_case_nnunet_names_included(tmp_path):
+    from QGSegmentationLib.quality.score import pairs_from_lists
+
+    images, masks = tmp_path / "imagesTs", tmp_path / "predictions"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("la_001_0000.nii.gz", "la_002.nrrd", "la_002.seg.nrrd", "readme.txt"):
+        (images / name).write_bytes(b"")
+    for name in ("la_001.nii.gz", "la_002.nii.gz"):
+        (masks / name).write_bytes(b"")
+    assert pairs_from_lists([str(images)], [str(masks)]) == [
+        (images / "la_001_0000.nii.gz", masks / "la_001.nii.gz"),  # nnU-Net: channel suffix on images only
+        (images / "la_002.nrrd", masks / "la_002.nii.gz")]
+    (masks / "la_002.nii.gz").unlink()
+    with pytest.raises(DataError, match="no mask for 1 image.*la_002.nrrd") as missing:
+        pairs_from_lists([str(images)], [str(masks)])
+    assert "--pairs" in missing.value.hint
+
+
+def test_score_cli_scores_two_folders(files, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    (images / "img.nrrd").write_bytes(Path(files["image"]).read_bytes())
+    (masks / "img.nrrd").write_bytes(Path(files["mask"]).read_bytes())
+    out = tmp_path / "s.csv"
+    code = main(["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(images),
+                 "--masks", str(masks), "--output", str(out), "--quiet"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in rows] == ["img"] and 0.0 <= float(rows[0]["predicted_quality"]) <= 1.0

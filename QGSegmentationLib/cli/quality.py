@@ -114,6 +114,8 @@ Examples:
       --masks ct1_seg.nrrd ct2_seg.nrrd --output scores.csv
   qgseg quality score --checkpoint runs/g/checkpoints/best.pt --pairs pairs.csv --output scores.json
   (pairs.csv has the header 'image,mask'; relative paths are relative to the CSV)
+  qgseg quality score --checkpoint runs/g/checkpoints/best.pt --images imagesTs/ \
+      --masks nnunet_predictions/ --output scores.csv     # two folders, matched by case
 
 A second opinion:
   --second-opinion DIR adds each mask's Dice against another segmenter's mask of the same image
@@ -191,8 +193,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", required=True, nargs="+",
                        help="checkpoints/best.pt of a `quality train` run folder; several (e.g. seeds): "
                             "their mean prediction")
-    score.add_argument("--images", nargs="+", metavar="IMAGE", help="image files")
-    score.add_argument("--masks", nargs="+", metavar="MASK", help="mask/label files, one per image")
+    score.add_argument("--images", nargs="+", metavar="IMAGE",
+                       help="image files, or one folder of images")
+    score.add_argument("--masks", nargs="+", metavar="MASK",
+                       help="mask/label files, one per image in the same order; or, with a folder of "
+                            "images, one folder of masks named after the images' cases (nnU-Net's "
+                            "X_0000 images match masks X)")
     score.add_argument("--pairs", metavar="CSV", help="CSV with columns image,mask (instead of --images/--masks)")
     score.add_argument("--output", required=True, metavar="FILE", help="scores.csv or scores.json")
     score.add_argument("--second-opinion", metavar="DIR",
@@ -207,7 +213,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     calibrate.add_argument("--dataset", required=True, metavar="dataset.json",
                            help="dataset whose --group cases have reference labels")
     calibrate.add_argument("--masks", required=True, nargs="+", metavar="DIR",
-                           help="folders of <case>.nrrd segmentations of those cases (one per segmenter)")
+                           help="folders of <case>.nrrd (or NIfTI) segmentations of those cases (one per "
+                                "segmenter)")
     calibrate.add_argument("--group", default="validation", choices=["validation", "test", "training"],
                            help="which labeled cases (never ones g was trained on)")
     calibrate.add_argument("--output", required=True, metavar="FILE", help="calibrated predictor file (.pt)")

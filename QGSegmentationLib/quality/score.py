@@ -192,11 +192,47 @@ def read_pairs_csv(path: str | os.PathLike) -> List[Tuple[Path, Path]]:
     return pairs
 
 
+#: nnU-Net names input channel c of case X `X_000c`; its predictions are named `X`.
+NNUNET_CHANNEL_SUFFIX = "_0000"
+
+
 def pairs_from_lists(images: Sequence, masks: Sequence) -> List[Tuple[Path, Path]]:
+    """(image, mask) pairs: files given one mask per image in the same order, or one folder of
+    images and one folder of masks matched by case (`pairs_from_folders`)."""
+    if len(images) == 1 and len(masks) == 1 and Path(images[0]).is_dir() and Path(masks[0]).is_dir():
+        return pairs_from_folders(images[0], masks[0])
     if len(images) != len(masks):
         raise DataError(f"--images has {len(images)} files but --masks has {len(masks)}; give one "
                         "mask per image, in the same order")
     return [(Path(i), Path(m)) for i, m in zip(images, masks)]
+
+
+def pairs_from_folders(image_folder: str | os.PathLike, mask_folder: str | os.PathLike) -> List[Tuple[Path, Path]]:
+    """Every image of `image_folder` with its mask in `mask_folder`, matched by case id in any
+    supported format (`io.find_case_file`). An nnU-Net image `X_0000.nii.gz` also matches the mask
+    `X.nii.gz` that nnU-Net writes for it. An image without a mask is an error naming it: scoring a
+    subset is what --pairs is for."""
+    from ..data import io
+
+    image_folder, mask_folder = Path(image_folder), Path(mask_folder)
+    images = sorted(p for p in image_folder.iterdir() if io.file_extension(p) in io.IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(f"{image_folder}: folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})")
+    pairs, unmatched = [], []
+    for image in images:
+        case = io.case_id_from_path(image)
+        mask = io.find_case_file(mask_folder, case)
+        if mask is None and case.endswith(NNUNET_CHANNEL_SUFFIX):
+            mask = io.find_case_file(mask_folder, case[: -len(NNUNET_CHANNEL_SUFFIX)])
+        if mask is None:
+            unmatched.append(image.name)
+        else:
+            pairs.append((image, mask))
+    if unmatched:
+        raise DataError(f"{mask_folder}: no mask for {len(unmatched)} image(s) of {image_folder}: "
+                        f"{', '.join(unmatched[:8])}{' ...' if len(unmatched) > 8 else ''} (looked for "
+                        f"{io.case_file_pattern()})", hint="list the pairs to score in a CSV and pass --pairs")
+    return pairs
 
 
 class VolumeScorer:
