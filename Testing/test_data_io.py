@@ -231,3 +231,6 @@ def test_case_files_are_found_in_any_format_nrrd_first_and_seg_nrrd_last(tmp_pat
     assert io.find_case_file(tmp_path, "la_003").name == "la_003.nrrd"  # what qgseg predict writes
     assert io.find_case_file(tmp_path, "la_00") is None  # no prefix matches
     assert io.case_file_pattern("x").startswith("x.nrrd (or .nii.gz")
+    assert io.find_case_file(tmp_path, "la_003_0000").name == "la_003.nrrd"  # nnU-Net's image X_0000 -> X
+    (tmp_path / "la_003_0000.mha").write_bytes(b"")
+    assert io.find_case_file(tmp_path, "la_003_0000").name == "la_003_0000.mha"  # its own name first

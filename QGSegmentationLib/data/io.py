@@ -138,11 +138,17 @@ def case_id_from_path(path: str | os.PathLike) -> str:
 CASE_FILE_SEARCH_ORDER = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd", SEGMENTATION_EXTENSION)
 
 
+#: nnU-Net names input channel c of case X `X_000c`, and its segmentation of them `X`.
+NNUNET_CHANNEL_SUFFIX = "_0000"
+
+
 def find_case_file(folder: str | os.PathLike, case_id: str) -> Optional[Path]:
-    """`<folder>/<case_id><ext>` for the first extension of CASE_FILE_SEARCH_ORDER that exists."""
+    """`<folder>/<case_id><ext>` for the first extension of CASE_FILE_SEARCH_ORDER that exists;
+    for an nnU-Net image id `X_0000` without such a file, the same search for `X`."""
     folder = Path(folder)
-    return next((folder / f"{case_id}{ext}" for ext in CASE_FILE_SEARCH_ORDER
-                 if (folder / f"{case_id}{ext}").is_file()), None)
+    names = [case_id] + ([case_id[: -len(NNUNET_CHANNEL_SUFFIX)]] if case_id.endswith(NNUNET_CHANNEL_SUFFIX) else [])
+    return next((folder / f"{name}{ext}" for name in names for ext in CASE_FILE_SEARCH_ORDER
+                 if (folder / f"{name}{ext}").is_file()), None)
 
 
 def case_file_pattern(case_id: str = "<case>") -> str:

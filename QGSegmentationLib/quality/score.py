@@ -192,10 +192,6 @@ def read_pairs_csv(path: str | os.PathLike) -> List[Tuple[Path, Path]]:
     return pairs
 
 
-#: nnU-Net names input channel c of case X `X_000c`; its predictions are named `X`.
-NNUNET_CHANNEL_SUFFIX = "_0000"
-
-
 def pairs_from_lists(images: Sequence, masks: Sequence) -> List[Tuple[Path, Path]]:
     """(image, mask) pairs: files given one mask per image in the same order, or one folder of
     images and one folder of masks matched by case (`pairs_from_folders`)."""
@@ -209,8 +205,8 @@ def pairs_from_lists(images: Sequence, masks: Sequence) -> List[Tuple[Path, Path
 
 def pairs_from_folders(image_folder: str | os.PathLike, mask_folder: str | os.PathLike) -> List[Tuple[Path, Path]]:
     """Every image of `image_folder` with its mask in `mask_folder`, matched by case id in any
-    supported format (`io.find_case_file`). An nnU-Net image `X_0000.nii.gz` also matches the mask
-    `X.nii.gz` that nnU-Net writes for it. An image without a mask is an error naming it: scoring a
+    supported format (`io.find_case_file`: an nnU-Net image `X_0000.nii.gz` also matches the mask
+    `X.nii.gz` that nnU-Net writes for it). An image without a mask is an error naming it: scoring a
     subset is what --pairs is for."""
     from ..data import io
 
@@ -220,10 +216,7 @@ def pairs_from_folders(image_folder: str | os.PathLike, mask_folder: str | os.Pa
         raise DataError(f"{image_folder}: folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})")
     pairs, unmatched = [], []
     for image in images:
-        case = io.case_id_from_path(image)
-        mask = io.find_case_file(mask_folder, case)
-        if mask is None and case.endswith(NNUNET_CHANNEL_SUFFIX):
-            mask = io.find_case_file(mask_folder, case[: -len(NNUNET_CHANNEL_SUFFIX)])
+        mask = io.find_case_file(mask_folder, io.case_id_from_path(image))
         if mask is None:
             unmatched.append(image.name)
         else:
