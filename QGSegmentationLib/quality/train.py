@@ -596,6 +596,233 @@ def _workers(config: QualityTrainConfig, device) -> int:
     return 0 if device.type != "cuda" else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+# ------------------------------------------------------------------ the training run, in parts
+
+@dataclass
+class _Validation:
+    """g's validation batches (synthetic VQMs first, then real segmenter masks), their true Dice,
+    and how long making them took. Rank 0 validates for every rank."""
+
+    batches: list
+    targets: Any            # (N, K) array, or None without batches
+    n_synthetic: int
+    real_batches: list
+    make_s: float
+
+    @property
+    def n_real(self) -> int:
+        return len(self.targets) - self.n_synthetic if self.targets is not None else 0
+
+
+@dataclass
+class _Optimisation:
+    """Everything a training step touches: g, its (DDP-wrapped) training view, the optimizer,
+    warm-restart scheduler, fp16 scaler, AMP dtype and the regression loss."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Any
+    loss_fn: Any
+    train_model: Any = None
+
+
+@dataclass
+class _Timing:
+    """Where training time goes: making samples (VQMs) vs optimizer steps."""
+
+    make_s: float = 0.0
+    step_s: float = 0.0
+    made: int = 0
+
+
+def _as_config(config: QualityTrainConfig | Mapping | None) -> QualityTrainConfig:
+    if config is None:
+        config = QualityTrainConfig()
+    elif isinstance(config, Mapping):
+        config = QualityTrainConfig.from_dict(config)
+    config.validate()
+    return config
+
+
+def _stage_reporter(events, progress: bool):
+    """stage(name, index, total): an event, and a line on stderr when a progress bar is shown."""
+    def stage(name, index, total):
+        if events is not None:
+            events.stage(name, index, total)
+        if progress:
+            print(f"[quality {index}/{total}] {name}", file=sys.stderr, flush=True)
+    return stage
+
+
+def _check_cases(train_cases, val_cases, labels) -> int:
+    """The number of foreground classes, after checking every case's labels fit the declared ones."""
+    if not train_cases:
+        raise DataError("no labeled training cases for the quality predictor")
+    n_foreground = len(labels) - 1
+    if n_foreground < 1:
+        raise DataError("the dataset declares no foreground class")
+    for case in train_cases + val_cases:
+        if case.label.size and int(case.label.max()) > n_foreground:
+            raise DataError(f"case '{case.id}': label value {int(case.label.max())} exceeds the "
+                            f"{n_foreground} declared foreground class(es)")
+    return n_foreground
+
+
+def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_dir: Path, dist, events,
+               cancel, stage):
+    """Weak-segmenter snapshots' masks (trained once, cached) plus --extra-masks, or None."""
+    from ..engine.device import translate_oom
+    from .weak import WeakConfig, load_mask_folders, merged_pool, train_weak_snapshots
+
+    weak_pool = None
+    if config.weak is not None and config.p_weak > 0:
+        stage("weak segmenter snapshots", 2, 4)
+        weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
+        weak_start = time.perf_counter()
+
+        def weak_progress(step, total):
+            if events is not None and (step % 10 == 0 or step == total):
+                eta = (time.perf_counter() - weak_start) / step * (total - step)  # snapshots' predictions included
+                events.progress(step, total, eta_s=eta, stage="weak segmenter")
+
+        def make_weak_pool():
+            with translate_oom("weak segmenter training"):
+                return train_weak_snapshots(train_cases, n_foreground + 1, config.mode, weak_cfg,
+                                            run_dir / "weak", device=dist.device, progress=weak_progress,
+                                            cancel=cancel)
+
+        if dist.is_main:  # rank 0 trains and caches the snapshots; the others then read the cache
+            weak_pool = make_weak_pool()
+        dist.barrier()
+        if not dist.is_main:
+            weak_pool = make_weak_pool()
+    if config.extra_masks and config.p_weak > 0:
+        extra = load_mask_folders(config.extra_masks, train_cases, n_foreground)
+        weak_pool = merged_pool(weak_pool, extra, config.seed)
+    return weak_pool
+
+
+def _validation(config: QualityTrainConfig, train_cases, val_cases, val_spec: SampleSpec, n_foreground: int,
+                workers: int, dist) -> _Validation:
+    """Validation VQMs of the validation cases (of fresh training VQMs when there are none), and
+    the real masks of --validation-masks; made once, on rank 0."""
+    import torch
+
+    from .weak import load_mask_folders
+
+    val_source = val_cases or train_cases
+    val_set = VQMDataset(val_source, val_spec, config.val_samples_per_case, config.seed + 7919,
+                         SwapPools(val_source, n_foreground, config.mode) if len(val_source) > 1 else None)
+    val_set.epoch = 10**6
+    started = time.time()
+    batches = list(_loader(val_set, config.batch_size, False, workers, config.seed)) if dist.is_main else []
+    real_batches = []
+    if config.validation_masks and dist.is_main:
+        real = load_mask_folders(config.validation_masks, val_cases, n_foreground, role="validation")
+        real_samples = [s for case in val_cases for s in real_mask_samples(case, real.get(case.id, []), val_spec)]
+        real_batches = [collate(real_samples[i:i + config.batch_size])
+                        for i in range(0, len(real_samples), config.batch_size)]
+        batches += real_batches
+    targets = torch.cat([b["target"] for b in batches]).numpy() if batches else None
+    return _Validation(batches, targets, len(val_set), real_batches, time.time() - started)
+
+
+def _optimisation(model_config: Mapping, config: QualityTrainConfig, dist) -> _Optimisation:
+    """A freshly seeded g with AdamW, cosine warm restarts and the configured loss."""
+    import torch
+
+    from .predictor import QualityPredictor
+
+    torch.manual_seed(config.seed)
+    model = QualityPredictor(model_config).to(dist.device)
+    model = dist.convert_sync_batchnorm([model], config.sync_batchnorm)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=config.t0, T_mult=config.t_mult, eta_min=config.eta_min)
+    amp_dtype = _amp_dtype(config, dist.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    loss_fn = torch.nn.MSELoss() if config.loss == "mse" else torch.nn.SmoothL1Loss(beta=config.smoothl1_beta)
+    return _Optimisation(model, optimizer, scheduler, scaler, amp_dtype, loss_fn)
+
+
+def _resume(last_path: Path, opt: _Optimisation, model_config: Mapping, config: QualityTrainConfig,
+            dist, events):
+    """(start epoch, history, best) from the run folder's last.pt, restoring every state; a fresh
+    start without one. A last.pt of another g configuration is refused."""
+    import torch
+
+    best = {"epoch": -1, "val_mae": float("inf"), "val_pearson": 0.0}
+    state = dist.call_on_main(lambda: torch.load(last_path, map_location="cpu", weights_only=True)
+                              if last_path.is_file() else None)
+    if state is None:
+        return 0, [], best
+    saved = state.get("config", {})
+    n_foreground = model_config["n_foreground"]
+    if saved.get("grid_size") != model_config["grid_size"] or saved.get("backbone") != model_config["backbone"] \
+            or saved.get("n_foreground") != n_foreground \
+            or bool(saved.get("segmentation_head")) != config.segmentation_head:
+        raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
+                          "configuration; use a new --run-dir or delete that file to start over")
+    opt.model.load_state_dict({"output_shift": torch.zeros(n_foreground), **state["state_dict"]})
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    if opt.scaler is not None and state.get("scaler"):
+        opt.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    start_epoch = int(state["epoch"])
+    if events is not None:
+        events.warning(f"resuming quality predictor training at epoch {start_epoch + 1} from {last_path}")
+    return start_epoch, list(state["history"]), dict(state["best"])
+
+
+def _training_step(opt: _Optimisation, batch, config: QualityTrainConfig, device):
+    """One optimizer step on a batch; returns its loss (not detached)."""
+    import torch
+
+    image, mask = batch["image"].to(device), batch["mask"].to(device)
+    target = batch["target"].to(device)
+    opt.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, opt.amp_dtype):
+        pred, segmentation = opt.train_model(image, mask, with_segmentation=True)
+    loss = opt.loss_fn(pred.float(), target)
+    if segmentation is not None:
+        loss = loss + config.segmentation_weight * segmentation_loss(
+            segmentation.float(), batch["reference"].to(device))
+    if opt.scaler is not None:
+        opt.scaler.scale(loss).backward()
+        opt.scaler.unscale_(opt.optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(opt.model.parameters(), config.grad_clip)
+    if opt.scaler is not None:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    return loss
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, initial=initial, desc="quality predictor", file=sys.stderr, leave=False)
+
+
+def _validate(opt: _Optimisation, validation: _Validation, dist) -> Dict[str, float]:
+    """Rank 0's validation scores, shared with every rank."""
+    scores = None
+    if dist.is_main:
+        scores = validation_scores(predict_batches(opt.model, validation.batches, dist.device, opt.amp_dtype),
+                                   validation.targets, validation.n_synthetic)
+    return dist.broadcast_object(scores)
+
+
 def _training_state(model, optimizer, scheduler, scaler, epoch, history, best, config, labels) -> dict:
     import torch
 
@@ -620,9 +847,9 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _rank_result(run_dir, history, best, stopped_early, per_case, train_cases, val_cases, weak_pool,
-                 dev) -> Dict[str, Any]:
-    """What a non-zero rank returns: the same keys as rank 0's result, naming rank 0's files."""
+def _summary(run_dir: Path, history, best, stopped_early: bool, per_case: int, train_cases, val_cases,
+             weak_pool, device) -> Dict[str, Any]:
+    """The result keys every rank returns (rank 0 adds timing, plots' paths and calibration)."""
     return {"best_checkpoint": str(run_dir / BEST_FILE), "last_checkpoint": str(run_dir / LAST_FILE),
             "curve": str(run_dir / CURVE_FILE), "calibration": str(run_dir / CALIBRATION_FILE),
             "history": history, "best_epoch": best["epoch"], "best_val_mae": best["val_mae"],
@@ -630,7 +857,30 @@ def _rank_result(run_dir, history, best, stopped_early, per_case, train_cases, v
             "stopped_early": stopped_early, "samples_per_case": per_case,
             "n_training_cases": len(train_cases), "n_validation_cases": len(val_cases),
             "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
-            "timing": {}, "device": str(dev)}
+            "timing": {}, "device": str(device)}
+
+
+def _calibrate_best(best_path: Path, validation: _Validation, config: QualityTrainConfig, device, events):
+    """Load the best g and, with enough real validation masks, shift its output to fit them
+    (saved into best.pt); returns (best g, shift or None)."""
+    from .calibrate import MIN_MASKS, calibrate_samples
+    from .predictor import load_predictor, save_predictor
+
+    best_model = load_predictor(best_path, device)
+    usable = validation.real_batches and config.calibrate
+    if usable and validation.n_real < MIN_MASKS:
+        if events is not None:
+            events.warning(f"only {validation.n_real} real validation masks: g's output is not calibrated "
+                           f"(at least {MIN_MASKS} needed)")
+        return best_model, None
+    if not usable:
+        return best_model, None
+    shift = calibrate_samples(best_model, validation.real_batches, validation.targets[validation.n_synthetic:],
+                              device)
+    save_predictor(best_path, best_model, {**best_model.meta, "calibration": {
+        "shift": [float(v) for v in shift], "n_masks": validation.n_real,
+        "group": "validation", "masks": list(config.validation_masks)}})
+    return best_model, shift
 
 
 def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None = None,
@@ -639,22 +889,16 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     """Train g on `source` (a DatasetSpec, a list of cases, or {"training": [...],
     "validation": [...], "labels": {...}}) into `run_dir`; resumes from `checkpoints/last.pt` there.
 
+    Stages: loading cases, weak segmenter snapshots (when configured), the quality predictor
+    (epochs of VQM batches, validated and checkpointed after each), calibration.
+
     Returns a dict with the checkpoint paths, the best epoch and its validation MAE/Pearson, the
     history, and timing (seconds per sample made, share of time spent making samples)."""
-    import torch
-
     from ..engine.device import translate_oom
     from ..engine.distributed import DistributedContext
-    from . import plots
-    from .predictor import QualityPredictor, predictor_config, save_predictor
-    from .calibrate import MIN_MASKS, calibrate_samples
-    from .weak import WeakConfig, load_mask_folders, merged_pool, train_weak_snapshots
+    from .predictor import predictor_config
 
-    if config is None:
-        config = QualityTrainConfig()
-    elif isinstance(config, Mapping):
-        config = QualityTrainConfig.from_dict(config)
-    config.validate()
+    config = _as_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dist = DistributedContext.setup(device)
@@ -664,118 +908,30 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     started = time.time()
     if events is not None:
         events.heartbeat_thread()  # no-op when already beating; the caller's close() stops it
-
-    def stage(name, index, total):
-        if events is not None:
-            events.stage(name, index, total)
-        if progress:
-            print(f"[quality {index}/{total}] {name}", file=sys.stderr, flush=True)
+    stage = _stage_reporter(events, progress)
 
     stage("loading cases", 1, 4)
     train_cases, val_cases, labels = _split_cases(source, config)
-    if not train_cases:
-        raise DataError("no labeled training cases for the quality predictor")
-    n_foreground = len(labels) - 1
-    if n_foreground < 1:
-        raise DataError("the dataset declares no foreground class")
-    for case in train_cases + val_cases:
-        if case.label.size and int(case.label.max()) > n_foreground:
-            raise DataError(f"case '{case.id}': label value {int(case.label.max())} exceeds the "
-                            f"{n_foreground} declared foreground class(es)")
-
+    n_foreground = _check_cases(train_cases, val_cases, labels)
     model_config = predictor_config(n_foreground=n_foreground, mode=config.mode,
                                     backbone=config.backbone, grid_size=config.grid_size,
                                     backbone_options=config.backbone_options,
                                     class_names=[labels[v] for v in range(1, n_foreground + 1)],
                                     segmentation_head=config.segmentation_head)
-    grid = tuple(model_config["grid_size"])
     vqm_config = _make_vqm_config(config.vqm, config.p_weak)
-
-    weak_pool = None
-    if config.weak is not None and config.p_weak > 0:
-        stage("weak segmenter snapshots", 2, 4)
-        weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
-
-        weak_start = time.perf_counter()
-
-        def weak_progress(step, total):
-            if events is not None and (step % 10 == 0 or step == total):
-                eta = (time.perf_counter() - weak_start) / step * (total - step)  # snapshots' predictions included
-                events.progress(step, total, eta_s=eta, stage="weak segmenter")
-
-        def make_weak_pool():
-            with translate_oom("weak segmenter training"):
-                return train_weak_snapshots(train_cases, n_foreground + 1, config.mode, weak_cfg,
-                                            run_dir / "weak", device=dev, progress=weak_progress,
-                                            cancel=cancel)
-
-        if dist.is_main:  # rank 0 trains and caches the snapshots; the others then read the cache
-            weak_pool = make_weak_pool()
-        dist.barrier()
-        if not dist.is_main:
-            weak_pool = make_weak_pool()
-    if config.extra_masks and config.p_weak > 0:
-        extra = load_mask_folders(config.extra_masks, train_cases, n_foreground)
-        weak_pool = merged_pool(weak_pool, extra, config.seed)
+    weak_pool = _weak_pool(config, train_cases, n_foreground, run_dir, dist, events, cancel, stage)
 
     stage("quality predictor", 3, 4)
     per_case = config.resolved_samples_per_case(dev.type)
-    swap = SwapPools(train_cases, n_foreground, config.mode)
-    train_spec = SampleSpec(config.mode, grid, n_foreground, vqm_config, config.p_patch, config.flip,
-                            config.intensity_augmentation, True, reference=config.segmentation_head)
+    train_spec = SampleSpec(config.mode, tuple(model_config["grid_size"]), n_foreground, vqm_config, config.p_patch,
+                            config.flip, config.intensity_augmentation, True, reference=config.segmentation_head)
     val_spec = dataclasses.replace(train_spec, train=False, reference=False)
-    train_set = VQMDataset(train_cases, train_spec, per_case, config.seed, swap, weak_pool, config.reuse_epochs)
-    val_source = val_cases or train_cases  # no validation cases: monitor on fresh training VQMs
-    val_set = VQMDataset(val_source, val_spec, config.val_samples_per_case, config.seed + 7919,
-                         SwapPools(val_source, n_foreground, config.mode) if len(val_source) > 1 else None)
-    val_set.epoch = 10**6
+    train_set = VQMDataset(train_cases, train_spec, per_case, config.seed,
+                           SwapPools(train_cases, n_foreground, config.mode), weak_pool, config.reuse_epochs)
     workers = _workers(config, dev)
-    t0 = time.time()
-    # rank 0 validates for everyone (the others receive its numbers)
-    val_batches = list(_loader(val_set, config.batch_size, False, workers, config.seed)) if dist.is_main else []
-    n_synthetic, real_batches = len(val_set), []
-    if config.validation_masks and dist.is_main:
-        real = load_mask_folders(config.validation_masks, val_cases, n_foreground, role="validation")
-        real_samples = [s for case in val_cases for s in real_mask_samples(case, real.get(case.id, []), val_spec)]
-        real_batches = [collate(real_samples[i:i + config.batch_size])
-                        for i in range(0, len(real_samples), config.batch_size)]
-        val_batches += real_batches
-    val_targets = torch.cat([b["target"] for b in val_batches]).numpy() if val_batches else None
-    val_make_s = time.time() - t0
-
-    torch.manual_seed(config.seed)
-    model = QualityPredictor(model_config).to(dev)
-    model = dist.convert_sync_batchnorm([model], config.sync_batchnorm)[0]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=config.t0, T_mult=config.t_mult, eta_min=config.eta_min)
-    amp_dtype = _amp_dtype(config, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_fn = torch.nn.MSELoss() if config.loss == "mse" else torch.nn.SmoothL1Loss(beta=config.smoothl1_beta)
-
-    best = {"epoch": -1, "val_mae": float("inf"), "val_pearson": 0.0}
-    history: List[Dict[str, Any]] = []
-    start_epoch = 0
-    last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
-    state = dist.call_on_main(lambda: torch.load(last_path, map_location="cpu", weights_only=True)
-                              if last_path.is_file() else None)
-    if state is not None:
-        if state.get("config", {}).get("grid_size") != model_config["grid_size"] or \
-                state.get("config", {}).get("backbone") != model_config["backbone"] or \
-                state.get("config", {}).get("n_foreground") != n_foreground or \
-                bool(state.get("config", {}).get("segmentation_head")) != config.segmentation_head:
-            raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
-                              "configuration; use a new --run-dir or delete that file to start over")
-        model.load_state_dict({"output_shift": torch.zeros(n_foreground), **state["state_dict"]})
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-        if events is not None:
-            events.warning(f"resuming quality predictor training at epoch {start_epoch + 1} "
-                           f"from {last_path}")
+    validation = _validation(config, train_cases, val_cases, val_spec, n_foreground, workers, dist)
+    opt = _optimisation(model_config, config, dist)
+    start_epoch, history, best = _resume(run_dir / LAST_FILE, opt, model_config, config, dist, events)
 
     if len(train_set) < 2 * dist.world_size:
         raise ConfigError("g's batch norm needs at least 2 training samples per epoch"
@@ -785,23 +941,22 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     global_batch = config.batch_size * dist.world_size
     drop_last = len(train_set) > global_batch
     n_batches = len(train_set) // global_batch if drop_last else 1
-    train_model = dist.wrap(model)  # DDP under torchrun: gradients averaged over ranks
+    opt.train_model = dist.wrap(opt.model)  # DDP under torchrun: gradients averaged over ranks
     total_steps = config.epochs * n_batches
     meta = {"labels": {str(k): v for k, v in labels.items()}, "train_config": config.to_dict(),
             "training_cases": [c.id for c in train_cases], "validation_cases": [c.id for c in val_cases]}
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=start_epoch * n_batches, desc="quality predictor",
-                       file=sys.stderr, leave=False)
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            bar = None
-    make_s = step_s = 0.0
-    made = 0
+    bar = _progress_bar(progress, total_steps, start_epoch * n_batches)
+    timing = _Timing()
     stopped_early = False
     loop_started = time.time()
+
+    def report_step(epoch, step):
+        if events is not None:
+            eta = (time.time() - loop_started) / (step - start_epoch * n_batches) * (total_steps - step)
+            events.progress(step, total_steps, epoch=epoch + 1, eta_s=eta, stage="quality predictor")
+        if bar is not None:
+            bar.update(1)
+
     try:
         with translate_oom("quality predictor training"):
             for epoch in range(start_epoch, config.epochs):
@@ -809,122 +964,103 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                     stopped_early = True
                     break
                 train_set.epoch = epoch
-                model.train()
-                losses = []
-                tick = time.time()
-                for b, batch in enumerate(_loader(train_set, config.batch_size, True, workers,
-                                                  config.seed * 100003 + epoch, drop_last,
-                                                  dist.rank, dist.world_size)):
-                    got = time.time()
-                    make_s += got - tick
-                    made += len(batch["target"])
-                    if dist.main_flag(cancel is not None and cancel.requested):
-                        raise CancelledError("cancelled: the run's cancel file was found",
-                                             hint=str(cancel.path))
-                    image, mask = batch["image"].to(dev), batch["mask"].to(dev)
-                    target = batch["target"].to(dev)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(dev, amp_dtype):
-                        pred, segmentation = train_model(image, mask, with_segmentation=True)
-                    loss = loss_fn(pred.float(), target)
-                    if segmentation is not None:
-                        loss = loss + config.segmentation_weight * segmentation_loss(
-                            segmentation.float(), batch["reference"].to(dev))
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step(epoch + (b + 1) / n_batches)
-                    losses.append(loss.detach())  # read once per epoch: no device sync per step
-                    tick = time.time()
-                    step_s += tick - got
-                    step = epoch * n_batches + b + 1
-                    done_steps = step - start_epoch * n_batches
-                    eta = (time.time() - loop_started) / done_steps * (total_steps - step)
-                    if events is not None:
-                        events.progress(step, total_steps, epoch=epoch + 1, eta_s=eta,
-                                        stage="quality predictor")
-                    if bar is not None:
-                        bar.update(1)
-                if dist.is_main:
-                    scores = validation_scores(predict_batches(model, val_batches, dev, amp_dtype),
-                                               val_targets, n_synthetic)
-                scores = dist.broadcast_object(scores if dist.is_main else None)
-                val_mae, val_r = scores["val_mae"], scores["val_pearson"]
-                train_loss = float(torch.stack(losses).double().mean()) if losses else None
-                if dist.enabled:  # the mean over ranks of their mean batch losses
-                    train_loss = dist.mean_dict({"loss": train_loss} if losses else {}).get("loss")
-                record = {"epoch": epoch + 1, "train_loss": train_loss, **scores,
-                          "lr": float(optimizer.param_groups[0]["lr"])}
-                history.append(record)
-                if events is not None:
-                    for name, value in scores.items():
-                        events.metric(name, value, step=epoch + 1, split="validation")
-                    if record["train_loss"] is not None:
-                        events.metric("train_loss", record["train_loss"], step=epoch + 1, split="train")
-                improved = val_mae < best["val_mae"]
-                if improved:
-                    best = {"epoch": epoch + 1, "val_mae": val_mae, "val_pearson": val_r}
-                if dist.is_main:
-                    if improved:
-                        save_predictor(best_path, model, {**meta, "epoch": epoch + 1, "val_mae": val_mae,
-                                                          "val_pearson": val_r})
-                    _save_state(last_path, _training_state(model, optimizer, scheduler, scaler, epoch + 1,
-                                                           history, best, config, labels))
-                    write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
-                dist.barrier()
+                batches = _loader(train_set, config.batch_size, True, workers, config.seed * 100003 + epoch,
+                                  drop_last, dist.rank, dist.world_size)
+                losses = _train_epoch(epoch, batches, n_batches, opt, config, dist, cancel, timing, report_step)
+                best = _end_epoch(epoch, losses, opt, validation, history, best, dist, events, run_dir, meta,
+                                  config, labels)
     finally:  # a cancelled run resumes from the last completed epoch's state (checkpoints/last.pt)
         if bar is not None:
             bar.close()
     if best["epoch"] < 0:
         raise DataError(f"{run_dir}: no epoch was trained (epochs={config.epochs}); nothing to save")
+    result = _summary(run_dir, history, best, stopped_early, per_case, train_cases, val_cases, weak_pool, dev)
     if not dist.is_main:  # rank 0 makes the plots and the result file
-        return _rank_result(run_dir, history, best, stopped_early, per_case, train_cases, val_cases,
-                            weak_pool, dev)
-
+        return result
     stage("calibration", 4, 4)
-    curve = plots.training_curve(history, run_dir / CURVE_FILE)
-    from .predictor import load_predictor
+    return _finish(result, run_dir, validation, config, timing, workers, started, events, dev, opt.amp_dtype)
 
-    best_model = load_predictor(best_path, dev)
-    shift = None
-    n_real = len(val_targets) - n_synthetic if val_targets is not None else 0
-    if real_batches and config.calibrate and n_real < MIN_MASKS and events is not None:
-        events.warning(f"only {n_real} real validation masks: g's output is not calibrated "
-                       f"(at least {MIN_MASKS} needed)")
-    if real_batches and config.calibrate and n_real >= MIN_MASKS:
-        shift = calibrate_samples(best_model, real_batches, val_targets[n_synthetic:], dev)
-        save_predictor(best_path, best_model, {**best_model.meta, "calibration": {
-            "shift": [float(v) for v in shift], "n_masks": n_real,
-            "group": "validation", "masks": list(config.validation_masks)}})
-    val_pred = predict_batches(best_model, val_batches, dev, amp_dtype)
-    calibration = plots.calibration_scatter(val_pred.ravel(), val_targets.ravel(),
-                                            run_dir / CALIBRATION_FILE,
-                                            title="validation VQMs" + (" and real masks" if
-                                                                       len(val_targets) > n_synthetic else ""))
-    total_make = make_s + val_make_s
-    timing = {"seconds_per_sample": (make_s / made) if made else None,
-              "sample_time_fraction": (make_s / (make_s + step_s)) if (make_s + step_s) > 0 else None,
-              "workers": workers, "wall_s": round(time.time() - started, 2),
-              "sample_making_s": round(total_make, 2)}
-    if events is not None and timing["sample_time_fraction"] and timing["sample_time_fraction"] > 0.7:
-        events.warning(f"making VQM samples took {timing['sample_time_fraction']:.0%} of the training "
+
+def _train_epoch(epoch: int, batches, n_batches: int, opt: _Optimisation, config: QualityTrainConfig, dist,
+                 cancel, timing: _Timing, report_step) -> list:
+    """One epoch of optimizer steps (the scheduler stepped per batch, fractionally); checks the
+    cancel file before each step; returns the batch losses as tensors (read once, at the epoch's
+    end: no device sync per step)."""
+    opt.model.train()
+    losses = []
+    tick = time.time()
+    for b, batch in enumerate(batches):
+        got = time.time()
+        timing.make_s += got - tick
+        timing.made += len(batch["target"])
+        if dist.main_flag(cancel is not None and cancel.requested):
+            raise CancelledError("cancelled: the run's cancel file was found", hint=str(cancel.path))
+        loss = _training_step(opt, batch, config, dist.device)
+        opt.scheduler.step(epoch + (b + 1) / n_batches)
+        losses.append(loss.detach())
+        tick = time.time()
+        timing.step_s += tick - got
+        report_step(epoch, epoch * n_batches + b + 1)
+    return losses
+
+
+def _end_epoch(epoch: int, losses, opt: _Optimisation, validation: _Validation, history: list, best: dict,
+               dist, events, run_dir: Path, meta: dict, config: QualityTrainConfig, labels) -> dict:
+    """Validate, record the epoch in `history` (and as metric events), save best.pt when the
+    validation MAE improved and last.pt always; returns the (possibly new) best."""
+    import torch
+
+    from .predictor import save_predictor
+
+    scores = _validate(opt, validation, dist)
+    val_mae, val_r = scores["val_mae"], scores["val_pearson"]
+    train_loss = float(torch.stack(losses).double().mean()) if losses else None
+    if dist.enabled:  # the mean over ranks of their mean batch losses
+        train_loss = dist.mean_dict({"loss": train_loss} if losses else {}).get("loss")
+    record = {"epoch": epoch + 1, "train_loss": train_loss, **scores,
+              "lr": float(opt.optimizer.param_groups[0]["lr"])}
+    history.append(record)
+    if events is not None:
+        for name, value in scores.items():
+            events.metric(name, value, step=epoch + 1, split="validation")
+        if record["train_loss"] is not None:
+            events.metric("train_loss", record["train_loss"], step=epoch + 1, split="train")
+    improved = val_mae < best["val_mae"]
+    if improved:
+        best = {"epoch": epoch + 1, "val_mae": val_mae, "val_pearson": val_r}
+    if dist.is_main:
+        if improved:
+            save_predictor(run_dir / BEST_FILE, opt.model, {**meta, "epoch": epoch + 1, "val_mae": val_mae,
+                                                             "val_pearson": val_r})
+        _save_state(run_dir / LAST_FILE, _training_state(opt.model, opt.optimizer, opt.scheduler, opt.scaler,
+                                                         epoch + 1, history, best, config, labels))
+        write_json_atomic(run_dir / HISTORY_FILE, {"history": history, "best": best})
+    dist.barrier()
+    return best
+
+
+def _finish(result: Dict[str, Any], run_dir: Path, validation: _Validation, config: QualityTrainConfig,
+            timing: _Timing, workers: int, started: float, events, device, amp_dtype) -> Dict[str, Any]:
+    """Rank 0 after the last epoch: training curve, calibration of the best g, its validation
+    scatter plot, timing, and quality_result.json."""
+    from . import plots
+
+    curve = plots.training_curve(result["history"], run_dir / CURVE_FILE)
+    best_model, shift = _calibrate_best(run_dir / BEST_FILE, validation, config, device, events)
+    val_pred = predict_batches(best_model, validation.batches, device, amp_dtype)
+    calibration = plots.calibration_scatter(
+        val_pred.ravel(), validation.targets.ravel(), run_dir / CALIBRATION_FILE,
+        title="validation VQMs" + (" and real masks" if validation.n_real > 0 else ""))
+    busy = timing.make_s + timing.step_s
+    timing_report = {"seconds_per_sample": (timing.make_s / timing.made) if timing.made else None,
+                     "sample_time_fraction": (timing.make_s / busy) if busy > 0 else None,
+                     "workers": workers, "wall_s": round(time.time() - started, 2),
+                     "sample_making_s": round(timing.make_s + validation.make_s, 2)}
+    fraction = timing_report["sample_time_fraction"]
+    if events is not None and fraction and fraction > 0.7:
+        events.warning(f"making VQM samples took {fraction:.0%} of the training "
                        "time; use more workers (num_workers) or a GPU machine with more cores")
-    result = {"best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
-              "curve": str(curve), "calibration": str(calibration), "history": history,
-              "best_epoch": best["epoch"], "best_val_mae": best["val_mae"],
-              "best_val_pearson": best["val_pearson"], "epochs_run": len(history),
-              "stopped_early": stopped_early, "samples_per_case": per_case,
-              "n_training_cases": len(train_cases), "n_validation_cases": len(val_cases),
-              "weak_snapshots": len(weak_pool.snapshots) if weak_pool is not None else 0,
-              "timing": timing, "device": str(dev),
+    result = {**result, "curve": str(curve), "calibration": str(calibration), "timing": timing_report,
               "calibration_shift": None if shift is None else [float(v) for v in shift]}
     write_json_atomic(run_dir / RESULT_FILE, {k: v for k, v in result.items() if k != "history"})
     return result
