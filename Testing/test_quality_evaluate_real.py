@@ -82,6 +82,18 @@ def test_second_opinion_is_measured_beside_g(phantom_3d, tmp_path):
     assert (out / "quality_calibration_second_opinion.png").is_file()
     assert "per_source" not in result  # one folder of masks: nothing to split
 
+    dilated = tmp_path / "dilated"  # a second segmenter: now per-source metrics of both estimates
+    for ref in spec.test:
+        label, geometry = read_label(ref.label)
+        write_label(dilated / f"{ref.id}.nrrd", ndimage.binary_dilation(label > 0).astype(np.uint8), geometry)
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(eroded), str(dilated), "--second-opinion", str(reference),
+                  "--run-dir", str(tmp_path / "eval2"), "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    per_source = json.loads((tmp_path / "eval2" / "quality_evaluation.json").read_text())["per_source"]
+    assert len(per_source) == 2
+    assert all(entry["second_opinion"]["mae"] == 0.0 for entry in per_source.values())  # the truth itself
+
     (reference / f"{spec.test[0].id}.nrrd").unlink()
     res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
                   "--predictions", str(eroded), "--second-opinion", str(reference), "--run-dir", str(tmp_path / "e2"),

@@ -181,7 +181,7 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
                                for c in range(k)}
     sources = [p.category for p in pairs]
     if len(set(sources)) > 1:
-        estimates = {"g": real, **({"second_opinion": np.asarray(agreement)} if agreement else {})}
+        estimates = {"g": real, **({"second_opinion": np.asarray(agreement)} if second_opinion is not None else {})}
         result["per_source"] = per_source_metrics(sources, estimates, truth, failure_threshold)
     if check_image_dependence:
         r_real = result["metrics"]["pearson"]
