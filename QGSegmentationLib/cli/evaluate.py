@@ -89,7 +89,21 @@ def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     csv_path = _write_csv(rows, ctx.run_dir / "metrics.csv")
     json_path = write_json_atomic(ctx.run_dir / "summary.json", {"n_cases": len(rows), "summary": summary})
     ctx.say(format_summary(summary, len(rows)))
+    worst = lowest_dice(rows)
+    if worst:
+        ctx.say("lowest Dice: " + ", ".join(f"{case} {value:.3f}" for case, value in worst)
+                + f" (every case in {csv_path})")
     return {"metrics_csv": csv_path, "summary": json_path}
+
+
+def lowest_dice(rows: List[Dict[str, Any]], most: int = 5) -> List[tuple]:
+    """The `most` cases of lowest mean Dice over their classes, worst first: the ones to look at."""
+    scored = []
+    for row in rows:
+        values = [v for k, v in row.items() if k.startswith("dice_") and isinstance(v, (int, float))]
+        if values:
+            scored.append((row["case"], sum(values) / len(values)))
+    return sorted(scored, key=lambda item: item[1])[:most]
 
 
 def _flatten(result: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
