@@ -13,8 +13,8 @@ examples:
   qgseg evaluate --predictions preds/ --dataset dataset.json --split test
   qgseg evaluate --predictions preds/ --references labelsTs/
 
-Predictions are matched to references by case name (<case>.nrrd, or .nii.gz, .nii, .mha,
-.mhd, .seg.nrrd: outputs of other tools such as nnU-Net work as they are). Metrics are computed on the
+Predictions are matched to references by case name (<case>.nrrd, or .nii.gz, .nii, .mha, .mhd,
+.seg.nrrd: outputs of other tools such as nnU-Net work as they are). Metrics are computed on the
 reference's grid in mm. Conventions: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
 HD95/ASD = the volume diagonal (counted as a failure, never dropped).
 Writes metrics.csv (per case and class) and summary.json (mean, std, median) into --run-dir.
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score predictions against reference labels",
                                    description="Per-case, per-class Dice/IoU/HD95/ASD and their summary.",
                                    epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--predictions", required=True, help="folder of <case>.nrrd label maps (qgseg predict) or NIfTI/MHA ones of another tool")
+    parser.add_argument("--predictions", required=True,
+                        help="folder of <case>.nrrd label maps (qgseg predict) or NIfTI/MHA ones of another tool")
     ref = parser.add_mutually_exclusive_group(required=True)
     ref.add_argument("--dataset", help="dataset.json whose --split lists the references")
     ref.add_argument("--references", help="folder of reference label maps named like the predictions")

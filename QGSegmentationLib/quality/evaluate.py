@@ -234,8 +234,9 @@ def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict 
 
 def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPair]:
     """Real-segmenter evaluation pairs: for every folder of predictions (`<case>.nrrd` on the case's
-    own grid, as `qgseg predict` writes them, or NIfTI/MHA: `data.io.find_case_file`) and every case it holds, (image, prediction,
-    reference). The folder name becomes the pair's category, so results can be split by segmenter."""
+    own grid, as `qgseg predict` writes them, or NIfTI/MHA: `data.io.find_case_file`) and every
+    case it holds, (image, prediction, reference). The folder name becomes the pair's category, so
+    results can be split by segmenter."""
     from pathlib import Path
 
     from ..data.io import case_file_pattern, find_case_file, read_label

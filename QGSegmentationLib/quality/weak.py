@@ -99,9 +99,9 @@ class WeakPool:
 def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int,
                       role: str = "training") -> Dict[str, List[np.ndarray]]:
     """{case id: [label map per folder]} of segmentations of `cases` (`role`: which cases, for
-    messages) found in `folders`
-    (`<folder>/<case id>.nrrd` or NIfTI/MHA, `io.find_case_file`; e.g. `qgseg predict` outputs of other, partially trained
-    segmenters): real segmenter masks of known Dice, served like weak snapshots.
+    messages) found in `folders` (`<folder>/<case id>.nrrd` or NIfTI/MHA, `io.find_case_file`;
+    e.g. `qgseg predict` outputs of other, partially trained segmenters): real segmenter masks of
+    known Dice, served like weak snapshots.
 
     Each mask must lie on its case's grid (the size of the case's image) and use the declared
     labels; a folder without a mask for any training case is an error (a wrong path)."""
