@@ -20,7 +20,7 @@ All metrics are computed with numpy/scipy only (no scikit-learn).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -120,12 +120,66 @@ def _as_pair(item, index: int) -> EvalPair:
 COMBINATIONS = {"mean of both": lambda g, other: (g + other) / 2, "lower of both": np.minimum}
 
 
+@dataclass
+class _Scored:
+    """One evaluated pair: true Dice and g's prediction per class, g's predictions with the image
+    blacked out / replaced by another case's ("black", "shuffled"), and the second opinion."""
+
+    true: np.ndarray
+    predicted: np.ndarray
+    ablated: Dict[str, np.ndarray]
+    second_opinion: Optional[np.ndarray]
+
+    def rows(self, pair: EvalPair) -> List[Dict[str, Any]]:
+        """One row per class: case, category, class, true_dice, predicted, the ablated predictions
+        and the second opinion when there are."""
+        rows = []
+        for c in range(len(self.true)):
+            row = {"case": pair.case, "category": pair.category, "class": c + 1,
+                   "true_dice": float(self.true[c]), "predicted": float(self.predicted[c])}
+            for name, values in self.ablated.items():
+                row[f"predicted_{name}_image"] = float(values[c])
+            if self.second_opinion is not None:
+                row[SECOND_OPINION_COLUMN] = float(self.second_opinion[c])
+            rows.append(row)
+        return rows
+
+
+def _score(model, pair: EvalPair, device, second_opinion, ablate: bool, other_image) -> _Scored:
+    """g on the pair (and, with `ablate`, on a black image and on `other_image` when given)."""
+    k = model.n_foreground
+    true = dice_per_class(pair.mask, pair.reference, k)
+    predicted = _predict(model, pair, pair.image, device)
+    agreement = None
+    if second_opinion is not None:
+        agreement = second_opinion.agreement(pair.case, pair.mask, k,
+                                             f"the {pair.category or 'evaluated'} mask of {pair.case}")
+    ablated = {}
+    if ablate:
+        ablated["black"] = _predict(model, pair, np.zeros_like(pair.image), device)
+        if other_image is not None:
+            ablated["shuffled"] = _predict(model, pair, _resize_like(other_image, pair.image.shape), device)
+    return _Scored(true, predicted, ablated, agreement)
+
+
+def _image_dependence(scored: Sequence[_Scored], truth: np.ndarray, r_real: float, min_drop: float) -> Dict[str, Any]:
+    """The check's correlations (real, blacked-out, other case's image) and its verdict."""
+    r_black = pearson(np.asarray([s.ablated["black"] for s in scored]).ravel(), truth.ravel())
+    shuffled = [s.ablated["shuffled"] for s in scored if "shuffled" in s.ablated]
+    r_shuffled = pearson(np.asarray(shuffled).ravel(), truth.ravel()) if shuffled else None
+    return {"pearson_real": r_real, "pearson_black": r_black, "pearson_shuffled": r_shuffled,
+            "min_drop": min_drop,
+            "criterion": f"r_real > 0 and r_black, r_shuffled <= {1 - min_drop:g} * r_real",
+            "image_dependence_ok": image_dependence_ok(r_real, r_black, r_shuffled, min_drop)}
+
+
 def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: float = FAILURE_THRESHOLD,
                        check_image_dependence: bool = True,
                        min_drop: float = MIN_CORRELATION_DROP, second_opinion=None) -> Dict[str, Any]:
     """Score every pair (EvalPair or (image, mask, reference[, spacing]) tuples of label maps) and
     return {"metrics", "rows", "image_dependence"}; rows hold case, class, category, true and
-    predicted Dice (and the ablated predictions when the check runs).
+    predicted Dice (and the ablated predictions when the check runs). With pairs from several
+    sources (segmenter folders, corruption categories), "per_source" holds the metrics within each.
 
     With a `second_opinion.SecondOpinion`, each mask's Dice against that segmenter's mask of the
     same case is measured as a predictor too: rows gain `second_opinion_dice`, the result a
@@ -138,60 +192,33 @@ def evaluate_predictor(model, pairs: Sequence, device="cpu", failure_threshold: 
 
         raise DataError("no pairs to evaluate the quality predictor on")
     model.eval()
-    k = model.n_foreground
-    rows: List[Dict[str, Any]] = []
-    real, truth, black, shuffled, agreement = [], [], [], [], []
     cases = list(dict.fromkeys(p.case for p in pairs))
     first_image = {c: next(p.image for p in pairs if p.case == c) for c in cases}
-    for pair in pairs:
-        true = dice_per_class(pair.mask, pair.reference, k)
-        pred = _predict(model, pair, pair.image, device)
-        real.append(pred)
-        truth.append(true)
-        entry = {"case": pair.case, "category": pair.category}
-        extra = {}
-        if second_opinion is not None:
-            agreement.append(second_opinion.agreement(pair.case, pair.mask, k, f"the {pair.category or 'evaluated'} mask of {pair.case}"))
-        if check_image_dependence:
-            black_pred = _predict(model, pair, np.zeros_like(pair.image), device)
-            black.append(black_pred)
-            extra["black"] = black_pred
-            if len(cases) > 1:
-                other = cases[(cases.index(pair.case) + 1) % len(cases)]
-                shuffled_pred = _predict(model, pair, _resize_like(first_image[other], pair.image.shape), device)
-                shuffled.append(shuffled_pred)
-                extra["shuffled"] = shuffled_pred
-        for c in range(k):
-            row = {**entry, "class": c + 1, "true_dice": float(true[c]), "predicted": float(pred[c])}
-            for name, values in extra.items():
-                row[f"predicted_{name}_image"] = float(values[c])
-            if agreement:
-                row[SECOND_OPINION_COLUMN] = float(agreement[-1][c])
-            rows.append(row)
-    real, truth = np.asarray(real), np.asarray(truth)
-    result: Dict[str, Any] = {"metrics": agreement_metrics(real, truth, failure_threshold), "rows": rows}
+
+    def other_image(pair):  # the next case's image, for the shuffled-image ablation
+        return first_image[cases[(cases.index(pair.case) + 1) % len(cases)]] if len(cases) > 1 else None
+
+    scored = [_score(model, pair, device, second_opinion, check_image_dependence, other_image(pair))
+              for pair in pairs]
+    real = np.asarray([s.predicted for s in scored])
+    truth = np.asarray([s.true for s in scored])
+    result: Dict[str, Any] = {"metrics": agreement_metrics(real, truth, failure_threshold),
+                              "rows": [row for pair, s in zip(pairs, scored) for row in s.rows(pair)]}
+    estimates = {"g": real}
     if second_opinion is not None:
-        agreement = np.asarray(agreement)
+        agreement = estimates["second_opinion"] = np.asarray([s.second_opinion for s in scored])
         result["second_opinion"] = {"folder": str(second_opinion.folder),
                                     "metrics": agreement_metrics(agreement, truth, failure_threshold)}
         result["combined"] = {name: agreement_metrics(combine(real, agreement), truth, failure_threshold)
                               for name, combine in COMBINATIONS.items()}
-    if k > 1:
+    if model.n_foreground > 1:
         result["per_class"] = {c + 1: agreement_metrics(real[:, c], truth[:, c], failure_threshold)
-                               for c in range(k)}
+                               for c in range(model.n_foreground)}
     sources = [p.category for p in pairs]
     if len(set(sources)) > 1:
-        estimates = {"g": real, **({"second_opinion": np.asarray(agreement)} if second_opinion is not None else {})}
         result["per_source"] = per_source_metrics(sources, estimates, truth, failure_threshold)
     if check_image_dependence:
-        r_real = result["metrics"]["pearson"]
-        r_black = pearson(np.asarray(black).ravel(), truth.ravel())
-        r_shuffled = pearson(np.asarray(shuffled).ravel(), truth.ravel()) if shuffled else None
-        result["image_dependence"] = {
-            "pearson_real": r_real, "pearson_black": r_black, "pearson_shuffled": r_shuffled,
-            "min_drop": min_drop,
-            "criterion": f"r_real > 0 and r_black, r_shuffled <= {1 - min_drop:g} * r_real",
-            "image_dependence_ok": image_dependence_ok(r_real, r_black, r_shuffled, min_drop)}
+        result["image_dependence"] = _image_dependence(scored, truth, result["metrics"]["pearson"], min_drop)
         result["image_dependence_ok"] = result["image_dependence"]["image_dependence_ok"]
     return result
 
