@@ -335,6 +335,8 @@ def test_folders_of_images_and_masks_are_matched_by_case_nnunet_names_included(t
     assert pairs_from_lists([str(images)], [str(masks)]) == [
         (images / "la_001_0000.nii.gz", masks / "la_001.nii.gz"),  # nnU-Net: channel suffix on images only
         (images / "la_002.nrrd", masks / "la_002.nii.gz")]
+    with pytest.raises(DataError, match="predictions is a folder: give one folder of images and one folder"):
+        pairs_from_lists([str(images / "la_002.nrrd")], [str(masks)])  # a file with a folder
     (masks / "la_002.nii.gz").unlink()
     with pytest.raises(DataError, match="no mask for 1 image.*la_002.nrrd") as missing:
         pairs_from_lists([str(images)], [str(masks)])

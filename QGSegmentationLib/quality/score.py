@@ -197,6 +197,10 @@ def pairs_from_lists(images: Sequence, masks: Sequence) -> List[Tuple[Path, Path
     images and one folder of masks matched by case (`pairs_from_folders`)."""
     if len(images) == 1 and len(masks) == 1 and Path(images[0]).is_dir() and Path(masks[0]).is_dir():
         return pairs_from_folders(images[0], masks[0])
+    folders = [str(p) for p in (*images, *masks) if Path(p).is_dir()]
+    if folders:
+        raise DataError(f"{folders[0]} is a folder: give one folder of images and one folder of masks, "
+                        "or image files and mask files")
     if len(images) != len(masks):
         raise DataError(f"--images has {len(images)} files but --masks has {len(masks)}; give one "
                         "mask per image, in the same order")
