@@ -234,3 +234,5 @@ def test_case_files_are_found_in_any_format_nrrd_first_and_seg_nrrd_last(tmp_pat
     assert io.find_case_file(tmp_path, "la_003_0000").name == "la_003.nrrd"  # nnU-Net's image X_0000 -> X
     (tmp_path / "la_003_0000.mha").write_bytes(b"")
     assert io.find_case_file(tmp_path, "la_003_0000").name == "la_003_0000.mha"  # its own name first
+    (tmp_path / "la_007_0000.nrrd").write_bytes(b"")  # qgseg predict's output for nnU-Net's image
+    assert io.find_case_file(tmp_path, "la_007").name == "la_007_0000.nrrd"

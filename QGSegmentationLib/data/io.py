@@ -144,9 +144,11 @@ NNUNET_CHANNEL_SUFFIX = "_0000"
 
 def find_case_file(folder: str | os.PathLike, case_id: str) -> Optional[Path]:
     """`<folder>/<case_id><ext>` for the first extension of CASE_FILE_SEARCH_ORDER that exists;
-    for an nnU-Net image id `X_0000` without such a file, the same search for `X`."""
+    without one, the same search under the case's other nnU-Net name: `X` for an image id
+    `X_0000` (nnU-Net's segmentation of it), `X_0000` for `X` (qgseg's output for nnU-Net's image)."""
     folder = Path(folder)
-    names = [case_id] + ([case_id[: -len(NNUNET_CHANNEL_SUFFIX)]] if case_id.endswith(NNUNET_CHANNEL_SUFFIX) else [])
+    suffix = NNUNET_CHANNEL_SUFFIX
+    names = [case_id, case_id[: -len(suffix)] if case_id.endswith(suffix) else case_id + suffix]
     return next((folder / f"{name}{ext}" for name in names for ext in CASE_FILE_SEARCH_ORDER
                  if (folder / f"{name}{ext}").is_file()), None)
 
