@@ -1,9 +1,10 @@
 """g trained with several seeds, answering as one: the mean of the members' predictions.
 
 Seeds of g differ much more on real segmentations than on their synthetic validation masks (LA,
-48^3 grid: Pearson 0.76-0.88 over four seeds on 360 real masks), and their mean beats every one
-of them (0.89; BENCHMARKS.md section 6). A user who trains one g cannot tell a poor draw from a
-good one, so `--seeds N` trades N times the training time for that variance.
+48^3 grid: Pearson 0.76-0.88 over six seeds on 360 real masks), and the mean of four beats every
+one of them (0.89; five or six members give no more; BENCHMARKS.md section 6). A user who trains
+one g cannot tell a poor draw from a good one, so `--seeds N` trades N times the training time
+for that variance; about four is enough.
 
 Each member trains in its own folder `seed-<s>/` with its own resume state. A finished member
 (its `quality_result.json` is there) is not trained again, so an interrupted or cancelled run
