@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from QGSegmentationLib.benchmark.data import make_la_split  # noqa: E402
 from QGSegmentationLib.data.io import IMAGE_EXTENSIONS, case_id_from_path  # noqa: E402
+from QGSegmentationLib.quality.evaluate import per_source_metrics  # noqa: E402
 
 FROZEN = HERE / "la_frozen_models.json"
 
@@ -264,14 +265,13 @@ def issue3(steps: Steps, frozen: Dict, first_case: Dict[str, str]) -> Dict:
 
 
 def within_segmenter_pearson(rows_csv: Path) -> Dict[str, float]:
-    groups: Dict[str, Tuple[list, list]] = {}
+    """g's Pearson within each segmenter's masks (the library's per-source metrics, by folder name)."""
     with open(rows_csv, newline="") as handle:
-        for row in csv.DictReader(handle):
-            true, predicted = groups.setdefault(Path(row["category"]).name, ([], []))
-            true.append(float(row["true_dice"]))
-            predicted.append(float(row["predicted"]))
-    return {name: float(np.corrcoef(t, p)[0, 1]) if len(t) > 2 and np.std(t) > 0 and np.std(p) > 0 else float("nan")
-            for name, (t, p) in groups.items()}
+        rows = list(csv.DictReader(handle))
+    within = per_source_metrics([Path(r["category"]).name for r in rows],
+                                {"g": np.array([float(r["predicted"]) for r in rows])},
+                                np.array([float(r["true_dice"]) for r in rows]))
+    return {name: metrics["g"]["pearson"] for name, metrics in within.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -867,13 +867,12 @@ def _calibrate_best(best_path: Path, validation: _Validation, config: QualityTra
     from .predictor import load_predictor, save_predictor
 
     best_model = load_predictor(best_path, device)
-    usable = validation.real_batches and config.calibrate
-    if usable and validation.n_real < MIN_MASKS:
+    if not (validation.real_batches and config.calibrate):
+        return best_model, None
+    if validation.n_real < MIN_MASKS:
         if events is not None:
             events.warning(f"only {validation.n_real} real validation masks: g's output is not calibrated "
                            f"(at least {MIN_MASKS} needed)")
-        return best_model, None
-    if not usable:
         return best_model, None
     shift = calibrate_samples(best_model, validation.real_batches, validation.targets[validation.n_synthetic:],
                               device)
