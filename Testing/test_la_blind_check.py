@@ -76,13 +76,13 @@ def test_a_changed_model_is_refused(blind, tmp_path, monkeypatch):
     model.write_bytes(b"weights")
     good = hashlib.sha256(b"weights").hexdigest()
     frozen = {"issue2_segmenters": {"s": {"path": "seg/best.pt", "sha256": good}},
-              "issue3_mask_segmenters": {}, "quality_predictors": {"g": []}}
+              "issue3_mask_segmenters": {}, "quality_predictors": {"g": []}, "primary_quality_predictor": "g"}
     listing = tmp_path / "frozen.json"
     listing.write_text(json.dumps(frozen))
     monkeypatch.setattr(blind, "FROZEN", listing)
     assert blind.verify_models(tmp_path / "runs")["issue2_segmenters"]["s"]["file"] == str(model)
     model.write_bytes(b"retrained")
-    with pytest.raises(SystemExit, match=r"best\.pt: SHA-256 differs"):
+    with pytest.raises(SystemExit, match=r"best\.pt: neither the frozen file \(SHA-256 differs\)"):
         blind.verify_models(tmp_path / "runs")
     model.unlink()
     with pytest.raises(SystemExit, match=r"best\.pt: missing"):

@@ -2,11 +2,13 @@
 
 The LA data's README says the product's owners keep the 20 volumes of UA-MT's `test.list` (the
 split the published LA numbers use) to check results on cases nobody tuned on. This script runs
-the models frozen in `bench/la_frozen_models.json` (each checked by SHA-256) on such a folder and
-judges both issues' bars by the rules fixed in BENCHMARKS.md section 7 before any blind volume was
-seen:
+the models frozen in `bench/la_frozen_models.json` (each checked by SHA-256, or, where the
+originals were lost and `la_rebuild_models.py` rebuilt them, by that rebuild's verification:
+BENCHMARKS.md section 8) on such a folder and judges both issues' bars by the rules fixed in
+BENCHMARKS.md section 7 before any blind volume was seen:
 
     python bench/la_blind_check.py --hidden /path/to/LA_test20 --out runs/la_blind
+    python bench/la_blind_check.py --hidden /path/to/LA_test20 --out runs/la_blind --rebuild   # models lost
 
 `--hidden` is a folder with a Decathlon-style dataset.json (cases with "image" and "label" under
 "test" or "training") or with imagesTr/ + labelsTr/ (or imagesTs/ + labelsTs/) of equally named
@@ -44,10 +46,11 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 from QGSegmentationLib.benchmark.data import make_la_split  # noqa: E402
 from QGSegmentationLib.data.io import IMAGE_EXTENSIONS, case_id_from_path  # noqa: E402
 from QGSegmentationLib.quality.evaluate import per_source_metrics  # noqa: E402
+from la_rebuild_models import frozen_entries, weights_digest  # noqa: E402
 
 FROZEN = HERE / "la_frozen_models.json"
 
@@ -107,21 +110,41 @@ def development_overlap(hidden: Path, cases: Sequence[Dict[str, str]], la: Path)
 
 
 def verify_models(models: Path) -> Dict:
-    """The frozen model list with absolute paths; exits naming any file that is missing or changed."""
+    """The frozen model list with absolute paths; exits naming any file that is missing or changed.
+
+    A file is accepted when its SHA-256 is the frozen one (the original file), or when
+    `la_rebuild_models.py` rebuilt it from its recorded command: the rebuild's report in --models
+    names the SHA-256 of the weights this file holds (and what differs from the original). The
+    ensembles other than the primary g are optional: one that is missing is left out."""
     frozen = json.loads(FROZEN.read_text())
-    entries = [e for group in ("issue2_segmenters", "issue3_mask_segmenters") for e in frozen[group].values()]
-    entries += [e for members in frozen["quality_predictors"].values() for e in members]
-    problems = []
-    for entry in entries:
+    report_path = models / "rebuild_report.json"
+    rebuilt = json.loads(report_path.read_text())["models"] if report_path.is_file() else {}
+    optional = {f"{name}[{i}]" for name, members in frozen["quality_predictors"].items()
+                if name != frozen["primary_quality_predictor"] for i in range(len(members))}
+    problems, left_out = [], set()
+    for name, entry in frozen_entries(frozen).items():
         path = models / entry["path"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif file_digest(path) != entry["sha256"]:
-            problems.append(f"{path}: SHA-256 differs from {FROZEN.name} (not the frozen model)")
         entry["file"] = str(path)
+        if not path.is_file():
+            if name in optional:
+                left_out.add(name.split("[")[0])
+            else:
+                problems.append(f"{path}: missing")
+        elif file_digest(path) == entry["sha256"]:
+            entry["provenance"] = "original file (SHA-256 as frozen)"
+        elif name in rebuilt and rebuilt[name].get("weights_sha256") == weights_digest(path):
+            differences = rebuilt[name]["differences"]
+            entry["provenance"] = ("rebuilt, exact" if rebuilt[name]["state"] == "exact"
+                                   else "rebuilt; differs from the original: " + "; ".join(differences))
+        else:
+            problems.append(f"{path}: neither the frozen file (SHA-256 differs) nor a rebuild named in {report_path}")
     if problems:
         sys.exit("frozen models:\n  " + "\n  ".join(problems) + f"\n--models {models} must be the folder the "
-                 f"paths of {FROZEN.name} are relative to (the runs/ folder they were trained in)")
+                 f"paths of {FROZEN.name} are relative to; if the models were lost, rebuild them there "
+                 f"(BENCHMARKS.md section 8): python bench/la_rebuild_models.py --models {models}")
+    for name in left_out:
+        print(f"[note] {name} not there (optional): left out", flush=True)
+        del frozen["quality_predictors"][name]
     return frozen
 
 
@@ -300,7 +323,8 @@ def report_markdown(result: Dict) -> str:
                      "These numbers are no evidence for either issue.**\n")
     lines += [f"# LA blind check: {result['n_cases']} volumes from {result['hidden']}", "",
               f"Commit {result['commit']}, {result['date']}, {result['seconds']:.0f} s; "
-              f"frozen models checked against {FROZEN.name}.", "", "## Verdicts (rules of BENCHMARKS.md section 7)", ""]
+              f"frozen models checked against {FROZEN.name}:", "", *provenance_lines(result["frozen_models"]), "",
+              "## Verdicts (rules of BENCHMARKS.md section 7)", ""]
     for issue, verdict in result["verdicts"].items():
         lines.append(f"- **{issue}: {'MET' if verdict['met'] else 'NOT MET'}**")
         lines += [f"  - {'yes' if ok else 'no '}: {check}" for check, ok in verdict["checks"].items()]
@@ -338,6 +362,11 @@ def report_markdown(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def provenance_lines(frozen: Dict) -> List[str]:
+    """How each frozen model came to be here: the original file or a rebuild (section 8)."""
+    return [f"- {name}: {entry.get('provenance', '')}" for name, entry in frozen_entries(frozen).items()]
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -354,6 +383,9 @@ def main() -> None:
                         help="folder the frozen models' paths are relative to (default: ../runs)")
     parser.add_argument("--la", type=Path, default=HERE.parent.parent / "shared" / "data" / "LA",
                         help="the 80 development volumes (default: ../shared/data/LA)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="first rebuild the frozen models missing from --models with la_rebuild_models.py "
+                             "(BENCHMARKS.md section 8; 4-6 hours on 2 cores)")
     parser.add_argument("--retrain", action="store_true", help="also train the pipeline recipe from scratch")
     parser.add_argument("--minimal", action="store_true", help="also run the minimal MONAI script (2 seeds)")
     parser.add_argument("--allow-dev-cases", action="store_true",
@@ -367,6 +399,11 @@ def main() -> None:
     if overlap and not args.allow_dev_cases:
         sys.exit(f"{hidden}: {len(overlap)} of {len(cases)} images are development volumes (e.g. {overlap[0]}); "
                  "a blind check needs volumes nobody tuned on (--allow-dev-cases for a dry run)")
+    if args.rebuild:
+        rebuild = subprocess.run([sys.executable, str(HERE / "la_rebuild_models.py"), "--models", str(args.models),
+                                  "--la", str(args.la)])
+        if rebuild.returncode != 0:
+            sys.exit(f"the rebuild stopped (exit {rebuild.returncode}); the same command resumes it")
     frozen = verify_models(args.models.resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
