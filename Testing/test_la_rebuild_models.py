@@ -63,7 +63,7 @@ def test_a_record_is_compared_to_the_digits_it_was_written_with(rebuild, tmp_pat
     path = segmenter_checkpoint(tmp_path / "best.pt", 1.0, iteration=3200, best_metric=0.87161)
     assert rebuild.record_problems(path, {"best_iteration": 3200, "best_metric": "0.8716"}) == []
     assert rebuild.record_problems(path, {"best_metric": "0.872"}) == []
-    assert rebuild.record_problems(path, {"best_metric": "0.8717"}) == ["best_metric 0.87161, recorded 0.8717"]
+    assert rebuild.record_problems(path, {"best_metric": "0.8717"}) == ["best_metric 0.8716, recorded 0.8717"]
     assert rebuild.record_problems(path, {"best_iteration": 2000}) == ["best_iteration 3200, recorded 2000"]
     assert rebuild.record_problems(path, {"epoch": 64}) == ["epoch missing, recorded 64"]
 
@@ -85,7 +85,7 @@ def test_the_evaluation_record_checks_pipeline_and_mask_results(rebuild, tmp_pat
     assert rebuild.evaluation_problems(tmp_path, frozen) == {"not run": ["m2"], "p": []}
     write_metrics(verify / "m2_eval", {"a": 0.9, "b": 0.6})
     problems = rebuild.evaluation_problems(tmp_path, frozen)
-    assert problems["m1"] == problems["m2"] == ["the 4 masks' below_0.7 2.0000, recorded 1"]
+    assert problems["m1"] == problems["m2"] == ["the 4 masks' below_0.7 2, recorded 1"]
 
 
 def test_the_blind_check_accepts_a_rebuilt_model_by_its_weights(blind, rebuild, tmp_path, monkeypatch):
@@ -122,3 +122,8 @@ def test_a_missing_secondary_ensemble_is_left_out(blind, tmp_path, monkeypatch):
     primary.unlink()
     with pytest.raises(SystemExit, match=r"g/best\.pt: missing"):
         blind.verify_models(models)
+
+
+def test_the_blind_checks_rebuild_groups_exist(blind, rebuild):
+    assert set(blind.REBUILD_GROUPS) <= set(rebuild.GROUPS)
+    assert "g32" not in blind.REBUILD_GROUPS

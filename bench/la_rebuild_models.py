@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 FROZEN = HERE / "la_frozen_models.json"
 STUDY_CONFIG = HERE / "la_cpu.yaml"
 
+DONE = ".rebuild.done"  # written when a step's command has finished (checkpoints appear before that)
 GROUPS = ("splits", "issue2", "masks", "study", "g48", "g32", "verify")
 
 UNET = ["--set", "network_options={channels: [16,32,64,128]}", "--threads", "2"]
@@ -111,28 +112,28 @@ class Plan:
         for name, seed in (("la_sup_c", 0), ("la_sup_e", 1)):
             self.add("issue2", name, qgseg("train", "--dataset", "la16/dataset.json", *PIPELINE, "--iterations",
                                            "3600", "--val-every", "400", *AUGMENTATION, "--seed", str(seed),
-                                           "--run-dir", name), f"{name}/checkpoints/last.pt")
+                                           "--run-dir", name), f"{name}/{DONE}")
         self.add("masks", "la_sup_a", qgseg("train", "--dataset", "la16/dataset.json", *PIPELINE, "--iterations",
                                             "3600", "--val-every", "400", "--run-dir", "la_sup_a"),
-                 "la_sup_a/checkpoints/last.pt")
+                 f"la_sup_a/{DONE}")
         for name, split, iterations, every in (("sup4_it200", "la4", 200, 100), ("sup4_it800", "la4", 800, 200),
                                                ("sup16_it300", "la16", 300, 100)):
             self.add("masks", name, qgseg("train", "--dataset", f"{split}/dataset.json", *PIPELINE, "--iterations",
                                           str(iterations), "--val-every", str(every), "--run-dir", f"la_geval/{name}"),
-                     f"la_geval/{name}/checkpoints/last.pt")
+                     f"la_geval/{name}/{DONE}")
         config = self.models / "rebuild" / "la_cpu_rebuild.yaml"
         self.add("masks", "§3 study: labeled8 sup seed 0", self.study_command(config, ["sup"]),
-                 "bench/la_cpu/runs/labeled8/sup/seed0/checkpoints/best.pt")
+                 f"bench/la_cpu/sup{DONE}")
         self.add("study", "§3 study: the ten segmenters of g's real masks",
                  self.study_command(config, ["sup", "mt", "cps", "fixmatch", "ict", "cl", "mt-metassl", "dualnet"]),
-                 "bench/la_cpu/runs/labeled8/dualnet/seed0/checkpoints/best.pt")
+                 f"bench/la_cpu/study{DONE}")
         for name in G_MASK_SEGMENTERS:
             method, seed = name.rsplit("_seed", 1)
             checkpoint = f"bench/la_cpu/runs/labeled8/{method}/seed{seed}/checkpoints/best.pt"
             for split, folder in (("training", "la_extra"), ("validation", "la_gval")):
                 self.add("study", f"{name} segments the {split} cases",
                          qgseg("predict", "--checkpoint", checkpoint, "--input", "la16/dataset.json", "--split", split,
-                               "--no-mirror", "--output", f"{folder}/{name}"), f"{folder}/{name}/.done")
+                               "--no-mirror", "--output", f"{folder}/{name}"), f"{folder}/{name}/{DONE}")
         masks = [f"la_extra/{name}" for name in G_MASK_SEGMENTERS]
         validation = [f"la_gval/{name}" for name in G_MASK_SEGMENTERS]
         for group, seeds, grid in (("g48", G48_SEEDS, 48), ("g32", G32_SEEDS, 32)):
@@ -140,7 +141,7 @@ class Plan:
                 self.add(group, run_dir, qgseg("quality", "train", *G_RECIPE, "--set", f"grid_size=[{grid},{grid},{grid}]",
                                                "--extra-masks", *sorted(masks), "--validation-masks", *sorted(validation),
                                                "--seed", str(seed), "--run-dir", run_dir),
-                         f"{run_dir}/result.json", threads)
+                         f"{run_dir}/quality_result.json", threads)
         self.add_verification()
         return self
 
@@ -156,7 +157,7 @@ class Plan:
                 folder = f"rebuild/verify/{name}"
                 self.add("verify", f"{name} segments the 60 volumes",
                          qgseg("predict", "--checkpoint", entry["path"], "--input", "la16_heldout/dataset.json",
-                               "--split", "test", mirror, "--output", folder), f"{folder}/.done")
+                               "--split", "test", mirror, "--output", folder), f"{folder}/{DONE}")
                 self.add("verify", f"evaluate {name} on the 60 volumes",
                          qgseg("evaluate", "--predictions", folder, "--dataset", "la16_heldout/dataset.json",
                                "--split", "test", "--run-dir", f"{folder}_eval"), f"{folder}_eval/metrics.csv")
@@ -185,7 +186,7 @@ def run_step(step: Dict, models: Path) -> float:
     result = subprocess.run(step["command"], cwd=models, env=env)
     if result.returncode != 0:
         sys.exit(f"{step['name']} failed (exit {result.returncode}); rerun the same command to resume")
-    if step["done"].endswith(".done"):
+    if step["done"].endswith(DONE):
         done.touch()
     return time.perf_counter() - start
 
@@ -229,7 +230,7 @@ def record_problems(path: Path, record: Dict[str, str]) -> List[str]:
     """Differences between a checkpoint and its record; each recorded value is compared to the
     digits it was recorded with ("0.8716" to four decimals, 3200 exactly)."""
     facts = recorded_facts(path)
-    return [f"{key} {'missing' if facts.get(key) is None else facts[key]}, recorded {expected}"
+    return [f"{key} {'missing' if facts.get(key) is None else rounded(facts[key], expected)}, recorded {expected}"
             for key, expected in record.items() if facts.get(key) is None or not same(facts[key], expected)]
 
 
@@ -283,10 +284,14 @@ def per_case_dice(metrics_csv: Path) -> Dict[str, float]:
         return {row["case"]: float(row["dice"]) for row in csv.DictReader(handle)}
 
 
-def same(actual: float, recorded) -> bool:
+def rounded(actual: float, recorded) -> str:
+    """`actual` with as many decimals as the recorded value was written with."""
     text = str(recorded)
-    digits = len(text.split(".")[1]) if "." in text else 0
-    return f"{actual:.{digits}f}" == f"{float(text):.{digits}f}"
+    return f"{actual:.{len(text.split('.')[1]) if '.' in text else 0}f}"
+
+
+def same(actual: float, recorded) -> bool:
+    return rounded(actual, recorded) == rounded(float(recorded), recorded)
 
 
 def evaluation_problems(models: Path, frozen: Dict) -> Dict[str, List[str]]:
@@ -306,13 +311,13 @@ def evaluation_problems(models: Path, frozen: Dict) -> Dict[str, List[str]]:
         if name in results:
             dice = results[name]
             facts = {"t16_dice": np.mean([v for c, v in dice.items() if c in t16]), "all60_dice": np.mean(list(dice.values()))}
-            out[name] = [f"{key} {facts[key]:.4f}, recorded {value}" for key, value in expected.items()
+            out[name] = [f"{key} {rounded(facts[key], value)}, recorded {value}" for key, value in expected.items()
                          if not same(facts[key], value)]
     masks = [name for name in frozen["issue3_mask_segmenters"] if name in results]
     if len(masks) == len(frozen["issue3_mask_segmenters"]):
         values = np.array([v for name in masks for v in results[name].values()])
         facts = {"min_dice": values.min(), "max_dice": values.max(), "below_0.7": int((values < 0.7).sum())}
-        problems = [f"the {len(values)} masks' {key} {facts[key]:.4f}, recorded {value}"
+        problems = [f"the {len(values)} masks' {key} {rounded(facts[key], value)}, recorded {value}"
                     for key, value in record["masks"].items() if not same(facts[key], value)]
         out.update({name: problems for name in masks})
     return out
