@@ -50,7 +50,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from QGSegmentationLib.benchmark.data import make_la_split  # noqa: E402
 from QGSegmentationLib.data.io import IMAGE_EXTENSIONS, case_id_from_path  # noqa: E402
 from QGSegmentationLib.quality.evaluate import per_source_metrics  # noqa: E402
-from la_rebuild_models import frozen_entries, weights_digest  # noqa: E402
+from la_rebuild_models import frozen_entries, git_commit, per_case_dice, weights_digest  # noqa: E402
 
 FROZEN = HERE / "la_frozen_models.json"
 
@@ -225,11 +225,6 @@ def evaluate(steps: Steps, name: str, predictions: str = "") -> Dict:
             "per_case": per_case_dice(steps.out / run_dir / "metrics.csv")}
 
 
-def per_case_dice(metrics_csv: Path) -> Dict[str, float]:
-    with open(metrics_csv, newline="") as handle:
-        return {row["case"]: float(row["dice"]) for row in csv.DictReader(handle)}
-
-
 def issue2(steps: Steps, frozen: Dict, retrain: bool, minimal: bool) -> Dict:
     result = {"segmenters": {}}
     for name, entry in frozen["issue2_segmenters"].items():
@@ -368,14 +363,6 @@ def report_markdown(result: Dict) -> str:
 def provenance_lines(frozen: Dict) -> List[str]:
     """How each frozen model came to be here: the original file or a rebuild (section 8)."""
     return [f"- {name}: {entry.get('provenance', '')}" for name, entry in frozen_entries(frozen).items()]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

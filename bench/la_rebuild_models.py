@@ -138,10 +138,10 @@ class Plan:
         validation = [f"la_gval/{name}" for name in G_MASK_SEGMENTERS]
         for group, seeds, grid in (("g48", G48_SEEDS, 48), ("g32", G32_SEEDS, 32)):
             for run_dir, (seed, threads) in seeds.items():
-                self.add(group, run_dir, qgseg("quality", "train", *G_RECIPE, "--set", f"grid_size=[{grid},{grid},{grid}]",
-                                               "--extra-masks", *sorted(masks), "--validation-masks", *sorted(validation),
-                                               "--seed", str(seed), "--run-dir", run_dir),
-                         f"{run_dir}/quality_result.json", threads)
+                command = qgseg("quality", "train", *G_RECIPE, "--set", f"grid_size=[{grid},{grid},{grid}]",
+                                "--extra-masks", *sorted(masks), "--validation-masks", *sorted(validation),
+                                "--seed", str(seed), "--run-dir", run_dir)
+                self.add(group, run_dir, command, f"{run_dir}/quality_result.json", threads)
         self.add_verification()
         return self
 
@@ -235,7 +235,8 @@ def record_problems(path: Path, record: Dict[str, str]) -> List[str]:
 
 
 def frozen_entries(frozen: Dict) -> Dict[str, Dict]:
-    entries = {name: e for group in ("issue2_segmenters", "issue3_mask_segmenters") for name, e in frozen[group].items()}
+    entries = {name: e for group in ("issue2_segmenters", "issue3_mask_segmenters")
+               for name, e in frozen[group].items()}
     for name, members in frozen["quality_predictors"].items():
         entries.update({f"{name}[{i}]": e for i, e in enumerate(members)})
     return entries
@@ -267,8 +268,9 @@ def machine() -> Dict[str, str]:
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {"cpu": platform.processor() or platform.machine(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def git_commit() -> str:
@@ -306,11 +308,13 @@ def evaluation_problems(models: Path, frozen: Dict) -> Dict[str, List[str]]:
             else:
                 out["not run"].append(name)
     test16 = models / "la16" / "dataset.json"
-    t16 = {Path(c["image"]).name.split(".")[0] for c in json.loads(test16.read_text())["test"]} if test16.is_file() else set()
+    t16 = ({Path(c["image"]).name.split(".")[0] for c in json.loads(test16.read_text())["test"]}
+           if test16.is_file() else set())
     for name, expected in record["pipeline"].items():
         if name in results:
             dice = results[name]
-            facts = {"t16_dice": np.mean([v for c, v in dice.items() if c in t16]), "all60_dice": np.mean(list(dice.values()))}
+            facts = {"t16_dice": np.mean([v for c, v in dice.items() if c in t16]),
+                     "all60_dice": np.mean(list(dice.values()))}
             out[name] = [f"{key} {rounded(facts[key], value)}, recorded {value}" for key, value in expected.items()
                          if not same(facts[key], value)]
     masks = [name for name in frozen["issue3_mask_segmenters"] if name in results]
