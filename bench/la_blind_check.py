@@ -135,7 +135,8 @@ def verify_models(models: Path) -> Dict:
                 problems.append(f"{path}: missing")
         elif file_digest(path) == entry["sha256"]:
             entry["provenance"] = "original file (SHA-256 as frozen)"
-        elif name in rebuilt and rebuilt[name].get("weights_sha256") == weights_digest(path):
+        elif rebuilt.get(name, {}).get("state") in ("exact", "rebuilt") and \
+                rebuilt[name]["weights_sha256"] == weights_digest(path):
             differences = rebuilt[name]["differences"]
             entry["provenance"] = ("rebuilt, exact" if rebuilt[name]["state"] == "exact"
                                    else "rebuilt; differs from the original: " + "; ".join(differences))

@@ -248,19 +248,34 @@ def check_models(models: Path) -> Dict[str, Dict]:
     with the SHA-256 of its weights, which la_blind_check.py compares before it accepts it."""
     frozen = json.loads(FROZEN.read_text())
     evaluations = evaluation_problems(models, frozen)
+    steps = Plan(models, models).build().steps
     report = {}
     for name, entry in frozen_entries(frozen).items():
         path = models / entry["path"]
         if not path.is_file():
             report[name] = {"path": entry["path"], "state": "missing", "differences": []}
             continue
+        if not finished(entry["path"], steps, models):
+            report[name] = {"path": entry["path"], "state": "unfinished",
+                            "differences": ["its training has not finished (rerun the rebuild to resume it)"]}
+            continue
         differences = record_problems(path, entry["record"]) + evaluations.get(name, [])
         unchecked = ["evaluation record not checked (the verify group did not run)"] \
             if name in evaluations["not run"] else []
-        report[name] = {"path": entry["path"], "state": "rebuilt" if differences else "exact",
+        report[name] = {"path": entry["path"], "state": "rebuilt" if differences or unchecked else "exact",
                         "differences": differences + unchecked, "facts": recorded_facts(path),
                         "weights_sha256": weights_digest(path)}
     return report
+
+
+def finished(model_path: str, steps: List[Dict], models: Path) -> bool:
+    """Whether the step that trains `model_path` has finished (a checkpoint exists long before)."""
+    for step in steps:
+        command = step["command"]
+        run_dir = command[command.index("--run-dir") + 1] if "--run-dir" in command else None
+        if run_dir and model_path.startswith(run_dir + "/") and step["group"] != "verify":
+            return (models / step["done"]).exists()
+    return True
 
 
 def machine() -> Dict[str, str]:
