@@ -52,6 +52,7 @@ from typing import Dict, List
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the library of this checkout, installed or not
 FROZEN = HERE / "la_frozen_models.json"
 STUDY_CONFIG = HERE / "la_cpu.yaml"
 
@@ -194,11 +195,15 @@ def run_step(step: Dict, models: Path) -> float:
 # ---------------------------------------------------------------------------------------------
 # checking a model against its record
 
-def weights_digest(path: Path) -> str:
-    """SHA-256 of a checkpoint's network weights alone (names, shapes and bytes, in name order)."""
+def read_checkpoint(path: Path) -> Dict:
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_digest(checkpoint: Path | Dict) -> str:
+    """SHA-256 of a checkpoint's network weights alone (names, shapes and bytes, in name order)."""
+    state = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     if "networks" in state:
         tensors = {f"{i}.{k}": v for i, sd in enumerate(state["networks"]) for k, v in sd.items()}
     else:
@@ -211,11 +216,9 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def recorded_facts(path: Path) -> Dict[str, float]:
+def recorded_facts(checkpoint: Path | Dict) -> Dict[str, float]:
     """The facts a record names, read from the checkpoint itself."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     if "networks" in state:
         return {"iteration": state["iteration"], "best_iteration": state["best_iteration"],
                 "best_metric": state["best_metric"]}
@@ -226,10 +229,10 @@ def recorded_facts(path: Path) -> Dict[str, float]:
     return facts
 
 
-def record_problems(path: Path, record: Dict[str, str]) -> List[str]:
+def record_problems(checkpoint: Path | Dict, record: Dict[str, str]) -> List[str]:
     """Differences between a checkpoint and its record; each recorded value is compared to the
     digits it was recorded with ("0.8716" to four decimals, 3200 exactly)."""
-    facts = recorded_facts(path)
+    facts = recorded_facts(checkpoint)
     return [f"{key} {'missing' if facts.get(key) is None else rounded(facts[key], expected)}, recorded {expected}"
             for key, expected in record.items() if facts.get(key) is None or not same(facts[key], expected)]
 
@@ -259,12 +262,13 @@ def check_models(models: Path) -> Dict[str, Dict]:
             report[name] = {"path": entry["path"], "state": "unfinished",
                             "differences": ["its training has not finished (rerun the rebuild to resume it)"]}
             continue
-        differences = record_problems(path, entry["record"]) + evaluations.get(name, [])
+        state = read_checkpoint(path)  # read once for the record, the facts and the digest
+        differences = record_problems(state, entry["record"]) + evaluations.get(name, [])
         unchecked = ["evaluation record not checked (the verify group did not run)"] \
             if name in evaluations["not run"] else []
         report[name] = {"path": entry["path"], "state": "rebuilt" if differences or unchecked else "exact",
-                        "differences": differences + unchecked, "facts": recorded_facts(path),
-                        "weights_sha256": weights_digest(path)}
+                        "differences": differences + unchecked, "facts": recorded_facts(state),
+                        "weights_sha256": weights_digest(state)}
     return report
 
 
@@ -289,11 +293,11 @@ def machine() -> Dict[str, str]:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The checkout's short commit (the library's `manifest.git_commit`), or "unknown"."""
+    from QGSegmentationLib.engine.manifest import git_commit as full_commit
+
+    commit = full_commit(HERE)
+    return commit[:7] if commit else "unknown"
 
 
 def per_case_dice(metrics_csv: Path) -> Dict[str, float]:
