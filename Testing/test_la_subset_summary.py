@@ -80,3 +80,19 @@ def test_command_line_prints_every_subset_and_the_image_dependence(summary, tmp_
     out = capsys.readouterr().out
     assert "T16 n=  2" in out and "H44 n=  4" in out and "all n=  6" in out
     assert "r blacked-out 0.10, other image 0.20" in out and "passes" in out
+
+
+def test_a_segmentation_evaluation_is_split_by_subset(summary, tmp_path, capsys):
+    run = tmp_path / "seg_eval"
+    run.mkdir()
+    values = {"la_031_x": (0.4, 20.0), "a": (0.9, 2.0), "b": (0.8, 4.0), "c": (0.85, 3.0)}
+    (run / "metrics.csv").write_text("case,dice,hd95\n" + "".join(f"{c},{d},{h}\n" for c, (d, h) in values.items()))
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"test": [{"image": "imagesTr/la_031_x.nrrd"}, {"image": "imagesTr/a.nrrd"}]}))
+    summary.main([str(run), "--test-split", str(dataset)])
+    out = capsys.readouterr().out
+    t16, h44 = np.array([0.4, 0.9]), np.array([0.8, 0.85])
+    assert f"T16 n= 2  Dice {t16.mean():.4f} ± {t16.std(ddof=1):.4f}" in out
+    assert f"H44 n= 2  Dice {h44.mean():.4f} ± {h44.std(ddof=1):.4f}" in out
+    assert "HD95 7.25 mm (median 3.50), cases under 0.8: 1" in out
+    assert "la_031_x 0.400" in out

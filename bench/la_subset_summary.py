@@ -86,14 +86,34 @@ def report(run: Path, summary: Dict[str, Dict], dependence: Dict) -> List[str]:
     return lines
 
 
+def segmentation_report(run: Path, test: set) -> List[str]:
+    """T16 / H44 / all Dice (mean ± sample std, standard error), HD95 and the two odd test volumes
+    of a `qgseg evaluate` run folder (its metrics.csv)."""
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = {r["case"]: (float(r["dice"]), float(r["hd95"])) for r in csv.DictReader(handle)}
+    lines = [str(run)]
+    for name, keep in (("T16", lambda c: c in test), ("H44", lambda c: c not in test), ("all", lambda c: True)):
+        dice = np.array([d for c, (d, _) in rows.items() if keep(c)])
+        lines.append(f"  {name} n={len(dice):2d}  Dice {dice.mean():.4f} ± {dice.std(ddof=1):.4f} "
+                     f"(se {dice.std(ddof=1) / np.sqrt(len(dice)):.3f})")
+    dice, hd95 = (np.array(column) for column in zip(*rows.values()))
+    lines.append(f"  all: HD95 {hd95.mean():.2f} mm (median {np.median(hd95):.2f}), cases under 0.8: {(dice < 0.8).sum()}")
+    lines.append("  " + ", ".join(f"{c} {d:.3f}" for c, (d, _) in rows.items() if c.startswith(("la_031", "la_015"))))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders of `qgseg quality evaluate`")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run folders of `qgseg quality evaluate` (or of `qgseg evaluate`: Dice by subset)")
     parser.add_argument("--test-split", type=Path, required=True,
                         help="dataset.json whose `test` list is T16; every other case counts as H44")
     args = parser.parse_args(argv)
     test = cases_of_test_list(args.test_split)
     for run in args.runs:
+        if not (run / "quality_evaluation_rows.csv").is_file() and (run / "metrics.csv").is_file():
+            print("\n".join(segmentation_report(run, test)))  # a `qgseg evaluate` folder
+            continue
         with open(run / "quality_evaluation_rows.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         evaluation = json.loads((run / "quality_evaluation.json").read_text())
