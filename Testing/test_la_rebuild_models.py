@@ -41,6 +41,33 @@ def test_the_plan_rebuilds_every_frozen_model(rebuild, tmp_path):
     assert [s["group"] for s in plan.steps] == sorted((s["group"] for s in plan.steps), key=rebuild.GROUPS.index)
 
 
+def test_one_thread_g_seeds_run_side_by_side_and_the_rest_in_order(rebuild, tmp_path):
+    plan = rebuild.Plan(tmp_path, tmp_path / "LA").build()
+    batches = rebuild.side_by_side(plan.steps)
+    assert [s for batch in batches for s in batch] == plan.steps
+    joined = [[s["name"] for s in batch] for batch in batches if len(batch) > 1]
+    assert joined == [["la_g16s80_g48_s2", "la_g16s80_g48_s3"]]
+
+
+def test_a_batch_runs_its_steps_at_once_marks_them_done_and_names_a_failure(rebuild, tmp_path):
+    import sys
+
+    def step(name, code, threads=1):
+        return {"group": "g", "name": name, "threads": threads, "done": f"{name}/{rebuild.DONE}",
+                "command": [sys.executable, "-c", f"import pathlib, time\npathlib.Path('{name}').mkdir()\n{code}"]}
+
+    # each waits until the other has started: the batch finishes only if they run at the same time
+    wait_for = "deadline = time.time() + 30\nwhile not pathlib.Path('{}').exists():\n" \
+               "    assert time.time() < deadline, 'ran alone'\n    time.sleep(0.01)"
+    batch = [step("a", wait_for.format("b")), step("b", wait_for.format("a"))]
+    assert rebuild.run_batch(batch, tmp_path) > 0
+    assert (tmp_path / "a" / rebuild.DONE).is_file() and (tmp_path / "b" / rebuild.DONE).is_file()
+    assert rebuild.run_batch(batch, tmp_path) == 0.0  # done steps are skipped
+    with pytest.raises(SystemExit, match="c failed .exit 3.; rerun"):
+        rebuild.run_batch([step("c", "raise SystemExit(3)"), step("d", "pass")], tmp_path)
+    assert not (tmp_path / "c" / rebuild.DONE).exists() and (tmp_path / "d" / rebuild.DONE).is_file()
+
+
 def test_the_study_config_keeps_only_the_needed_unguided_runs(rebuild, tmp_path):
     from QGSegmentationLib.benchmark.config import load_bench_config
 

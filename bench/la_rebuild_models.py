@@ -28,7 +28,8 @@ resumes from its last checkpoint when the same command runs again):
   study       ten more §3 study segmenters (8 labels: sup and mt seeds 1-2, cps, fixmatch, ict, cl,
               MT with MetaSSL's loss, the dual-network method), whose masks of the training and
               validation cases teach and select g (§2c-§2d); then those masks (about 70 min)
-  g48         the primary g: four seeds of the 80-epoch 48^3 recipe (§6; 35-60 min each)
+  g48         the primary g: four seeds of the 80-epoch 48^3 recipe (§6; 27-60 min each; seeds 2
+              and 3 train side by side with one thread each, as their originals did)
   g32         the 32^3 ensemble reported beside it (seeds 3-5 of §2d; optional for the blind check)
   verify      the issue-2 and mask segmenters on the 60 held-out development volumes (~15 min)
 `rebuild_report.json` in --models lists each model: exact / rebuilt (with what differs) / missing,
@@ -176,20 +177,47 @@ class Plan:
         path.write_text(text[:start] + STUDY_RUNS + text[end + 1:])
 
 
-def run_step(step: Dict, models: Path) -> float:
-    done = models / step["done"]
-    if done.exists():
+def start_step(step: Dict, models: Path):
+    """The step's process, started; None when its done marker already exists."""
+    if (models / step["done"]).exists():
         print(f"[skip] {step['name']}: {step['done']} exists", flush=True)
-        return 0.0
+        return None
     print(f"[run ] {step['name']}: {shlex.join(step['command'])}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(step["threads"]), MKL_NUM_THREADS=str(step["threads"]))
-    start = time.perf_counter()
-    result = subprocess.run(step["command"], cwd=models, env=env)
-    if result.returncode != 0:
-        sys.exit(f"{step['name']} failed (exit {result.returncode}); rerun the same command to resume")
+    return subprocess.Popen(step["command"], cwd=models, env=env)
+
+
+def finish_step(step: Dict, models: Path, process) -> str:
+    """Wait for the step; mark it done, or return why it failed."""
+    if process.wait() != 0:
+        return f"{step['name']} failed (exit {process.returncode})"
     if step["done"].endswith(DONE):
-        done.touch()
-    return time.perf_counter() - start
+        (models / step["done"]).touch()
+    return ""
+
+
+def side_by_side(steps: List[Dict]) -> List[List[Dict]]:
+    """The steps in plan order, consecutive one-thread steps of a group joined into one batch: they
+    ran side by side when the originals were made (§6), and one thread leaves the other core free."""
+    batches: List[List[Dict]] = []
+    for step in steps:
+        previous = batches[-1] if batches else None
+        if previous and step["threads"] == 1 and all(s["threads"] == 1 and s["group"] == step["group"]
+                                                     for s in previous):
+            previous.append(step)
+        else:
+            batches.append([step])
+    return batches
+
+
+def run_batch(batch: List[Dict], models: Path) -> float:
+    """Run the batch's steps at once and wait for all; the wall time in seconds (0 if all were done)."""
+    start = time.perf_counter()
+    running = [(step, start_step(step, models)) for step in batch]
+    failures = [finish_step(step, models, process) for step, process in running if process is not None]
+    if any(failures):
+        sys.exit("; ".join(filter(None, failures)) + "; rerun the same command to resume")
+    return time.perf_counter() - start if any(process for _, process in running) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,18 +389,20 @@ def main() -> None:
     plan = Plan(models, la).build()
     steps = [s for s in plan.steps if not args.only or s["group"] in args.only]
     if args.list:
-        for step in steps:
-            threads = f"OMP_NUM_THREADS={step['threads']} " if step["threads"] != 2 else ""
-            print(f"# {step['group']}: {step['name']}\n{threads}{shlex.join(step['command'])}")
+        for batch in side_by_side(steps):
+            for step in batch:
+                threads = f"OMP_NUM_THREADS={step['threads']} " if step["threads"] != 2 else ""
+                together = " (side by side with the others of its batch)" if len(batch) > 1 else ""
+                print(f"# {step['group']}: {step['name']}{together}\n{threads}{shlex.join(step['command'])}")
         return
     if not args.check:
         models.mkdir(parents=True, exist_ok=True)
         plan.write_study_config()
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-        for step in steps:
-            seconds = run_step(step, models)
+        for batch in side_by_side(steps):
+            seconds = run_batch(batch, models)
             if seconds:
-                print(f"[done] {step['name']} in {seconds:.0f} s", flush=True)
+                print(f"[done] {' + '.join(s['name'] for s in batch)} in {seconds:.0f} s", flush=True)
     report = check_models(models)
     (models / "rebuild_report.json").write_text(json.dumps({"machine": machine(), "models": report}, indent=1))
     for name, entry in report.items():
