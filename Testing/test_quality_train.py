@@ -61,6 +61,21 @@ def test_tiny_training_writes_checkpoints_events_and_resumes(spec, tmp_path):
     assert weak_file.stat().st_mtime_ns == weak_mtime  # weak predictions were reused from the cache
 
 
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(spec, tmp_path):
+    """Stopped after epoch 2 of 3 and resumed in the middle of a reuse pool (the resumed process
+    remakes the pool's samples, which must come out the same), as the LA recipe trains."""
+    config = {**TINY, "weak": None, "p_weak": 0.0, "reuse_epochs": 3, "segmentation_head": True}
+    whole = train_quality_predictor(spec, {**config, "epochs": 3}, tmp_path / "whole", progress=False,
+                                    device="cpu")
+    train_quality_predictor(spec, {**config, "epochs": 2}, tmp_path / "resumed", progress=False, device="cpu")
+    resumed = train_quality_predictor(spec, {**config, "epochs": 3}, tmp_path / "resumed", progress=False,
+                                      device="cpu")
+    assert resumed["history"] == whole["history"]
+    a = torch.load(whole["last_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cancel_file_stops_training(spec, tmp_path):
     run = tmp_path / "g"
     request_cancel(run)

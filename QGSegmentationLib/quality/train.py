@@ -412,7 +412,9 @@ class VQMDataset:
     `reuse_epochs` > 1 a sample is made once and served again for that many epochs, each time with
     fresh random flips of the presented grid (the target Dice does not change under flips); this
     cuts the corruption cost, which dominates g's training on CPU. The cache lives in this process,
-    so it takes effect with `num_workers=0` (the CPU default)."""
+    so it takes effect with `num_workers=0` (the CPU default). What a given (epoch, index) serves
+    does not depend on the cache, so a run resumed in the middle of a pool trains exactly as an
+    uninterrupted one."""
 
     def __init__(self, cases: Sequence[VolumeCase], spec: SampleSpec, per_case: int, seed: int,
                  swap_pools: SwapPools | None = None, weak_pool=None, reuse_epochs: int = 1):
@@ -430,12 +432,16 @@ class VQMDataset:
         pool = self.epoch // self.reuse_epochs
         cached = self._cache.get(index)
         if cached is not None and cached[0] == pool:
-            return _reflip(cached[1], np.random.default_rng([self.seed, self.epoch, i, k, 1]))
-        sample = generate_sample(self.cases[i], self.spec, np.random.default_rng([self.seed, pool, i, k]),
-                                 self.swap_pools, self.weak_pool)
-        if self.reuse_epochs > 1:
-            self._cache[index] = (pool, sample)
-        return sample
+            sample = cached[1]
+        else:
+            sample = generate_sample(self.cases[i], self.spec, np.random.default_rng([self.seed, pool, i, k]),
+                                     self.swap_pools, self.weak_pool)
+            if self.reuse_epochs > 1:
+                self._cache[index] = (pool, sample)
+        if self.epoch % self.reuse_epochs == 0:  # the pool's first epoch serves samples as made
+            return sample
+        # later epochs flip them, also when a resumed run has just made the pool again
+        return _reflip(sample, np.random.default_rng([self.seed, self.epoch, i, k, 1]))
 
 
 def _reflip(sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
