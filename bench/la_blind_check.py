@@ -376,7 +376,7 @@ def main() -> None:
                         help="the 80 development volumes (default: ../shared/data/LA)")
     parser.add_argument("--rebuild", action="store_true",
                         help="first rebuild the frozen models missing from --models with la_rebuild_models.py, "
-                             "all but the optional 32^3 ensemble (BENCHMARKS.md section 8; 4-6 hours on 2 cores)")
+                             "all but the optional 32^3 ensemble (BENCHMARKS.md section 8; 3.5-6 hours on 2 cores)")
     parser.add_argument("--retrain", action="store_true", help="also train the pipeline recipe from scratch")
     parser.add_argument("--minimal", action="store_true", help="also run the minimal MONAI script (2 seeds)")
     parser.add_argument("--allow-dev-cases", action="store_true",
