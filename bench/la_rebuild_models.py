@@ -223,15 +223,17 @@ def run_batch(batch: List[Dict], models: Path) -> float:
 # ---------------------------------------------------------------------------------------------
 # checking a model against its record
 
-def read_checkpoint(path: Path) -> Dict:
+def read_checkpoint(checkpoint: Path | Dict) -> Dict:
+    """A checkpoint's state: read from its file, or as given when already read."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                      weights_only=True)
 
 
 def weights_digest(checkpoint: Path | Dict) -> str:
     """SHA-256 of a checkpoint's network weights alone (names, shapes and bytes, in name order)."""
-    state = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    state = read_checkpoint(checkpoint)
     if "networks" in state:
         tensors = {f"{i}.{k}": v for i, sd in enumerate(state["networks"]) for k, v in sd.items()}
     else:
@@ -246,7 +248,7 @@ def weights_digest(checkpoint: Path | Dict) -> str:
 
 def recorded_facts(checkpoint: Path | Dict) -> Dict[str, float]:
     """The facts a record names, read from the checkpoint itself."""
-    state = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    state = read_checkpoint(checkpoint)
     if "networks" in state:
         return {"iteration": state["iteration"], "best_iteration": state["best_iteration"],
                 "best_metric": state["best_metric"]}
