@@ -56,11 +56,7 @@ def predict_volume(model, image: np.ndarray, label_map: np.ndarray, spacing: Seq
                         f"{' or 2D slices' if model.spatial_dims == 2 else ''}, got shape {image.shape}")
     model.eval()
     if model.spatial_dims == 3:
-        box = crop_box(label_map > 0, spacing)
-        crop = np.ascontiguousarray(label_map[box])
-        shown = present(np.ascontiguousarray(image[box], np.float32),
-                        label_to_channels(crop, n_foreground + 1), grid=grid,
-                        box=tuple(slice(0, s) for s in crop.shape))
+        shown = present_volume(image, label_map, spacing, n_foreground, grid)
         return _forward(model, shown.image, shown.mask, device)[0]
     occupied = np.flatnonzero(label_map.reshape(label_map.shape[0], -1).any(1))
     slices = occupied if len(occupied) else np.array([label_map.shape[0] // 2])
@@ -79,6 +75,16 @@ def predict_volume(model, image: np.ndarray, label_map: np.ndarray, spacing: Seq
         preds.append(_forward(model, torch.cat(images[start:start + 32]), torch.cat(masks[start:start + 32]), device))
     preds, weights = np.concatenate(preds), np.asarray(weights)
     return (preds * weights).sum(0) / weights.sum(0)
+
+
+def present_volume(image: np.ndarray, label_map: np.ndarray, spacing: Sequence[float], n_foreground: int,
+                   grid: Sequence[int]):
+    """A 3D predictor's view of a whole volume (z,y,x) and a candidate label map: the mask-box crop
+    resized to `grid` (`presentation.present`), as a batch of one."""
+    box = crop_box(label_map > 0, spacing)
+    crop = np.ascontiguousarray(label_map[box])
+    return present(np.ascontiguousarray(image[box], np.float32), label_to_channels(crop, n_foreground + 1),
+                   grid=grid, box=tuple(slice(0, s) for s in crop.shape))
 
 
 def check_mask_for_model(mask: np.ndarray, n_foreground: int, path: str | os.PathLike) -> None:
