@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -190,11 +192,25 @@ def test_versions_and_requirements():
     by_name = {s.name: s for s in statuses}
     assert not by_name["monai"].ok and by_name["pyyaml"].ok and by_name["tqdm"].installed is None
     to_install = env.pip_requirements_to_install(statuses)
-    assert "monai>=1.4" in to_install and "tqdm>=4.60" in to_install
+    assert "monai>=1.5" in to_install and "tqdm>=4.60" in to_install
     # Slicer's own packages are never pip-installed from the panel.
     assert not any(r.split(">=")[0].lower() in env.SLICER_PROVIDED for r in to_install)
     assert any("numpy" in p for p in env.slicer_provided_problems(statuses))
     assert env.torch_status(lookup=lookup).installed is None
+
+
+def declared_floors() -> dict:
+    """{distribution (lower case): minimum version} of pyproject.toml's `dependencies`."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    return {name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', block)}
+
+
+def test_the_panel_checks_exactly_the_floors_pyproject_declares():
+    declared = declared_floors()
+    assert "torch" in declared and "monai" in declared  # the pattern above still reads the file
+    assert env.TORCH_REQUIREMENT == ">=" + declared.pop("torch")
+    assert {name.lower(): minimum for name, minimum in env.REQUIREMENTS} == declared
 
 
 def test_probe_torch_in_a_child_process_and_diagnostics():

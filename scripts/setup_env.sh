@@ -2,9 +2,12 @@
 # Create (or reuse) the project's virtual environment in .venv and install QGSegmentationLib into it.
 # torch is pinned to 2.13.0: on a CPU-only machine pip takes the CPU wheel; on a machine with an
 # NVIDIA driver the same pin installs the CUDA build.
+# Settings: PYTHON (the interpreter that creates the environment), VENV (its folder, .venv),
+# PINS (a requirements file installed first, e.g. scripts/test_oldest.sh's oldest versions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
 
 # Fail early, with the reason, rather than minutes later with "No space left on device".
 need_space() {  # need_space DIR MEGABYTES WHAT
@@ -15,13 +18,16 @@ need_space() {  # need_space DIR MEGABYTES WHAT
     exit 1
   fi
 }
-[ -x .venv/bin/python ] || need_space . 3000 "the virtual environment (torch, MONAI)"
+[ -x "$VENV/bin/python" ] || need_space . 3000 "the virtual environment (torch, MONAI)"
 need_space "${TMPDIR:-/tmp}" 500 "the tests' and demo's temporary files"
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ -n "${PINS:-}" ]; then
+  "$VENV/bin/python" -m pip install -q -r "$PINS"
 fi
-.venv/bin/python -m pip install -q -e ".[${1:-test}]"
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+fi
+"$VENV/bin/python" -m pip install -q -e ".[${1:-test}]"

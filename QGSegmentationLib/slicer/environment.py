@@ -16,16 +16,18 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-TORCH_REQUIREMENT = ">=2.2"
-# (distribution name, minimum version) of what the worker needs besides torch.
+TORCH_REQUIREMENT = ">=2.4.1"
+# (distribution name, minimum version) of what the worker needs besides torch: the floors of
+# pyproject.toml (Testing/test_slicer_jobs.py keeps them equal).
 REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
-    ("monai", "1.4"),
+    ("monai", "1.5"),
     ("pyyaml", "6.0"),
     ("tqdm", "4.60"),
     ("matplotlib", "3.7"),
     ("numpy", "1.24"),
     ("scipy", "1.10"),
     ("SimpleITK", "2.3"),
+    ("einops", "0.6"),
 )
 SLICER_PROVIDED = frozenset({"numpy", "vtk", "simpleitk", "scipy", "requests"})
 
