@@ -10,7 +10,7 @@ from typing import List, Optional
 from .. import __version__
 from .common import HelpFormatter
 
-COMMAND_MODULES = ("train", "predict", "evaluate", "ssl", "quality", "demo", "networks", "bench")
+COMMAND_MODULES = ("train", "predict", "evaluate", "ssl", "quality", "demo", "networks", "bench", "info")
 
 DESCRIPTION = """\
 QGSegmentation: quality-guided semi-supervised segmentation of medical images.
@@ -23,6 +23,7 @@ Typical session:
   qgseg predict --checkpoint runs/seg/checkpoints/best.pt --input D.json --split unlabeled \\
                 --quality-checkpoint runs/g/checkpoints/best.pt --output preds/
   qgseg evaluate --predictions preds/ --dataset D.json --split test
+  qgseg info                                   # versions, device, dependency check
 
 Exit codes: 0 ok, 1 other failure, 2 bad input, 3 cancelled, 4 out of memory.
 Run `qgseg COMMAND --help` for each command's options.
