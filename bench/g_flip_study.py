@@ -30,11 +30,10 @@ import torch
 
 from la_subset_summary import cases_of_test_list, report, summarise
 from QGSegmentationLib.data.dataset import load_dataset
-from QGSegmentationLib.quality.dice import mask_dice
 from QGSegmentationLib.quality.evaluate import prediction_pairs
 from QGSegmentationLib.quality.predictor import load_predictors, members_of
 from QGSegmentationLib.quality.score import present_volume
-from QGSegmentationLib.quality.train import load_cases
+from QGSegmentationLib.quality.train import dice_per_class, load_cases
 
 SPATIAL_DIMS = (2, 3, 4)  # z, y, x of a (batch, channel, z, y, x) tensor
 FLIPS = [dims for n in range(4) for dims in itertools.combinations(SPATIAL_DIMS, n)]  # 8, identity first
@@ -62,18 +61,16 @@ def predict_all_flips(members, pairs) -> np.ndarray:
     return out
 
 
-def write_rows(folder: Path, pairs, true: np.ndarray, predicted: np.ndarray) -> None:
+def write_rows(folder: Path, pairs, true: np.ndarray, predicted: np.ndarray) -> List[Dict]:
+    """The evaluation rows of one estimate, written as `quality_evaluation_rows.csv` and returned."""
+    rows = [{"case": pair.case, "category": pair.category, "class": 1, "true_dice": float(t), "predicted": float(p)}
+            for pair, t, p in zip(pairs, true, predicted)]
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "quality_evaluation_rows.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["case", "category", "class", "true_dice", "predicted"])
-        for pair, t, p in zip(pairs, true, predicted):
-            writer.writerow([pair.case, pair.category, 1, float(t), float(p)])
-
-
-def rows_of(folder: Path) -> List[Dict[str, str]]:
-    with open(folder / "quality_evaluation_rows.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stored = np.load(raw)
         true, predictions = stored["true"], stored["predictions"]
     else:
-        true = np.array([mask_dice(p.mask > 0, p.reference > 0) for p in pairs], np.float32)
+        true = np.array([dice_per_class(p.mask, p.reference, 1)[0] for p in pairs], np.float32)
         predictions = predict_all_flips(members, pairs)
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez(raw, true=true, predictions=predictions, checkpoints=np.array(args.checkpoint))
@@ -111,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for m, name in enumerate(names):
             estimate = per_member.mean(1) if name == "ensemble" else per_member[:, m]
             folder = args.out / f"{variant}_{name}"
-            write_rows(folder, pairs, true, estimate)
-            summary = summarise(rows_of(folder), test)
+            summary = summarise(write_rows(folder, pairs, true, estimate), test)
             (folder / "summary.json").write_text(json.dumps(summary, indent=1))
             table[(variant, name)] = summary["g"]
             print("\n".join(report(folder, summary, {})))
