@@ -64,6 +64,26 @@ def test_help_wraps_long_descriptions_and_keeps_examples_verbatim(monkeypatch):
     assert "  qgseg train --dataset" in train_help  # an example line, indentation kept
 
 
+def test_help_rewraps_prose_paragraphs_evenly_on_a_narrow_terminal(monkeypatch):
+    from QGSegmentationLib.cli.common import HelpFormatter
+
+    monkeypatch.setenv("COLUMNS", "60")
+    source = ("Defaults: paper settings (AdamW 3e-4, cosine warm restarts, SmoothL1),\n"  # 70 > 58 wide
+              "early stop on validation MAE, 50 masks per case per epoch on a GPU.\n"
+              "Short line kept.\n"
+              "\n"
+              "Examples:\n"
+              "  qgseg quality train --dataset Task/dataset.json --run-dir runs/g --epochs 40 --backbone resnet18\n")
+    parser = argparse.ArgumentParser(prog="x", epilog=source, formatter_class=HelpFormatter)
+    epilog = parser.format_help().split("Defaults:", 1)[1]
+    lines = ("Defaults:" + epilog).splitlines()
+    prose = lines[:lines.index("Short line kept.")]
+    assert len(prose) >= 3 and all(len(line) <= 58 for line in prose)
+    assert all(len(line) >= 40 for line in prose[:-1]), prose  # even lines, no short stubs mid-paragraph
+    assert " ".join(prose) == " ".join(source.split("\nShort")[0].split())  # same words, same order
+    assert "  qgseg quality train --dataset Task/dataset.json --run-dir runs/g --epochs 40 --backbone resnet18" in lines
+
+
 def test_missing_dataset_exits_2_with_clear_error(tmp_path):
     missing = tmp_path / "nope" / "dataset.json"
     res = run_cli("train", "--dataset", str(missing), "--run-dir", str(tmp_path / "r"),

@@ -37,20 +37,52 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        """Wrap long prose lines; keep short and indented ones (examples) exactly as written."""
-        lines = []
-        for line in text.splitlines():
-            if len(line) > width and not line[:1].isspace():
-                lines.extend(textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent))
+        """Re-wrap prose paragraphs too wide for the terminal; keep the rest exactly as written.
+
+        Indented lines (examples, lists) are never touched. Prose is split into paragraphs at
+        blank and indented lines and after a line ending in "." or ":", the hand-made breaks; a
+        paragraph with a line wider than the terminal is joined and wrapped as a whole, so a
+        narrow terminal shows even lines instead of one long and one short line per source line.
+        """
+        out = []
+        for paragraph in _prose_paragraphs(text.splitlines()):
+            if len(paragraph) == 1 and (not paragraph[0] or paragraph[0][:1].isspace()):
+                out.append(indent + paragraph[0] if paragraph[0] else "")
+            elif max(len(line) for line in paragraph) > width:
+                out.extend(textwrap.wrap(" ".join(paragraph), width, initial_indent=indent,
+                                         subsequent_indent=indent))
             else:
-                lines.append(indent + line)
-        return "\n".join(lines)
+                out.extend(indent + line for line in paragraph)
+        return "\n".join(out)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if _says_nothing(action.default) or "default" in text:
             return text
         return super()._get_help_string(action)
+
+
+def _prose_paragraphs(lines):
+    """Group lines: consecutive prose lines form one paragraph; blank and indented lines stand alone."""
+    paragraph = []
+    for line in lines:
+        if not line.strip() or line[:1].isspace():
+            if paragraph:
+                yield paragraph
+                paragraph = []
+            yield [line if line.strip() else ""]
+            continue
+        paragraph.append(line)
+        if line.rstrip().endswith((".", ":")):
+            yield paragraph
+            paragraph = []
+    if paragraph:
+        yield paragraph
+
+
+def command_line(args: argparse.Namespace) -> list:
+    """The command as typed, `["qgseg", ...]`, for manifests: rerunning it reproduces the run."""
+    return ["qgseg", *getattr(args, "argv", sys.argv[1:])]
 
 
 def _says_nothing(default: Any) -> bool:
@@ -115,7 +147,7 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
     except QGSegError as exc:  # no run folder or event stream yet: report on stderr only
         print(f"qgseg: error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return exc.exit_code
-    ctx.events.emit("start", command=command, argv=sys.argv[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
+    ctx.events.emit("start", command=command, argv=command_line(args)[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
     ctx.events.heartbeat_thread()
     code, status = EXIT_OK, "ok"
     try:
@@ -157,9 +189,9 @@ def _ensure_manifest(ctx: RunContext, args: argparse.Namespace, status: str) -> 
             return
     options = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else
                    [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
-               for k, v in vars(args).items() if not callable(v)}
+               for k, v in vars(args).items() if not callable(v) and k != "argv"}
     try:
-        write_manifest(ctx.run_dir, command=["qgseg", *sys.argv[1:]], config=options,
+        write_manifest(ctx.run_dir, command=command_line(args), config=options,
                        device=str(getattr(args, "device", "")), seed=getattr(args, "seed", None),
                        started=ctx.started, status=status)
     except OSError as exc:  # a run that failed for want of disk space still ends its event stream
