@@ -10,7 +10,7 @@ import pytest
 
 from QGSegmentationLib.data import io
 from QGSegmentationLib.data.dataset import (dataset_from_files, load_dataset, parse_labels,
-                                            split_validation, validate_dataset)
+                                            split_validation, validate_dataset, write_split_file)
 from QGSegmentationLib.data.phantom import make_phantom_dataset
 from QGSegmentationLib.errors import DataError
 
@@ -145,6 +145,39 @@ def test_split_validation_is_deterministic(phantom):
     assert split_validation(a, 1, seed=0) is a  # already has validation cases
     with pytest.raises(DataError, match="at least one must remain"):
         split_validation(spec, 4, seed=0)
+
+
+def test_a_runs_split_file_reads_back_as_the_dataset_with_its_groups(phantom, tmp_path):
+    spec = load_dataset(phantom)
+    held_out = split_validation(spec, 1, seed=5)
+    path = write_split_file(held_out, tmp_path / "run" / "split.json", written_by="test")
+    loaded = load_dataset(path)
+    assert loaded.training == held_out.training and loaded.validation == held_out.validation
+    assert loaded.test == spec.test and loaded.unlabeled == spec.unlabeled and loaded.labels == spec.labels
+    assert loaded.source == path and loaded.root == spec.root
+    assert write_split_file(dataset_from_files([spec.training[0].image], [spec.training[0].label]),
+                            tmp_path / "none.json", written_by="test") is None  # no dataset.json to name
+    assert not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"validation": ["nope_1"]}, "nope_1"),
+    ({"training": "case_000"}, "must be a list of case ids"),
+    ({"dataset": "missing/dataset.json"}, "does not exist"),
+    ({"validation": ["case_000"], "training": ["case_000", "case_001"]}, "both"),
+    ({"training": []}, "\"training\" is empty"),
+])
+def test_bad_split_files_name_the_file_and_the_problem(phantom, tmp_path, change, fragment):
+    path = write_split_file(split_validation(load_dataset(phantom), 1, seed=0), tmp_path / "split.json", "test")
+    rewrite(path, **change)
+    expect_error(path, fragment)
+
+
+def test_a_split_file_must_name_a_dataset_not_another_split_file(phantom, tmp_path):
+    first = write_split_file(split_validation(load_dataset(phantom), 1, seed=0), tmp_path / "a.json", "test")
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps({**json.loads(first.read_text()), "dataset": str(first)}))
+    expect_error(second, "itself a split file")
 
 
 def test_validate_dataset_summary(phantom):

@@ -117,6 +117,7 @@ def test_cli_train_predict_evaluate(phantom_3d, tmp_path, mode, patch):
     assert events[-1]["status"] == "ok" and events[-1]["exit_code"] == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["mode"] == mode and manifest["seed"] == 0 and manifest["versions"]["torch"]
+    assert manifest["command"][:3] == ["qgseg", "train", "--dataset"] and "--iterations" in manifest["command"]
 
     preds = tmp_path / "preds"
     res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"),  # an ensemble of two
@@ -137,6 +138,37 @@ def test_cli_train_predict_evaluate(phantom_3d, tmp_path, mode, patch):
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["n_cases"] == 2
     assert 0.0 <= summary["summary"]["dice"]["mean"] <= 1.0
+
+
+def test_held_out_validation_cases_are_addressed_through_the_runs_split_file(tmp_path):
+    """A dataset without a "validation" list: training holds cases out and lists them in
+    split.json, which predict and evaluate take in place of the dataset.json."""
+    from QGSegmentationLib.data.dataset import load_dataset
+    from QGSegmentationLib.data.phantom import make_phantom_dataset
+
+    dataset = make_phantom_dataset(tmp_path / "ds", n_labeled=3, n_unlabeled=0, n_test=0,
+                                   shape=(16, 32, 32), seed=2)
+    run = tmp_path / "run"
+    Trainer(tiny_config(dataset, iterations=2, val_every=2), run, progress_bar=False).fit()
+    held_out = load_dataset(run / "split.json")
+    assert len(held_out.validation) == 1 and len(held_out.training) == 2
+    assert {c.id for c in held_out.training + held_out.validation} == {c.id for c in load_dataset(dataset).training}
+
+    res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--input", str(dataset),
+                  "--split", "validation", "--output", str(tmp_path / "p"), "--no-mirror", "--quiet")
+    assert res.returncode == 2 and "lists no \"validation\" cases" in res.stderr and "split.json" in res.stderr
+    assert not (tmp_path / "p").exists()
+    res = run_cli("predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--input", str(run / "split.json"),
+                  "--split", "validation", "--output", str(tmp_path / "p"), "--no-mirror", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.seg.nrrd")) == [f"{held_out.validation[0].id}.seg.nrrd"]
+    res = run_cli("evaluate", "--predictions", str(tmp_path / "p"), "--dataset", str(dataset), "--split",
+                  "validation", "--run-dir", str(tmp_path / "e0"), "--quiet")
+    assert res.returncode == 2 and "split.json" in res.stderr
+    res = run_cli("evaluate", "--predictions", str(tmp_path / "p"), "--dataset", str(run / "split.json"),
+                  "--split", "validation", "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["n_cases"] == 1
 
 
 def test_multiclass_training_runs(phantom_multiclass, tmp_path):

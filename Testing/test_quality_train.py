@@ -158,6 +158,10 @@ def test_train_cli_streams_a_valid_event_protocol(spec, tmp_path, capsys):
     validate_stream(events)
     assert events[-1]["status"] == "ok" and events[-1]["outputs"]["checkpoint"].endswith("best.pt")
     assert (tmp_path / "g" / "checkpoints" / "best.pt").is_file()
+    split = load_dataset(tmp_path / "g" / "split.json")  # the cases g trained and was selected on
+    assert len(split.validation) == 1 and {c.id for c in split.training + split.validation} == {c.id for c in spec.training}
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["command"][:4] == ["qgseg", "quality", "train", "--dataset"]
 
 
 def test_train_cli_rejects_unknown_option_with_exit_2(spec, tmp_path, capsys):

@@ -45,7 +45,11 @@ def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
     if args.dataset:
         from ..data.dataset import load_dataset
 
+        from ..data.dataset import empty_group_message
+
         refs = [(r.id, Path(r.label)) for r in getattr(load_dataset(args.dataset), args.split) if r.label]
+        if not refs:
+            raise DataError(empty_group_message(args.dataset, args.split, "cases with a reference label"))
     else:
         folder = Path(args.references)
         if not folder.is_dir():

@@ -70,6 +70,10 @@ def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
             from ..data.dataset import load_dataset
 
             spec = load_dataset(path)
+            if split != "all" and not spec.group(split):
+                from ..data.dataset import empty_group_message
+
+                raise DataError(empty_group_message(path, split))
             groups = ["training", "validation", "test", "unlabeled"] if split == "all" else [split]
             for group in groups:
                 out += [(ref.id, Path(ref.image)) for ref in getattr(spec, group)]

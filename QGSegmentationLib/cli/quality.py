@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..errors import ConfigError
-from .common import HelpFormatter, add_run_options, run_with_events
+from .common import HelpFormatter, add_run_options, command_line, run_with_events
 
 TRAIN_EPILOG = """\
 What it does:
@@ -268,7 +268,7 @@ def run_train(args: argparse.Namespace) -> int:
             status = "ok"
         finally:
             if ctx.is_main:
-                write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=config.to_dict(),
+                write_manifest(ctx.run_dir, command=command_line(args), config=config.to_dict(),
                                device=args.device, seed=config.seed, started=ctx.started, status=status,
                                extra={"dataset": str(args.dataset), "seeds": args.seeds})
         return outputs

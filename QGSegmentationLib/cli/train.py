@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
-from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+from .common import HelpFormatter, RunContext, add_run_options, command_line, run_with_events
 
 EXAMPLES = """
 examples:
@@ -116,7 +116,7 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         status = "ok"
     finally:
         if ctx.is_main:  # under torchrun only rank 0 writes run files
-            write_manifest(ctx.run_dir, command=["qgseg", ctx.command], config=cfg.to_dict(),
+            write_manifest(ctx.run_dir, command=command_line(args), config=cfg.to_dict(),
                            device=str(trainer.device), seed=cfg.seed, started=ctx.started,
                            status=status if status == "ok" else "interrupted")
     if ctx.is_main:

@@ -4,6 +4,11 @@
 dataset folder, missing files) and reports every problem at once; `validate_dataset` then opens
 every file and checks what the training code relies on (3D scalar volumes, matching image/label
 geometry, label values declared in "labels").
+
+A *split file* (`split.json`, written by every training run into its folder) names a dataset.json
+and lists which of its cases went to training and validation, by case id. `load_dataset` reads it
+as the dataset with those groups, so `--dataset runs/seg/split.json --split validation` addresses
+the cases a run held out for validation when the dataset itself lists none.
 """
 
 from __future__ import annotations
@@ -213,6 +218,8 @@ def load_dataset(path: str | os.PathLike) -> DatasetSpec:
     desc = read_json(path, "dataset description")
     if not isinstance(desc, Mapping):
         raise DataError(f"{path}: expected a JSON object at the top level")
+    if SPLIT_BASE_KEY in desc:
+        return _load_split_file(path, desc)
     problems = _Problems(str(path))
     root = Path(os.path.abspath(path.parent))
     if "labels" not in desc:
@@ -242,6 +249,69 @@ def load_dataset(path: str | os.PathLike) -> DatasetSpec:
         problems.add("no labeled cases: \"training\" is empty")
     problems.raise_if_any()
     return DatasetSpec(root=root, labels=labels, source=path, **groups)
+
+
+SPLIT_BASE_KEY = "dataset"
+SPLIT_GROUPS = ("training", "validation")
+
+
+def write_split_file(spec: DatasetSpec, path: str | os.PathLike, written_by: str) -> Path | None:
+    """Record which cases of `spec.source` a run trained and validated on, as a split file that
+    `load_dataset` reads back (None, and nothing written, for a spec not made from a file)."""
+    from ..fileio import write_json_atomic
+
+    if spec.source is None:
+        return None
+    return write_json_atomic(path, {
+        SPLIT_BASE_KEY: str(Path(os.path.abspath(spec.source))),
+        "written_by": written_by,
+        **{group: [case.id for case in spec.group(group)] for group in SPLIT_GROUPS},
+    })
+
+
+def _load_split_file(path: Path, desc: Mapping) -> DatasetSpec:
+    """The dataset a split file names, with its "training" and "validation" groups replaced by the
+    listed case ids (test and unlabeled cases as the dataset has them)."""
+    base_path = desc[SPLIT_BASE_KEY]
+    if not isinstance(base_path, str) or not base_path.strip():
+        raise DataError(f"{path}: \"{SPLIT_BASE_KEY}\" must name a dataset.json, got {base_path!r}")
+    base_file = Path(base_path) if Path(base_path).is_absolute() else path.parent / base_path
+    if not base_file.exists():
+        raise DataError(f"{path}: the dataset it splits, {base_file}, does not exist")
+    if SPLIT_BASE_KEY in (read_json(base_file, "dataset description") or {}):
+        raise DataError(f"{path}: names {base_file}, which is itself a split file; name the dataset.json")
+    base = load_dataset(base_file)
+    labeled = {case.id: case for case in base.training + base.validation}
+    problems = _Problems(str(path))
+    groups = {}
+    for group in SPLIT_GROUPS:
+        ids = desc.get(group)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            problems.add(f"\"{group}\" must be a list of case ids")
+            continue
+        unknown = [i for i in ids if i not in labeled]
+        if unknown:
+            problems.add(f"\"{group}\" names case(s) that are not labeled cases of {base_file}: "
+                         + ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
+        groups[group] = tuple(labeled[i] for i in ids if i in labeled)
+    if not problems.items:
+        _check_duplicates(groups, problems)
+        if set(groups["training"]) & set(groups["validation"]):
+            problems.add("a case is listed in both \"training\" and \"validation\"")
+        if not groups["training"]:
+            problems.add("no labeled cases: \"training\" is empty")
+    problems.raise_if_any()
+    return replace(base, source=path, **groups)
+
+
+def empty_group_message(source, group: str, cases: str = "cases") -> str:
+    """Why a dataset's group is empty, and what to pass instead for held-out validation cases."""
+    message = f"{source} lists no \"{group}\" {cases}"
+    if group == "validation":
+        message += (" (when a dataset has none, training holds --n-validation of its training cases "
+                    "out and lists them in <run-dir>/split.json: pass that file instead of the "
+                    "dataset.json, e.g. runs/seg/split.json)")
+    return message
 
 
 def dataset_from_files(images: Sequence, labels: Sequence, unlabeled: Sequence = (),

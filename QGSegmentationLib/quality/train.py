@@ -66,6 +66,7 @@ LAST_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "quality_history.json"
 CURVE_FILE = "quality_training_curve.png"
 CALIBRATION_FILE = "quality_calibration_validation.png"
+SPLIT_FILE = "split.json"  # the training and validation cases of the run, by id
 RESULT_FILE = "quality_result.json"
 ROI_MARGIN_FRACTION = 0.5
 CPU_SAMPLES_PER_CASE = 8
@@ -490,9 +491,10 @@ def pearson(a: Sequence[float], b: Sequence[float]) -> float:
 
 # -------------------------------------------------------------------------------- training
 
-def _split_cases(source, config: QualityTrainConfig):
-    """(training refs or cases, validation ..., labels dict) from a DatasetSpec or case lists."""
-    from ..data.dataset import DatasetSpec, split_validation
+def _split_cases(source, config: QualityTrainConfig, split_file: Path | None = None):
+    """(training refs or cases, validation ..., labels dict) from a DatasetSpec or case lists.
+    For a DatasetSpec the split is also written to `split_file` (see `write_split_file`)."""
+    from ..data.dataset import DatasetSpec, split_validation, write_split_file
 
     if isinstance(source, DatasetSpec):
         spec = source
@@ -501,6 +503,8 @@ def _split_cases(source, config: QualityTrainConfig):
                                             if len(spec.training) >= 2 else 0)
             if n_val:
                 spec = split_validation(spec, n_val, config.seed)
+        if split_file is not None:
+            write_split_file(spec, split_file, written_by="qgseg quality train")
         return load_cases(spec.training, spec.labels), load_cases(spec.validation, spec.labels), \
             dict(spec.labels)
     if isinstance(source, Mapping):
@@ -916,7 +920,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     stage = _stage_reporter(events, progress)
 
     stage("loading cases", 1, 4)
-    train_cases, val_cases, labels = _split_cases(source, config)
+    train_cases, val_cases, labels = _split_cases(source, config,
+                                                  split_file=run_dir / SPLIT_FILE if dist.is_main else None)
     n_foreground = _check_cases(train_cases, val_cases, labels)
     model_config = predictor_config(n_foreground=n_foreground, mode=config.mode,
                                     backbone=config.backbone, grid_size=config.grid_size,
