@@ -32,12 +32,15 @@ def spec(tmp_path_factory):
     return load_dataset(make_phantom_dataset(root, n_labeled=4, n_unlabeled=0, shape=(16, 24, 24)))
 
 
-def test_tiny_training_writes_checkpoints_events_and_resumes(spec, tmp_path):
+def test_tiny_training_writes_checkpoints_events_and_resumes(spec, tmp_path, capsys):
     run = tmp_path / "g"
     events = EventWriter.open(run / "events.jsonl")
-    result = train_quality_predictor(spec, {**TINY, "epochs": 2}, run, events=events, progress=False,
+    result = train_quality_predictor(spec, {**TINY, "epochs": 2}, run, events=events, progress=True,
                                      device="cpu")
     events.close()
+    terminal = capsys.readouterr().err
+    for line in ("[quality 2/4] weak segmenter snapshots", "weak segmenter: ", "quality predictor: "):
+        assert line in terminal, line  # every long stage shows a bar, the weak segmenter's too
     assert result["epochs_run"] == 2 and len(result["history"]) == 2
     assert result["n_training_cases"] == 3 and result["n_validation_cases"] == 1
     for key in ("best_checkpoint", "last_checkpoint", "curve", "calibration"):

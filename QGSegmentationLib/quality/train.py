@@ -681,7 +681,7 @@ def _check_cases(train_cases, val_cases, labels) -> int:
 
 
 def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_dir: Path, dist, events,
-               cancel, stage):
+               cancel, stage, progress: bool = False):
     """Weak-segmenter snapshots' masks (trained once, cached) plus --extra-masks, or None."""
     from ..engine.device import translate_oom
     from .weak import WeakConfig, load_mask_folders, merged_pool, train_weak_snapshots
@@ -691,8 +691,14 @@ def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_d
         stage("weak segmenter snapshots", 2, 4)
         weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
         weak_start = time.perf_counter()
+        bars = []  # made at the first step, when the total is known
 
         def weak_progress(step, total):
+            if progress and dist.is_main:
+                if not bars:
+                    bars.append(_progress_bar(True, total, 0, desc="weak segmenter", smoothing=0))  # snapshot steps are slow
+                if bars[0] is not None:
+                    bars[0].update(step - bars[0].n)
             if events is not None and (step % 10 == 0 or step == total):
                 eta = (time.perf_counter() - weak_start) / step * (total - step)  # snapshots' predictions included
                 events.progress(step, total, eta_s=eta, stage="weak segmenter")
@@ -704,7 +710,11 @@ def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_d
                                             cancel=cancel)
 
         if dist.is_main:  # rank 0 trains and caches the snapshots; the others then read the cache
-            weak_pool = make_weak_pool()
+            try:
+                weak_pool = make_weak_pool()
+            finally:
+                if bars and bars[0] is not None:
+                    bars[0].close()
         dist.barrier()
         if not dist.is_main:
             weak_pool = make_weak_pool()
@@ -814,14 +824,16 @@ def _training_step(opt: _Optimisation, batch, config: QualityTrainConfig, device
     return loss
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str = "quality predictor",
+                  smoothing: float = 0.3):
+    """A terminal bar; `smoothing=0` bases the ETA on the average rate, for steps of uneven cost."""
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=total, initial=initial, desc="quality predictor", file=sys.stderr, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False, smoothing=smoothing)
 
 
 def _validate(opt: _Optimisation, validation: _Validation, dist) -> Dict[str, float]:
@@ -929,7 +941,7 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
                                     class_names=[labels[v] for v in range(1, n_foreground + 1)],
                                     segmentation_head=config.segmentation_head)
     vqm_config = _make_vqm_config(config.vqm, config.p_weak)
-    weak_pool = _weak_pool(config, train_cases, n_foreground, run_dir, dist, events, cancel, stage)
+    weak_pool = _weak_pool(config, train_cases, n_foreground, run_dir, dist, events, cancel, stage, progress)
 
     stage("quality predictor", 3, 4)
     per_case = config.resolved_samples_per_case(dev.type)
