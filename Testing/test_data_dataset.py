@@ -158,6 +158,8 @@ def test_a_runs_split_file_reads_back_as_the_dataset_with_its_groups(phantom, tm
     assert write_split_file(dataset_from_files([spec.training[0].image], [spec.training[0].label]),
                             tmp_path / "none.json", written_by="test") is None  # no dataset.json to name
     assert not (tmp_path / "none.json").exists()
+    again = write_split_file(loaded, tmp_path / "run2" / "split.json", written_by="test")  # a run on a split
+    assert json.loads(again.read_text())["dataset"] == str(phantom) and load_dataset(again).training == loaded.training
 
 
 @pytest.mark.parametrize("change,fragment", [

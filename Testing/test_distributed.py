@@ -52,7 +52,7 @@ SSL_OPTIONS = {"teacher_noise_std": 0.0, "consistency_rampup_epochs": 0.0}
 QUALITY = {"samples_per_case": 4, "val_samples_per_case": 2, "grid_size": [16, 16, 16], "p_weak": 0.5,
            "weak": {"epochs": 2, "snapshot_epochs": [1, 2], "patch_size": [16, 24, 24]}}
 SEGMENTER_FILES = {"checkpoints/best.pt", "checkpoints/last.pt", "events.jsonl", "history.json",
-                   "manifest.json", "training_curves.png"}
+                   "manifest.json", "split.json", "training_curves.png"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -299,7 +299,7 @@ def test_quality_training_two_processes(phantom_3d, tmp_path):
     assert written == {"checkpoints/best.pt", "checkpoints/last.pt", "events.jsonl", "quality_history.json",
                        "quality_result.json", "quality_training_curve.png",
                        "quality_calibration_validation.png", "weak/weak_predictions.json",
-                       "weak/weak_predictions.npz", "manifest.json"}
+                       "weak/weak_predictions.npz", "manifest.json", "split.json"}
     events = read_events(run_dir / "events.jsonl")
     validate_stream(events)
     assert [e["event"] for e in events].count("start") == 1

@@ -218,7 +218,7 @@ def load_dataset(path: str | os.PathLike) -> DatasetSpec:
     desc = read_json(path, "dataset description")
     if not isinstance(desc, Mapping):
         raise DataError(f"{path}: expected a JSON object at the top level")
-    if SPLIT_BASE_KEY in desc:
+    if _is_split_file(desc):
         return _load_split_file(path, desc)
     problems = _Problems(str(path))
     root = Path(os.path.abspath(path.parent))
@@ -262,23 +262,37 @@ def write_split_file(spec: DatasetSpec, path: str | os.PathLike, written_by: str
 
     if spec.source is None:
         return None
+    source = Path(os.path.abspath(spec.source))
+    desc = read_json(source, "dataset description")
+    if _is_split_file(desc):  # a run on another run's split: name the dataset itself
+        source = _split_base(source, desc)
     return write_json_atomic(path, {
-        SPLIT_BASE_KEY: str(Path(os.path.abspath(spec.source))),
+        SPLIT_BASE_KEY: str(source),
         "written_by": written_by,
         **{group: [case.id for case in spec.group(group)] for group in SPLIT_GROUPS},
     })
 
 
+def _is_split_file(desc) -> bool:
+    """A split file names its dataset and has no "labels" of its own."""
+    return isinstance(desc, Mapping) and SPLIT_BASE_KEY in desc and "labels" not in desc
+
+
+def _split_base(path: Path, desc: Mapping) -> Path:
+    """The dataset.json a split file names (relative names are relative to the split file)."""
+    base = desc[SPLIT_BASE_KEY]
+    if not isinstance(base, str) or not base.strip():
+        raise DataError(f"{path}: \"{SPLIT_BASE_KEY}\" must name a dataset.json, got {base!r}")
+    return Path(base) if Path(base).is_absolute() else path.parent / base
+
+
 def _load_split_file(path: Path, desc: Mapping) -> DatasetSpec:
     """The dataset a split file names, with its "training" and "validation" groups replaced by the
     listed case ids (test and unlabeled cases as the dataset has them)."""
-    base_path = desc[SPLIT_BASE_KEY]
-    if not isinstance(base_path, str) or not base_path.strip():
-        raise DataError(f"{path}: \"{SPLIT_BASE_KEY}\" must name a dataset.json, got {base_path!r}")
-    base_file = Path(base_path) if Path(base_path).is_absolute() else path.parent / base_path
+    base_file = _split_base(path, desc)
     if not base_file.exists():
         raise DataError(f"{path}: the dataset it splits, {base_file}, does not exist")
-    if SPLIT_BASE_KEY in (read_json(base_file, "dataset description") or {}):
+    if _is_split_file(read_json(base_file, "dataset description")):
         raise DataError(f"{path}: names {base_file}, which is itself a split file; name the dataset.json")
     base = load_dataset(base_file)
     labeled = {case.id: case for case in base.training + base.validation}
