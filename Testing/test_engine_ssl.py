@@ -97,6 +97,7 @@ def test_guided_ssl_cli_and_scored_predictions(phantom_3d, tmp_path, tiny_qualit
     assert len(rows) == 4
     qualities = [float(r["predicted_quality"]) for r in rows]
     assert qualities == sorted(qualities) and all(0.0 <= q <= 1.0 for q in qualities)
+    assert f"worst first, in {out / 'scores.csv'}" in res.stdout  # the user is told where to look
 
     # --second-opinion: the segmenter as its own second opinion agrees exactly, and without g the
     # rows are ordered by that agreement

@@ -159,7 +159,8 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         key = _sort_key(rows)
         worst = sorted(rows, key=lambda r: r[key])[:5]
         ctx.say(f"lowest {key.replace('_', ' ')}: " + ", ".join(f"{r['case']}:{r['segment']}={r[key]:.2f}" for r in worst))
-    ctx.say(f"wrote {len(written)} segmentations to {out_dir}")
+    ctx.say(f"wrote {len(written)} segmentations to {out_dir}"
+            + (f"; every case's score, worst first, in {result['scores']}" if scoring else ""))
     return result
 
 
