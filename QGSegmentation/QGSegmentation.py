@@ -171,6 +171,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
         self.ui.nextUnreviewedButton.connect("clicked(bool)", self.onNextUnreviewed)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.useApprovedButton.connect("clicked(bool)", self.onUseApproved)
         self.ui.lowThresholdSpinBox.connect("valueChanged(double)", self.onThresholdsChanged)
         self.ui.highThresholdSpinBox.connect("valueChanged(double)", self.onThresholdsChanged)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
@@ -391,6 +392,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.nextUnreviewedButton):
             button.enabled = controls.review_enabled and self._currentReviewCase is not None
         self.ui.exportCsvButton.enabled = len(self.logic.review) > 0
+        self.ui.useApprovedButton.enabled = controls.inputs_enabled and bool(self.logic.review.approved_references())
         self.ui.statusLabel.text = controls.state_label
         self.ui.progressBar.visible = controls.progress_visible
         self.ui.openRunFolderButton.enabled = self.logic.job is not None
@@ -601,6 +603,30 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             self.logic.review.export_csv(path)
             self._appendLog(f"review exported to {path}")
+
+    @handler("Failed to add the approved cases to the labeled ones.")
+    def onUseApproved(self, _=None):
+        references = self.logic.review.approved_references()
+        changed = self._makeLabeled(references)
+        self._appendLog(f"{changed} approved case(s) are now labeled, each with its reviewed segmentation "
+                        "as reference: Train to learn from them.")
+        self.updateControls()
+
+    def _makeLabeled(self, references: dict) -> int:
+        """Set the Cases rows of the volumes in {volume ID: segmentation ID} to used, labeled, with
+        that reference; returns how many rows changed."""
+        table = self.ui.casesTable
+        changed = 0
+        for row in range(table.rowCount):
+            name = table.item(row, 1)
+            volume_id = name.data(qt.Qt.UserRole) if name is not None else None
+            if volume_id not in references:
+                continue
+            table.item(row, 0).setCheckState(qt.Qt.Checked)
+            table.cellWidget(row, 2).setCurrentText("labeled")
+            table.cellWidget(row, 3).setCurrentNodeID(references[volume_id])
+            changed += 1
+        return changed
 
     # --- Models section ------------------------------------------------------------------------------------
     @handler("Failed to save the model.", wait_cursor=True)

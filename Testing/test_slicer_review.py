@@ -59,6 +59,19 @@ def test_actions_filters_progress_and_signal():
         m.approve("zzz")
 
 
+def test_approved_cases_offer_their_segmentations_as_references():
+    m = ReviewModel([ReviewRow("a", volume_id="vA", segmentation_id="sA", scores={"organ": 0.9}),
+                     ReviewRow("b", volume_id="vB", segmentation_id="sB", scores={"organ": 0.4}),
+                     ReviewRow("c", volume_id="vC", segmentation_id="sC", scores={"organ": 0.8})])
+    assert m.approved_references() == {}
+    m.approve("a")
+    m.flag("b")
+    m.approve("c")
+    assert m.approved_references() == {"vA": "sA", "vC": "sC"}  # flagged and unreviewed ones stay out
+    m.set_status("c", "unreviewed")
+    assert m.approved_references() == {"vA": "sA"}
+
+
 def test_next_unreviewed_wraps_and_ends():
     m = model()
     assert m.next_unreviewed().case == "e"

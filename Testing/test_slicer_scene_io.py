@@ -301,6 +301,29 @@ def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
         np.testing.assert_allclose(scene_io.ijk_to_ras(vol2), matrix, atol=1e-4)
 
 
+def test_an_approved_result_is_exported_as_the_reference_of_a_labeled_case(headless, masks, tmp_path):
+    """'Use approved as labeled': the next training's labels are the reviewed segmentation, as edited."""
+    scene = headless.scene
+    image, organ, lesion = masks
+    matrix, _ = oblique_ijk_to_ras()
+    vol = add_volume(scene, "CT A", image, matrix)
+    write_itk_label(tmp_path / "A.nrrd", organ + 2 * lesion, matrix)
+    result = scene_io.import_prediction(scene, tmp_path / "A.nrrd", vol, ["organ", "lesion"], case="CT_A", run_id="r1")
+    edited = organ.copy()
+    edited[1, 2, 1] = 0  # the reviewer's fix in the Segment Editor, before approving
+    segment = result.GetSegmentation().GetSegment(result.GetSegmentation().GetSegmentIdBySegmentName("organ"))
+    result.GetSegmentation().RemoveSegment(segment)
+    scene_io._import_binary(scene, slicer, vol, edited, result, "organ").SetName("organ")
+    scene_io.apply_review_status(result, "approved")
+    folder = create_job_folder(tmp_path / "next", run_id="next")
+    _, names = scene_io.export_dataset(scene, [CaseEntry("CT_A", vol.GetID(), "CT A", "labeled", result.GetID())],
+                                       folder)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder.label_path("CT_A"))))
+    assert sorted(names) == ["lesion", "organ"]
+    np.testing.assert_array_equal(label, edited * (names.index("organ") + 1) + lesion * (names.index("lesion") + 1))
+    assert not np.array_equal(edited, organ)
+
+
 def test_show_only_segmentation(headless, masks, tmp_path):
     scene = headless.scene
     image, organ, _ = masks

@@ -242,6 +242,11 @@ class ReviewModel:
         self.changed.emit(case)
         return row
 
+    def approved_references(self) -> Dict[str, str]:
+        """{volume node ID: segmentation node ID} of the approved cases: reviewed results that can
+        serve as reference segmentations, making those volumes labeled cases of the next training."""
+        return {r.volume_id: r.segmentation_id for r in self.rows("approved") if r.volume_id and r.segmentation_id}
+
     def next_unreviewed(self, after: Optional[str] = None) -> Optional[ReviewRow]:
         """The next unreviewed row in the table's order after `after` (wrapping around);
         None when every row is reviewed."""

@@ -197,6 +197,10 @@ class QGSegmentationWidgetTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.GetNodeByID(logic.review.row(case).segmentation_id)
         self.assertEqual(set(scene_io.segment_statuses(segmentation).values()), {"completed"})
         self.assertEqual(widget.ui.reviewProgressLabel.text, "reviewed 1/2")
+        self.assertTrue(widget.ui.useApprovedButton.enabled)
+        widget.onUseApproved()  # the approved volume becomes a labeled case with its result as reference
+        row = next(r for r in widget._caseRows() if r["volume_id"] == logic.review.row(case).volume_id)
+        self.assertEqual((row["use"], row["role"], row["segmentation_id"]), (True, "labeled", segmentation.GetID()))
         widget.cleanup()
 
     def test_cancel_imports_nothing(self):
