@@ -26,7 +26,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this file
     sys.path.insert(0, MODULE_DIR)
 
-from QGSegmentationLib.slicer import environment, jobs, pipeline, scene_io  # noqa: E402
+from QGSegmentationLib.slicer import elsewhere, environment, jobs, pipeline, scene_io  # noqa: E402
 from QGSegmentationLib.slicer.review import (FILTERS, ORDERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
                                              read_scores_and_second_opinions)
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
@@ -41,6 +41,8 @@ LOG_MAX_LINES = 500
 OUTPUT_FOLDER_SETTING = "QGSegmentation/OutputFolder"  # a user preference, not scene state
 ROLE_CHOICES = ("labeled", "unlabeled", "ignore")
 CASE_COLUMNS = ("Use", "Volume", "Role", "Reference segmentation")
+PREPARE_TOOLTIP = ("Write this Train job's folder without starting it, to run on another machine (a GPU "
+                   "server) with `qgseg job run FOLDER`; then Import finished run")
 REVIEW_COLUMNS = ("Case", "Quality", "2nd opinion", "Status", "Comment")
 
 
@@ -163,6 +165,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.connect("clicked(bool)", self.onPrimaryButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentSelected)
         self.ui.openRunFolderButton.connect("clicked(bool)", self.onOpenRunFolder)
+        self.ui.prepareElsewhereButton.connect("clicked(bool)", self.onPrepareElsewhere)
+        self.ui.importRunButton.connect("clicked(bool)", self.onImportRun)
         self.ui.reviewTable.connect("itemSelectionChanged()", self.onReviewSelectionChanged)
         self.ui.reviewFilterComboBox.connect("currentIndexChanged(int)", self.onReviewFilterChanged)
         self.ui.reviewOrderComboBox.connect("currentIndexChanged(int)", self.onReviewOrderChanged)
@@ -396,6 +400,10 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = controls.state_label
         self.ui.progressBar.visible = controls.progress_visible
         self.ui.openRunFolderButton.enabled = self.logic.job is not None
+        self.ui.prepareElsewhereButton.enabled = controls.inputs_enabled and controls.primary_enabled
+        self.ui.prepareElsewhereButton.toolTip = (PREPARE_TOOLTIP if controls.primary_enabled
+                                                  else controls.primary_tooltip)
+        self.ui.importRunButton.enabled = controls.inputs_enabled
         self.ui.casesCountLabel.text = (f"{inputs.n_labeled} labeled, {inputs.n_unlabeled} unlabeled, "
                                         f"{inputs.n_selected} selected")
         self.ui.modelLabel.text = (f"Model: {self.logic.checkpoint}" if self.logic.checkpoint
@@ -491,6 +499,23 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOpenRunFolder(self, _=None):
         if self.logic.job is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.logic.job.root)))
+
+    @handler("Failed to prepare the job folder.", wait_cursor=True)
+    def onPrepareElsewhere(self, _=None):
+        self.ui.logTextEdit.clear()
+        options = training_options_from(self._parameterNode)
+        options.second_opinion = self.ui.secondOpinionPathLineEdit.currentPath
+        self.logic.prepareTraining(slicer.mrmlScene, self.selectedCases(), options,
+                                   self.ui.outputFolderPathLineEdit.currentPath)
+        self.updateControls()
+
+    @handler("Failed to import the run.", wait_cursor=True)
+    def onImportRun(self, _=None):
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Finished run folder",
+                                                     self.ui.outputFolderPathLineEdit.currentPath or "")
+        if folder:
+            self.logic.importFinishedRun(slicer.mrmlScene, folder)
+            self.updateControls()
 
     # --- Review section ----------------------------------------------------------------------------------
     def _onReviewChanged(self, case=None):
@@ -793,13 +818,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.state.transition(RunState.PREPARING)
         try:
             self.options = options
-            self.job = jobs.create_job_folder(output_folder)
+            self.job, self.spec = self._writeTrainingJob(scene, cases, options, output_folder)
             self.message.emit(f"run folder: {self.job.root}")
-            _, label_names = scene_io.export_dataset(scene, cases, self.job)
-            self.spec = jobs.JobSpec(kind="train", run_id=self.job.run_id, cases=list(cases),
-                                     options=vars(options).copy(), label_names=label_names,
-                                     versions=self._versions())
-            jobs.write_job_spec(self.job, self.spec)
             self.pipeline = pipeline.RunPipeline.for_training(
                 self.job, options, segment=any(c.role == "unlabeled" for c in cases),
                 second_opinion=secondOpinion)
@@ -808,6 +828,47 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         except Exception as exc:
             self.state.transition(RunState.FAILED, str(exc))
             raise
+
+    def _writeTrainingJob(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
+                          output_folder: str):
+        """(JobFolder, JobSpec) of a new Train job: exported volumes and labels, dataset.json, job.json."""
+        folder = jobs.create_job_folder(output_folder)
+        _, label_names = scene_io.export_dataset(scene, cases, folder)
+        spec = jobs.JobSpec(kind="train", run_id=folder.run_id, cases=list(cases), options=vars(options).copy(),
+                            label_names=label_names, versions=self._versions())
+        jobs.write_job_spec(folder, spec)
+        return folder, spec
+
+    # Another machine (a GPU server): the job folder is written here, run there with
+    # `qgseg job run FOLDER`, copied back and imported (QGSegmentationLib/slicer/elsewhere.py).
+    def prepareTraining(self, scene, cases: List[jobs.CaseEntry], options: jobs.TrainingOptions,
+                        output_folder: str) -> jobs.JobFolder:
+        """Write a Train job folder without starting anything; returns it."""
+        if self.running:
+            raise ValueError("a run is in progress: wait for it or cancel it first")
+        options.validate()
+        self._secondOpinionCheckpoint(options.second_opinion)  # a bad model folder is reported now
+        folder, spec = self._writeTrainingJob(scene, cases, options, output_folder)
+        if options.second_opinion:  # travels with the job: the other machine lacks the model folder
+            spec.options["second_opinion"] = elsewhere.bundle_second_opinion(folder, options.second_opinion)
+            jobs.write_job_spec(folder, spec)
+        self.message.emit(f"prepared {folder.root}\nCopy this folder to a machine with the backend installed "
+                          f"(pip install qgsegmentation), run there:\n    qgseg job run <where you copied it>/{folder.run_id} "
+                          "--device cuda\nthen copy it back and choose it in 'Import finished run'.")
+        return folder
+
+    def importFinishedRun(self, scene, root: str) -> None:
+        """Results of a Train job run elsewhere -> segmentations, scores, review; its models become
+        the current model (Segment selected, Save model)."""
+        if self.running:
+            raise ValueError("a run is in progress: wait for it or cancel it first")
+        run = elsewhere.finished_run(root)
+        self.job, self.spec, self.pipeline = run.folder, run.spec, None
+        self.checkpoint = run.checkpoint
+        self.qualityCheckpoint = run.quality_checkpoint or None
+        self.secondOpinion = run.second_opinion or None
+        self.importResults(scene)
+        self.message.emit(f"imported {run.folder.root}: {len(self.review)} case(s) to review")
 
     def startSegmenting(self, scene, cases: List[jobs.CaseEntry], device: str, output_folder: str,
                         mirror: bool = True, second_opinion: str = ""):
@@ -1036,12 +1097,13 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_tiny_training_run()
+        self.setUp()
+        self.test_run_prepared_for_another_machine_is_imported()
 
-    def test_tiny_training_run(self):
-        import tempfile
-        self.delayDisplay("Building a tiny phantom scene")
+    @staticmethod
+    def _tinyPhantomCases() -> List[jobs.CaseEntry]:
+        """Two labeled phantom volumes with reference segmentations and one unlabeled volume."""
         from QGSegmentationLib.data.phantom import make_phantom_case
-        logic = QGSegmentationLogic()
         cases = []
         for index in range(3):
             image, label = make_phantom_case((32, 32, 32), n_classes=2, seed=index)
@@ -1062,6 +1124,13 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
                 segmentation_id = segmentation.GetID()
             cases.append(jobs.CaseEntry(f"phantom_{index}", volume.GetID(), volume.GetName(), role,
                                         segmentation_id))
+        return cases
+
+    def test_tiny_training_run(self):
+        import tempfile
+        self.delayDisplay("Building a tiny phantom scene")
+        logic = QGSegmentationLogic()
+        cases = self._tinyPhantomCases()
 
         self.delayDisplay("Training for a few iterations on the CPU")
         options = jobs.TrainingOptions(architecture="unet", ssl_method="mt", iterations=4,
@@ -1084,3 +1153,29 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(row.quality, "scores.csv gave no quality for the unlabeled case")
         self.assertTrue(0.0 <= row.quality <= 1.0)
         self.delayDisplay("Tiny training run passed")
+
+    def test_run_prepared_for_another_machine_is_imported(self):
+        """Prepare -> copy -> `qgseg job run` there (a child process) -> copy back -> import."""
+        import subprocess
+        import tempfile
+        logic = QGSegmentationLogic()
+        cases = self._tinyPhantomCases()
+        options = jobs.TrainingOptions(architecture="unet", ssl_method="pl", iterations=2, batch_size=1,
+                                       patch_size=32, device="cpu", quality_epochs=1, mirror=False)
+        folder = logic.prepareTraining(slicer.mrmlScene, cases, options, tempfile.mkdtemp(prefix="qgseg-here-"))
+        self.assertEqual(logic.state.state, RunState.IDLE)
+        there = os.path.join(tempfile.mkdtemp(prefix="qgseg-there-"), folder.run_id)
+        shutil.copytree(folder.root, there)
+        self.delayDisplay("Running the job folder as another machine would")
+        command = worker_command(logic.pythonExecutable(), ["job", "run", there])
+        self.assertEqual(subprocess.call(command, env=worker_environment(os.environ, MODULE_DIR)), 0)
+        back = os.path.join(tempfile.mkdtemp(prefix="qgseg-back-"), folder.run_id)
+        shutil.copytree(there, back)
+        logic.importFinishedRun(slicer.mrmlScene, back)
+        self.assertEqual(len(logic.review), 1)
+        self.assertTrue(logic.checkpoint.startswith(back), logic.checkpoint)
+        row = logic.review.rows()[0]
+        self.assertEqual(row.volume_id, cases[2].volume_id)
+        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(row.segmentation_id))
+        self.assertTrue(0.0 <= row.quality <= 1.0)
+        self.delayDisplay("Run on another machine imported")
