@@ -9,6 +9,7 @@ never imported into Slicer.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -846,15 +847,17 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         """Write a Train job folder without starting anything; returns it."""
         if self.running:
             raise ValueError("a run is in progress: wait for it or cancel it first")
-        options.validate()
+        options = dataclasses.replace(options, device="auto").validate()  # the other machine's GPU if it has one
         self._secondOpinionCheckpoint(options.second_opinion)  # a bad model folder is reported now
         folder, spec = self._writeTrainingJob(scene, cases, options, output_folder)
         if options.second_opinion:  # travels with the job: the other machine lacks the model folder
             spec.options["second_opinion"] = elsewhere.bundle_second_opinion(folder, options.second_opinion)
             jobs.write_job_spec(folder, spec)
         self.message.emit(f"prepared {folder.root}\nCopy this folder to a machine with the backend installed "
-                          f"(pip install qgsegmentation), run there:\n    qgseg job run <where you copied it>/{folder.run_id} "
-                          "--device cuda\nthen copy it back and choose it in 'Import finished run'.")
+                          "(from a checkout of QGSegmentation: pip install torch==2.13.0 && pip install .), "
+                          f"run there:\n    qgseg job run <where you copied it>/{folder.run_id}\n"
+                          "(it uses that machine's GPU when it has one; add --device cuda to insist on one), "
+                          "then copy it back and choose it in 'Import finished run'.")
         return folder
 
     def importFinishedRun(self, scene, root: str) -> None:
