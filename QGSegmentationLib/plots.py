@@ -1,11 +1,12 @@
-"""Figures people would rather look at than read: training curves and prediction overlays.
+"""Figures people would rather look at than read: training curves, prediction overlays and the
+review sheet (the cases rated worst, three planes each).
 
 matplotlib with the Agg backend only (no display needed); imported lazily by the callers."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -68,6 +69,44 @@ def overlay_png(image: np.ndarray, label: np.ndarray, out: str | Path, reference
         ax.set_title(f"slice z={z}", fontsize=9)
         ax.axis("off")
     fig.suptitle(title + ("  (fill: prediction, cyan: reference)" if reference is not None else ""), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
+def orthogonal_planes(image: np.ndarray, label: np.ndarray, spacing_zyx: Sequence[float]) -> List[tuple]:
+    """(name, image slice, label slice, aspect) for the axial, coronal and sagittal planes through
+    the label's centre (the volume's when the label is empty); superior up in the two side views."""
+    fg = np.argwhere(label > 0)
+    z, y, x = (fg.mean(axis=0) if len(fg) else np.array(image.shape) / 2).round().astype(int)
+    sz, sy, sx = spacing_zyx
+    return [("axial", image[z], label[z], sy / sx),
+            ("coronal", image[:, y, :][::-1], label[:, y, :][::-1], sz / sx),
+            ("sagittal", image[:, :, x][::-1], label[:, :, x][::-1], sz / sy)]
+
+
+def review_sheet(cases: Sequence[Tuple[str, np.ndarray, np.ndarray, Sequence[float]]], out: str | Path,
+                 title: str = "") -> Path:
+    """One PNG, one row per case in the given order (worst first): the prediction filled on the
+    axial, coronal and sagittal planes through its centre. `cases`: (caption, image, label,
+    spacing z y x)."""
+    from .fileio import atomic_path
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cases), 3, figsize=(8.4, 2.7 * len(cases) + 0.4), dpi=90, squeeze=False)
+    for row, (caption, image, label, spacing) in zip(axes, cases):
+        lo, hi = np.percentile(image, [1, 99])
+        for ax, (plane, picture, mask, aspect) in zip(row, orthogonal_planes(image, label, spacing)):
+            ax.imshow(picture, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+            ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.45, vmin=0,
+                      vmax=max(1, int(label.max())), aspect=aspect)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(plane, fontsize=8)
+        row[0].set_ylabel(caption, fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title or "worst first", fontsize=10)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

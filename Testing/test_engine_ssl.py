@@ -98,17 +98,19 @@ def test_guided_ssl_cli_and_scored_predictions(phantom_3d, tmp_path, tiny_qualit
     qualities = [float(r["predicted_quality"]) for r in rows]
     assert qualities == sorted(qualities) and all(0.0 <= q <= 1.0 for q in qualities)
     assert f"worst first, in {out / 'scores.csv'}" in res.stdout  # the user is told where to look
+    assert (out / "review.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out / "review.png") in res.stdout
 
     # --second-opinion: the segmenter as its own second opinion agrees exactly, and without g the
     # rows are ordered by that agreement
     best = str(run / "checkpoints" / "best.pt")
     res = run_cli("predict", "--checkpoint", best, "--input", str(phantom_3d), "--split", "unlabeled",
                   "--output", str(tmp_path / "p2"), "--second-opinion", best, "--no-mirror", "--device", "cpu",
-                  "--run-dir", str(tmp_path / "p2run"), "--quiet")
+                  "--run-dir", str(tmp_path / "p2run"), "--quiet", "--review-sheet", "0")
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader(open(tmp_path / "p2" / "scores.csv")))
     assert len(rows) == 4 and "predicted_quality" not in rows[0]
     assert [float(r["second_opinion_dice"]) for r in rows] == [1.0] * 4
+    assert not (tmp_path / "p2" / "review.png").exists()
 
 
 def test_guidance_without_quality_checkpoint_is_a_clear_error(phantom_3d, tmp_path):

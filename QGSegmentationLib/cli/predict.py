@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                              "copies of each window (+0.010-0.016 test Dice on LA, about 3x the "
                              "time of a volume; BENCHMARKS.md §1c); --no-mirror for one pass")
     parser.add_argument("--png", action="store_true", help="also write an overlay PNG per case")
+    parser.add_argument("--review-sheet", type=int, default=12, metavar="N",
+                        help="with scores: review.png shows the N cases scored worst, worst first, "
+                             "three planes each (0: none)")
     add_run_options(parser)
     parser.set_defaults(func=run)
 
@@ -126,6 +129,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     written, rows, started = [], [], time.time()
+    label_files: Dict[str, tuple] = {}  # case -> (image, written label map), for the review sheet
 
     def segment(model, image_path):
         return predict_volume(model.network, image_path, model.preprocessor, model.patch_size, model.mode,
@@ -138,6 +142,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
             other = segment(second, image_path)[0] if second is not None else None
         paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names)
         outputs = {k: str(v) for k, v in paths.items()}
+        label_files[case_id] = (image_path, Path(paths["label"]))
         metrics = {}
         if scoring:
             case_rows = score_rows(case_id, segmenter.foreground_names,
@@ -159,6 +164,11 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         key = _sort_key(rows)
         worst = sorted(rows, key=lambda r: r[key])[:5]
         ctx.say(f"lowest {key.replace('_', ' ')}: " + ", ".join(f"{r['case']}:{r['segment']}={r[key]:.2f}" for r in worst))
+        if args.review_sheet > 0:
+            result["review_sheet"] = write_review_sheet(rows, key, label_files, out_dir / "review.png",
+                                                        args.review_sheet)
+            ctx.say(f"the {min(args.review_sheet, len(label_files))} cases scored worst, as pictures: "
+                    f"{result['review_sheet']}")
     ctx.say(f"wrote {len(written)} segmentations to {out_dir}"
             + (f"; every case's score, worst first, in {result['scores']}" if scoring else ""))
     return result
@@ -205,6 +215,25 @@ def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
     for row in sorted(rows, key=lambda r: r[key]):
         writer.writerow(row)
     return write_text_atomic(path, buf.getvalue())
+
+
+def write_review_sheet(rows: List[Dict[str, Any]], key: str, files: Dict[str, tuple], out: Path,
+                       most: int) -> Path:
+    """review.png: the `most` cases whose worst segment scores lowest by `key`, worst first."""
+    from ..data.io import read_image, read_label
+    from ..plots import review_sheet
+
+    worst: Dict[str, Dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r[key]):
+        worst.setdefault(row["case"], row)
+    name = "predicted Dice" if key == "predicted_quality" else "2nd-opinion Dice"
+    entries = []
+    for case, row in list(worst.items())[:most]:
+        image_path, label_path = files[case]
+        image, geometry = read_image(image_path)
+        entries.append((f"{case}\n{row['segment']}\n{name} {row[key]:.2f}", image, read_label(label_path)[0],
+                        tuple(reversed(geometry.spacing))))
+    return review_sheet(entries, out, title=f"{len(entries)} cases scored worst, worst first (fill: prediction)")
 
 
 def _overlay(image_path: Path, label, out: Path, title: str) -> Path:
