@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,6 +55,27 @@ def test_a_missing_prediction_names_the_files_looked_for(phantom_3d, tmp_path):
                   "--run-dir", str(tmp_path / "e"), "--quiet")
     assert res.returncode == 2
     assert spec.test[0].id in res.stderr and ".nii.gz" in res.stderr and ".nrrd" in res.stderr
+
+
+def test_a_references_folder_may_hold_more_cases_than_were_predicted(phantom_3d, tmp_path):
+    spec = load_dataset(phantom_3d)
+    expected = eroded_predictions(spec, tmp_path / "preds", ".nrrd")
+    references = tmp_path / "all_labels"  # every labeled case, as a labelsTr folder would
+    references.mkdir()
+    for ref in spec.training + spec.validation + spec.test:
+        shutil.copy(ref.label, references / ref.label.name)
+    res = run_cli("evaluate", "--predictions", str(tmp_path / "preds"), "--references", str(references),
+                  "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["n_cases"] == len(spec.test) and summary["summary"]["dice"]["mean"] == pytest.approx(
+        np.mean(list(expected.values())))
+    assert f"{len(spec.training) + len(spec.validation)} reference(s) in {references} have no prediction" in res.stdout
+
+    (references / spec.test[0].label.name).unlink()  # a prediction without its reference is an error
+    res = run_cli("evaluate", "--predictions", str(tmp_path / "preds"), "--references", str(references),
+                  "--run-dir", str(tmp_path / "e2"), "--quiet")
+    assert res.returncode == 2 and spec.test[0].id in res.stderr and "no reference" in res.stderr
 
 
 def test_quality_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):

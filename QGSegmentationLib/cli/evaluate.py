@@ -14,7 +14,9 @@ examples:
   qgseg evaluate --predictions preds/ --references labelsTs/
 
 Predictions are matched to references by case name (<case>.nrrd, or .nii.gz, .nii, .mha, .mhd,
-.seg.nrrd: outputs of other tools such as nnU-Net work as they are). Metrics are computed on the
+.seg.nrrd: outputs of other tools such as nnU-Net work as they are). With --dataset every case of
+the split needs a prediction; with --references every prediction needs a reference, and references
+without a prediction (a folder of all labels) are left out, with a note saying how many. Metrics are computed on the
 reference's grid in mm. Conventions: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
 HD95/ASD = the volume diagonal (counted as a failure, never dropped).
 Writes metrics.csv (per case and class) and summary.json (mean, std, median) into --run-dir.
@@ -35,7 +37,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
+def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str]:
+    """(case, prediction, reference) triples, and a note for the user (or "").
+
+    With --dataset every case of the split must have a prediction (none is dropped silently).
+    With --references every prediction must have a reference; references of cases that were not
+    predicted (a folder of all labels, say) are left out, and the note says how many."""
     from ..data.io import IMAGE_EXTENSIONS, case_file_pattern, case_id_from_path, file_extension, find_case_file
     from ..errors import DataError
 
@@ -43,18 +50,36 @@ def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: predictions folder not found")
     if args.dataset:
-        from ..data.dataset import load_dataset
-
-        from ..data.dataset import empty_group_message
+        from ..data.dataset import empty_group_message, load_dataset
 
         refs = [(r.id, Path(r.label)) for r in getattr(load_dataset(args.dataset), args.split) if r.label]
         if not refs:
             raise DataError(empty_group_message(args.dataset, args.split, "cases with a reference label"))
-    else:
-        folder = Path(args.references)
-        if not folder.is_dir():
-            raise DataError(f"{folder}: references folder not found")
-        refs = [(case_id_from_path(p), p) for p in sorted(folder.iterdir()) if file_extension(p) in IMAGE_EXTENSIONS]
+        return _pairs_for_references(pred_dir, refs), ""
+    folder = Path(args.references)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: references folder not found")
+    predicted = sorted({case_id_from_path(p) for p in pred_dir.iterdir() if file_extension(p) in IMAGE_EXTENSIONS})
+    if not predicted:
+        raise DataError(f"{pred_dir}: holds no label maps (looked for {case_file_pattern()})")
+    refs, unmatched = [], []
+    for case_id in predicted:
+        reference = find_case_file(folder, case_id)
+        (refs.append((case_id, reference)) if reference is not None else unmatched.append(case_id))
+    if unmatched:
+        raise DataError(f"{folder}: no reference for {len(unmatched)} predicted case(s): {', '.join(unmatched[:8])}"
+                        + (" ..." if len(unmatched) > 8 else "") + f" (looked for {case_file_pattern()})")
+    n_references = len({case_id_from_path(p) for p in folder.iterdir() if file_extension(p) in IMAGE_EXTENSIONS})
+    left_out = n_references - len(refs)
+    note = (f"{left_out} reference(s) in {folder} have no prediction and were not evaluated" if left_out > 0 else "")
+    return _pairs_for_references(pred_dir, refs), note
+
+
+def _pairs_for_references(pred_dir: Path, refs: List[Tuple[str, Path]]) -> List[Tuple[str, Path, Path]]:
+    """Each reference with its prediction; DataError listing the references without one."""
+    from ..data.io import case_file_pattern, find_case_file
+    from ..errors import DataError
+
     pairs, missing = [], []
     for case_id, label_path in refs:
         pred = find_case_file(pred_dir, case_id)
@@ -65,8 +90,6 @@ def reference_pairs(args) -> List[Tuple[str, Path, Path]]:
     if missing:
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing[:8])}"
                         + (" ..." if len(missing) > 8 else "") + f" (looked for {case_file_pattern()})")
-    if not pairs:
-        raise DataError("no reference cases to evaluate")
     return pairs
 
 
@@ -77,7 +100,9 @@ def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..fileio import write_json_atomic
     from ..metrics import evaluate_case, summarise
 
-    pairs = reference_pairs(args)
+    pairs, note = reference_pairs(args)
+    if note:
+        ctx.say(note)
     rows: List[Dict[str, Any]] = []
     for index, (case_id, pred_path, ref_path) in enumerate(tqdm(pairs, desc="evaluate", disable=not ctx.show_progress)):
         pred, pred_geom = read_label(pred_path)
