@@ -1,5 +1,5 @@
-"""Figures people would rather look at than read: training curves, prediction overlays and the
-review sheet (the cases rated worst, three planes each).
+"""Figures people would rather look at than read: training curves, prediction overlays, the
+review sheet (the cases rated worst, three planes each) and per-case metrics.
 
 matplotlib with the Agg backend only (no display needed); imported lazily by the callers."""
 
@@ -107,6 +107,51 @@ def review_sheet(cases: Sequence[Tuple[str, np.ndarray, np.ndarray, Sequence[flo
             ax.set_xlabel(plane, fontsize=8)
         row[0].set_ylabel(caption, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title or "worst first", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
+def _horizontal() -> Dict[str, Any]:
+    """boxplot's keyword for a horizontal box: `orientation` from matplotlib 3.10, `vert` before."""
+    import matplotlib
+
+    major, minor = (int(part) for part in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def metrics_figure(rows: Sequence[Dict[str, Any]], out: str | Path, title: str = "", most: int = 3) -> Path:
+    """Per-case Dice and HD95 of each class (`dice_<c>`, `hd95_<c>` of `qgseg evaluate`'s rows): a
+    box with every case as a dot, the `most` worst cases named."""
+    from .fileio import atomic_path
+
+    plt = _pyplot()
+    classes = sorted({int(k[5:]) for row in rows for k in row if k.startswith("dice_") and k[5:].isdigit()})
+    fig, axes = plt.subplots(len(classes), 2, figsize=(9, 1.2 + 1.6 * len(classes)), dpi=100, squeeze=False)
+    jitter = np.random.default_rng(0)
+    for row_axes, c in zip(axes, classes):
+        for ax, (metric, label, worst_is_low) in zip(row_axes, (("dice", "Dice", True), ("hd95", "HD95 (mm)", False))):
+            cases = [(r["case"], float(r[f"{metric}_{c}"])) for r in rows if f"{metric}_{c}" in r]
+            values = np.array([v for _, v in cases])
+            ax.boxplot(values, widths=0.5, showfliers=False, **_horizontal())
+            heights = dict(zip((case for case, _ in cases), 1 + jitter.uniform(-0.15, 0.15, len(values))))
+            ax.scatter(values, list(heights.values()), s=12, alpha=0.7, color="tab:blue")
+            if metric == "dice" and len(values):
+                ax.set_xlim(max(0.0, values.min() - 0.05), 1.0)
+            low, high = ax.get_xlim()
+            order = sorted(cases, key=lambda item: item[1], reverse=not worst_is_low)[:most]
+            for step, (case, value) in enumerate(order):  # staggered, so close values stay readable
+                right = value > (low + high) / 2
+                ax.annotate(case, (value, heights[case]), xytext=(-4 if right else 4, 16 + 12 * step), textcoords="offset points",
+                            fontsize=7, color="tab:red", ha="right" if right else "left",
+                            arrowprops={"arrowstyle": "-", "color": "tab:red", "lw": 0.5})
+            ax.set_ylim(0.6, 1.9)
+            ax.set_yticks([1], [f"class {c}"] if metric == "dice" else [""])
+            ax.set_xlabel(label, fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title or f"{len(rows)} cases (red: the {most} worst)", fontsize=10)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

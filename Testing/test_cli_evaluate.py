@@ -44,6 +44,7 @@ def test_segmentation_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):
     assert max(expected.values()) < 1.0  # the predictions really were read, not the references
     worst = min(expected, key=expected.get)
     assert f"lowest Dice: {worst} {expected[worst]:.3f}" in res.stdout  # the case to look at first
+    assert (tmp_path / "e" / "metrics.png").read_bytes()[:4] == b"\x89PNG"  # and a picture of every case
 
 
 def test_a_missing_prediction_names_the_files_looked_for(phantom_3d, tmp_path):

@@ -38,3 +38,15 @@ def test_review_sheet_has_one_row_per_case(tmp_path):
     three = matplotlib.image.imread(review_sheet(cases, tmp_path / "three.png"))
     assert three.shape[1] == one.shape[1] and three.shape[0] > 2 * one.shape[0]
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically
+
+
+def test_metrics_figure_has_one_row_per_class_and_tolerates_a_class_missing_from_a_case(tmp_path):
+    import matplotlib.image
+
+    from QGSegmentationLib.plots import metrics_figure
+
+    rows = [{"case": f"c{i}", "dice_1": 0.9 - 0.1 * i, "hd95_1": 2.0 + i, "dice": 0.9} for i in range(5)]
+    one = matplotlib.image.imread(metrics_figure(rows, tmp_path / "one.png"))
+    rows[0].update({"dice_2": 0.5, "hd95_2": 9.0})  # a second class present in one case only
+    two = matplotlib.image.imread(metrics_figure(rows, tmp_path / "two.png"))
+    assert two.shape[1] == one.shape[1] and two.shape[0] > 1.5 * one.shape[0]

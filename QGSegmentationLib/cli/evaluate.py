@@ -19,7 +19,8 @@ the split needs a prediction; with --references every prediction needs a referen
 without a prediction (a folder of all labels) are left out, with a note saying how many. Metrics are computed on the
 reference's grid in mm. Conventions: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
 HD95/ASD = the volume diagonal (counted as a failure, never dropped).
-Writes metrics.csv (per case and class) and summary.json (mean, std, median) into --run-dir.
+Writes metrics.csv (per case and class), summary.json (mean, std, median) and metrics.png (every
+case's Dice and HD95 per class, the worst named) into --run-dir.
 """
 
 
@@ -118,12 +119,15 @@ def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     summary = summarise(rows)
     csv_path = _write_csv(rows, ctx.run_dir / "metrics.csv")
     json_path = write_json_atomic(ctx.run_dir / "summary.json", {"n_cases": len(rows), "summary": summary})
+    from ..plots import metrics_figure
+
+    figure = metrics_figure(rows, ctx.run_dir / "metrics.png")
     ctx.say(format_summary(summary, len(rows)))
     worst = lowest_dice(rows)
     if worst:
         ctx.say("lowest Dice: " + ", ".join(f"{case} {value:.3f}" for case, value in worst)
-                + f" (every case in {csv_path})")
-    return {"metrics_csv": csv_path, "summary": json_path}
+                + f" (every case in {csv_path}, as a picture in {figure})")
+    return {"metrics_csv": csv_path, "summary": json_path, "figure": figure}
 
 
 def lowest_dice(rows: List[Dict[str, Any]], most: int = 5) -> List[tuple]:
