@@ -64,14 +64,17 @@ def test_a_job_runs_on_another_machine_and_is_read_back_where_it_was_prepared(tm
     assert all(run.folder.prediction_path(case).is_file() for case in unlabeled)
     assert sorted(line.split(",")[0] for line in run.folder.scores_csv.read_text().splitlines()[1:]) == sorted(unlabeled)
 
-    # interrupted before its last stage ended: the rerun skips what finished and runs the rest
-    (server / "predict-events.jsonl").unlink()
-    shutil.rmtree(server / "predictions")
-    again = run_cli("job", "run", str(server), "--device", "cpu")
+    # interrupted before its last stage ended, and moved: the rerun skips what finished (whose
+    # events name the old place) and runs the rest with the models found in the new place
+    (back / "predict-events.jsonl").unlink()
+    shutil.rmtree(back / "predictions")
+    again = run_cli("job", "run", str(back), "--device", "cpu")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == 2
-    assert stage_outputs(server / "predict-events.jsonl") is not None
-    assert all((server / "predictions" / f"{case}.seg.nrrd").is_file() for case in unlabeled)
+    assert stage_outputs(back / "predict-events.jsonl") is not None
+    assert all((back / "predictions" / f"{case}.seg.nrrd").is_file() for case in unlabeled)
+    predict = json.loads((back / "predict-run" / "manifest.json").read_text())["command"]
+    assert predict[predict.index("--checkpoint") + 1] == str(back / "run" / "checkpoints" / "best.pt")
 
 
 def test_a_chosen_second_opinion_model_travels_with_the_job(tmp_path):
@@ -114,4 +117,8 @@ def test_recorded_paths_are_found_in_the_folder_as_it_is_now(tmp_path):
     assert in_folder(folder, moved) == folder.run_dir / "checkpoints" / "best.pt"
     existing = str(folder.run_dir / "checkpoints" / "best.pt")
     assert in_folder(folder, existing) == folder.run_dir / "checkpoints" / "best.pt"
+    copy = jobs.JobFolder(tmp_path / "copy" / "run-1")  # a copy beside the original: its own file, not the original's
+    (copy.run_dir / "checkpoints").mkdir(parents=True)
+    (copy.run_dir / "checkpoints" / "best.pt").write_bytes(b"")
+    assert in_folder(copy, existing) == copy.run_dir / "checkpoints" / "best.pt"
     assert str(in_folder(folder, "/models/other/segmenter.pt")) == "/models/other/segmenter.pt"

@@ -22,8 +22,8 @@ resumes an interrupted one. Copy the folder back and choose it in the panel's
 
 EXAMPLES = """\
 Examples:
-  qgseg job run qgseg-runs/run-20261123-101500                 # the device the panel chose
-  qgseg job run qgseg-runs/run-20261123-101500 --device cuda   # use this machine's GPU
+  qgseg job run qgseg-runs/run-20261123-101500                 # the job's device (auto: a GPU if any)
+  qgseg job run qgseg-runs/run-20261123-101500 --device cuda   # insist on this machine's GPU
 
 Round trip from a laptop to a GPU server:
   scp -r qgseg-runs/run-20261123-101500 gpu:jobs/
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
     run.add_argument("folder", help="the job folder (holds job.json, dataset.json, images/, labels/)")
     run.add_argument("--device", choices=["auto", "cuda", "cpu"],
-                     help="where to compute (default: the device chosen in the panel)")
+                     help="where to compute (default: the job's, which 'Prepare for another machine' sets to auto)")
     run.set_defaults(func=run_job)
 
 

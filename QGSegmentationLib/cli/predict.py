@@ -167,8 +167,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         if args.review_sheet > 0:
             result["review_sheet"] = write_review_sheet(rows, key, label_files, out_dir / "review.png",
                                                         args.review_sheet)
-            ctx.say(f"the {min(args.review_sheet, len(label_files))} cases scored worst, as pictures: "
-                    f"{result['review_sheet']}")
+            ctx.say(f"the cases scored worst, as pictures: {result['review_sheet']}")
     ctx.say(f"wrote {len(written)} segmentations to {out_dir}"
             + (f"; every case's score, worst first, in {result['scores']}" if scoring else ""))
     return result

@@ -41,17 +41,17 @@ def stage_outputs(events_path: str | os.PathLike) -> Optional[Dict[str, str]]:
 
 def in_folder(folder: jobs.JobFolder, path: str) -> Path:
     """A path recorded in a job folder, found in the folder as it is now: relative paths are
-    relative to its root; an absolute one that no longer exists (written on another machine, or
-    before the folder moved) is looked up by its part below the folder's name."""
+    relative to its root; an absolute one below a folder of the same name (where this folder was
+    when it was written, on this machine or another) is taken below this folder instead, even if
+    the old copy still exists; other absolute paths are kept."""
     candidate = Path(path)
     if not candidate.is_absolute():
         return folder.root / candidate
-    if candidate.exists():
-        return candidate
     parts = candidate.parts
     if folder.run_id in parts:
-        below = parts[len(parts) - 1 - parts[::-1].index(folder.run_id) + 1:]
-        return folder.root.joinpath(*below)
+        inside = folder.root.joinpath(*parts[len(parts) - parts[::-1].index(folder.run_id):])
+        if inside.exists() or not candidate.exists():
+            return inside
     return candidate
 
 
@@ -120,7 +120,9 @@ def run_job_folder(root: str | os.PathLike, run_stage: StageRunner, device: Opti
     while stage is not None:
         title = f"stage {stage.index}/{stage.total}: {stage.name}"
         outputs = stage_outputs(stage.events)
-        if outputs is not None:
+        if outputs is not None:  # its paths may name where the folder was then: find them here
+            outputs = {k: str(in_folder(folder, v)) if isinstance(v, str) and Path(v).is_absolute() else v
+                       for k, v in outputs.items()}
             say(f"{title}: finished before, skipped")
         else:
             say(f"{title}\n$ qgseg {' '.join(stage.arguments)}")
