@@ -23,6 +23,7 @@ def test_demo_runs_all_stages(tmp_path):
     assert all(0.0 <= c["predicted_quality"] <= 1.0 for c in summary["cases"])
     assert all(0.0 <= c["second_opinion_dice"] <= 1.0 for c in summary["cases"])  # the supervised model's view
     assert (run / "overlay.png").stat().st_size > 1000
+    assert (run / "review.png").stat().st_size > 1000 and str(run / "review.png") in res.stdout
     assert (run / "mt-qg" / "checkpoints" / "best.pt").exists()
     for sub in ("", "quality", "supervised", "mt-qg"):  # every run folder says what produced it
         manifest = json.loads((run / sub / "manifest.json").read_text())

@@ -4,7 +4,9 @@
 
 - overlay.png: the demo's overlay of the case g rates worst (prediction filled, reference cyan);
 - review_table.png: the panel's Review table as the review model builds it from the demo's
-  predicted qualities (worst first, cells coloured against the default thresholds, statuses).
+  predicted qualities (worst first, cells coloured against the default thresholds, statuses);
+- review_sheet.png: the demo's review.png, the cases g rates worst on three planes each (what
+  `qgseg predict` writes beside scores.csv).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((demo / "demo_summary.json").read_text())
     shutil.copyfile(demo / "overlay.png", out / "overlay.png")
+    shutil.copyfile(demo / "review.png", out / "review_sheet.png")
     print(review_table_png(summary, out / "review_table.png"))
 
 

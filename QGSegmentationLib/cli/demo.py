@@ -89,6 +89,8 @@ def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     ctx.say(f"\noutputs in {run_dir.resolve()}:")
     ctx.say(f"  predictions (.nrrd, .seg.nrrd): {run_dir / 'predictions'}")
     ctx.say(f"  overlay picture: {summary['overlay_png']}")
+    if "review_png" in summary:
+        ctx.say(f"  review sheet (the cases g rates worst): {summary['review_png']}")
     ctx.say(f"  training curves: {final.run_dir / 'training_curves.png'}")
     outputs.update({k: v for k, v in summary.items() if k.endswith("_png")})
     return outputs
@@ -182,8 +184,29 @@ def _predict_and_evaluate(ctx: RunContext, dataset: Path, checkpoint: Path, qual
     reference = _rl(label_path)[0] if label_path else None
     png = overlay_png(image, pred, ctx.run_dir / "overlay.png", reference=reference,
                       title=f"{worst['case']} (lowest predicted quality)", spacing_zyx=tuple(reversed(geometry.spacing)))
-    return {"cases": rows, "test_mean_dice": float(np.mean(test_dice)) if test_dice else None,
-            "overlay_png": str(png)}
+    summary = {"cases": rows, "test_mean_dice": float(np.mean(test_dice)) if test_dice else None,
+               "overlay_png": str(png)}
+    if scorer:
+        summary["review_png"] = str(_review_sheet(rows[:REVIEW_SHEET_CASES], {r.id: r.image for r, _ in cases},
+                                                  out_dir, ctx.run_dir / "review.png"))
+    return summary
+
+
+REVIEW_SHEET_CASES = 6
+
+
+def _review_sheet(rows, images, predictions: Path, out: Path) -> Path:
+    """The cases g rates worst, as `qgseg predict`'s review.png shows them, with their true Dice."""
+    from ..data.io import read_image, read_label
+    from ..plots import review_sheet
+
+    entries = []
+    for row in rows:
+        image, geometry = read_image(images[row["case"]])
+        caption = f"{row['case']}\npredicted Dice {row['predicted_quality']:.2f}\ntrue Dice {row.get('true_dice', float('nan')):.2f}"
+        entries.append((caption, image, read_label(predictions / f"{row['case']}.nrrd")[0],
+                        tuple(reversed(geometry.spacing))))
+    return review_sheet(entries, out, title=f"the {len(entries)} cases g rates worst (fill: prediction)")
 
 
 def run(args: argparse.Namespace) -> int:
