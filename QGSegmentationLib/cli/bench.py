@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+from .common import HelpFormatter, RunContext, add_run_options, print_error, run_with_events
 
 EXAMPLES = """
 examples:
@@ -80,8 +80,7 @@ def report_body(args: argparse.Namespace) -> int:
             raise ConfigError("qgseg bench report needs the results file: qgseg bench report RESULTS.json [--out FILE.md]")
         written = write_report(args.results, out=args.out, figures_dir=args.figures)
     except QGSegError as exc:
-        print(f"qgseg: error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return exc.exit_code
+        return print_error(exc)
     if args.out:
         print(f"wrote {written}")
     else:

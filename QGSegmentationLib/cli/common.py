@@ -80,6 +80,12 @@ def _prose_paragraphs(lines):
         yield paragraph
 
 
+def print_error(exc: QGSegError, prefix: str = "error") -> int:
+    """`qgseg: error: message` (and its hint) on stderr; returns the error's exit code."""
+    print(f"qgseg: {prefix}: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    return exc.exit_code
+
+
 def command_line(args: argparse.Namespace) -> list:
     """The command as typed, `["qgseg", ...]`, for manifests: rerunning it reproduces the run."""
     return ["qgseg", *getattr(args, "argv", sys.argv[1:])]
@@ -145,8 +151,7 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
     try:
         ctx = make_context(args, command)
     except QGSegError as exc:  # no run folder or event stream yet: report on stderr only
-        print(f"qgseg: error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return exc.exit_code
+        return print_error(exc)
     ctx.events.emit("start", command=command, argv=command_line(args)[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
     ctx.events.heartbeat_thread()
     code, status = EXIT_OK, "ok"
@@ -209,9 +214,7 @@ def _report_failure(ctx: RunContext, exc: BaseException):
     if isinstance(exc, QGSegError):
         status = "cancelled" if isinstance(exc, CancelledError) else "failed"
         ctx.events.emit("error", kind=exc.kind, message=exc.message, hint=exc.hint)
-        prefix = "cancelled" if status == "cancelled" else "error"
-        print(f"qgseg: {prefix}: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return exc.exit_code, status
+        return print_error(exc, "cancelled" if status == "cancelled" else "error"), status
     ctx.events.emit("error", kind="other", message=f"{type(exc).__name__}: {exc}", hint="see the log for the traceback")
     traceback.print_exc()
     return EXIT_FAILURE, "failed"

@@ -197,15 +197,12 @@ REVIEW_SHEET_CASES = 6
 
 def _review_sheet(rows, images, predictions: Path, out: Path) -> Path:
     """The cases g rates worst, as `qgseg predict`'s review.png shows them, with their true Dice."""
-    from ..data.io import read_image, read_label
     from ..plots import review_sheet
+    from .predict import review_sheet_entry
 
-    entries = []
-    for row in rows:
-        image, geometry = read_image(images[row["case"]])
-        caption = f"{row['case']}\npredicted Dice {row['predicted_quality']:.2f}\ntrue Dice {row.get('true_dice', float('nan')):.2f}"
-        entries.append((caption, image, read_label(predictions / f"{row['case']}.nrrd")[0],
-                        tuple(reversed(geometry.spacing))))
+    entries = [review_sheet_entry(f"{row['case']}\npredicted Dice {row['predicted_quality']:.2f}\n"
+                                  f"true Dice {row.get('true_dice', float('nan')):.2f}",
+                                  images[row["case"]], predictions / f"{row['case']}.nrrd") for row in rows]
     return review_sheet(entries, out, title=f"the {len(entries)} cases g rates worst (fill: prediction)")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import HelpFormatter
+from .common import HelpFormatter, print_error
 
 DESCRIPTION = """\
 Run a Slicer panel's Train job folder on this machine, for instance a GPU
@@ -52,8 +52,7 @@ def run_job(args) -> int:
     try:
         return run_job_folder(args.folder, run_stage=main, device=args.device)
     except QGSegError as exc:
-        print(f"qgseg: error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return exc.exit_code
+        return print_error(exc)
     except ValueError as exc:  # a stage that left no checkpoint, options the pipeline refuses
         print(f"qgseg: error: {exc}", file=sys.stderr)
         return 1

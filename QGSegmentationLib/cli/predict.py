@@ -219,20 +219,23 @@ def write_scores(rows: List[Dict[str, Any]], path: Path) -> Path:
 def write_review_sheet(rows: List[Dict[str, Any]], key: str, files: Dict[str, tuple], out: Path,
                        most: int) -> Path:
     """review.png: the `most` cases whose worst segment scores lowest by `key`, worst first."""
-    from ..data.io import read_image, read_label
     from ..plots import review_sheet
 
     worst: Dict[str, Dict[str, Any]] = {}
     for row in sorted(rows, key=lambda r: r[key]):
         worst.setdefault(row["case"], row)
     name = "predicted Dice" if key == "predicted_quality" else "2nd-opinion Dice"
-    entries = []
-    for case, row in list(worst.items())[:most]:
-        image_path, label_path = files[case]
-        image, geometry = read_image(image_path)
-        entries.append((f"{case}\n{row['segment']}\n{name} {row[key]:.2f}", image, read_label(label_path)[0],
-                        tuple(reversed(geometry.spacing))))
+    entries = [review_sheet_entry(f"{case}\n{row['segment']}\n{name} {row[key]:.2f}", *files[case])
+               for case, row in list(worst.items())[:most]]
     return review_sheet(entries, out, title=f"{len(entries)} cases scored worst, worst first (fill: prediction)")
+
+
+def review_sheet_entry(caption: str, image_path: Path, label_path: Path) -> tuple:
+    """One row of `plots.review_sheet`, read from an image file and its label map."""
+    from ..data.io import read_image, read_label
+
+    image, geometry = read_image(image_path)
+    return caption, image, read_label(label_path)[0], tuple(reversed(geometry.spacing))
 
 
 def _overlay(image_path: Path, label, out: Path, title: str) -> Path:

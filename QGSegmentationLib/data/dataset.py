@@ -251,6 +251,7 @@ def load_dataset(path: str | os.PathLike) -> DatasetSpec:
     return DatasetSpec(root=root, labels=labels, source=path, **groups)
 
 
+SPLIT_FILE = "split.json"  # what every training run writes into its folder
 SPLIT_BASE_KEY = "dataset"
 SPLIT_GROUPS = ("training", "validation")
 
@@ -323,8 +324,8 @@ def empty_group_message(source, group: str, cases: str = "cases") -> str:
     message = f"{source} lists no \"{group}\" {cases}"
     if group == "validation":
         message += (" (when a dataset has none, training holds --n-validation of its training cases "
-                    "out and lists them in <run-dir>/split.json: pass that file instead of the "
-                    "dataset.json, e.g. runs/seg/split.json)")
+                    f"out and lists them in <run-dir>/{SPLIT_FILE}: pass that file instead of the "
+                    f"dataset.json, e.g. runs/seg/{SPLIT_FILE})")
     return message
 
 

@@ -114,7 +114,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def prepare_data(self):
         from ..data.cache import CaseStore
-        from ..data.dataset import load_dataset, split_validation, write_split_file
+        from ..data.dataset import SPLIT_FILE, load_dataset, split_validation, write_split_file
         from ..data.preprocess import PreprocessConfig, Preprocessor
 
         cfg = self.cfg
@@ -125,7 +125,7 @@ class Trainer:
             spec = split_validation(spec, cfg.n_validation, seed=cfg.seed)
         self.spec = spec
         if self.dist.is_main:
-            write_split_file(spec, self.run_dir / "split.json", written_by="qgseg train")
+            write_split_file(spec, self.run_dir / SPLIT_FILE, written_by="qgseg train")
         self.preprocessor = Preprocessor(PreprocessConfig(
             target_spacing=cfg.target_spacing, normalization=cfg.normalization,
             crop_foreground=cfg.crop_foreground))

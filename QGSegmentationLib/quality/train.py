@@ -66,7 +66,6 @@ LAST_FILE = "checkpoints/last.pt"
 HISTORY_FILE = "quality_history.json"
 CURVE_FILE = "quality_training_curve.png"
 CALIBRATION_FILE = "quality_calibration_validation.png"
-SPLIT_FILE = "split.json"  # the training and validation cases of the run, by id
 RESULT_FILE = "quality_result.json"
 ROI_MARGIN_FRACTION = 0.5
 CPU_SAMPLES_PER_CASE = 8
@@ -691,14 +690,14 @@ def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_d
         stage("weak segmenter snapshots", 2, 4)
         weak_cfg = WeakConfig(**{"seed": config.seed, **dict(config.weak)})
         weak_start = time.perf_counter()
-        bars = []  # made at the first step, when the total is known
+        bar = None  # made at the first step, when the total is known
 
         def weak_progress(step, total):
-            if progress and dist.is_main:
-                if not bars:
-                    bars.append(_progress_bar(True, total, 0, desc="weak segmenter", smoothing=0))  # snapshot steps are slow
-                if bars[0] is not None:
-                    bars[0].update(step - bars[0].n)
+            nonlocal bar
+            if progress and bar is None:  # `progress` is off on every rank but 0
+                bar = _progress_bar(True, total, 0, desc="weak segmenter", smoothing=0)  # snapshot steps are slow
+            if bar is not None:
+                bar.update(step - bar.n)
             if events is not None and (step % 10 == 0 or step == total):
                 eta = (time.perf_counter() - weak_start) / step * (total - step)  # snapshots' predictions included
                 events.progress(step, total, eta_s=eta, stage="weak segmenter")
@@ -713,8 +712,8 @@ def _weak_pool(config: QualityTrainConfig, train_cases, n_foreground: int, run_d
             try:
                 weak_pool = make_weak_pool()
             finally:
-                if bars and bars[0] is not None:
-                    bars[0].close()
+                if bar is not None:
+                    bar.close()
         dist.barrier()
         if not dist.is_main:
             weak_pool = make_weak_pool()
@@ -932,6 +931,8 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
     stage = _stage_reporter(events, progress)
 
     stage("loading cases", 1, 4)
+    from ..data.dataset import SPLIT_FILE
+
     train_cases, val_cases, labels = _split_cases(source, config,
                                                   split_file=run_dir / SPLIT_FILE if dist.is_main else None)
     n_foreground = _check_cases(train_cases, val_cases, labels)

@@ -157,14 +157,12 @@ def finished_run(root: str | os.PathLike) -> FinishedRun:
     that has not ended ok, or a model that is missing."""
     folder, spec, options = load_train_job(root)
     segment = any(c.role == "unlabeled" for c in spec.cases)
-    last_events = folder.predict_events if segment else folder.train_events
-    if stage_outputs(last_events) is None:
-        names = pipeline.RunPipeline.for_training(folder, options, segment=segment).names
-        events = {pipeline.QUALITY: folder.quality_events, pipeline.SEGMENTER: folder.train_events,
-                  pipeline.SECOND_OPINION: folder.second_opinion_events, pipeline.SEGMENT: folder.predict_events}
-        unfinished = next(name for name in names if stage_outputs(events[name]) is None)
+    names = pipeline.RunPipeline.for_training(folder, options, segment=segment).names
+    unfinished = next((name for name in names if stage_outputs(pipeline.stage_events(folder, name)) is None), None)
+    if unfinished is not None:
+        events = pipeline.stage_events(folder, unfinished)
         raise ValueError(f"{folder.root}: the run has not finished: stage '{unfinished}' has not ended ok "
-                         f"({events[unfinished]}); run `qgseg job run {folder.root}` where it ran")
+                         f"({events}); run `qgseg job run {folder.root}` where it ran")
     models = {}
     for name, recorded in (("segmenter", spec.checkpoint), ("quality predictor", spec.quality_checkpoint),
                            ("second opinion", spec.second_opinion_checkpoint)):

@@ -26,6 +26,16 @@ _PRODUCES = {QUALITY: ("quality_dir", "quality_checkpoint"), SEGMENTER: ("run_di
              SECOND_OPINION: ("second_opinion_run_dir", "second_opinion")}
 
 
+# stage -> the JobFolder attribute naming the events file its worker writes
+_EVENTS = {QUALITY: "quality_events", SEGMENTER: "train_events", SECOND_OPINION: "second_opinion_events",
+           SEGMENT: "predict_events"}
+
+
+def stage_events(folder: jobs.JobFolder, name: str) -> Path:
+    """The events file of stage `name` in `folder`."""
+    return getattr(folder, _EVENTS[name])
+
+
 @dataclass(frozen=True)
 class Stage:
     """One worker to start: its `qgseg` arguments, the run folder that receives the CANCEL file,
@@ -105,14 +115,14 @@ class RunPipeline:
     def _worker(self, name: str) -> Tuple[List[str], Path, Path]:
         folder, options = self.folder, self.options
         if name == QUALITY:
-            return jobs.quality_arguments(folder, options), folder.quality_dir, folder.quality_events
-        if name == SEGMENTER:
-            return (jobs.train_arguments(folder, options, self.quality_checkpoint), folder.run_dir,
-                    folder.train_events)
-        if name == SECOND_OPINION:
-            return (jobs.second_opinion_train_arguments(folder, options), folder.second_opinion_run_dir,
-                    folder.second_opinion_events)
-        return (jobs.predict_arguments(folder, self.checkpoint, options.device, self.quality_checkpoint,
-                                       from_dataset=self.from_dataset, mirror=options.mirror,
-                                       second_opinion=self.second_opinion),
-                folder.predict_run_dir, folder.predict_events)
+            arguments, run_dir = jobs.quality_arguments(folder, options), folder.quality_dir
+        elif name == SEGMENTER:
+            arguments, run_dir = jobs.train_arguments(folder, options, self.quality_checkpoint), folder.run_dir
+        elif name == SECOND_OPINION:
+            arguments, run_dir = jobs.second_opinion_train_arguments(folder, options), folder.second_opinion_run_dir
+        else:
+            arguments = jobs.predict_arguments(folder, self.checkpoint, options.device, self.quality_checkpoint,
+                                               from_dataset=self.from_dataset, mirror=options.mirror,
+                                               second_opinion=self.second_opinion)
+            run_dir = folder.predict_run_dir
+        return arguments, run_dir, stage_events(folder, name)
