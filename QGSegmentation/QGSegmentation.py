@@ -80,10 +80,10 @@ class QGSegmentationParameterNode:
     guidanceQW: bool = True
     mode: str = "3d"
     device: str = "auto"
-    targetSpacing: float = 0.0
+    targetSpacing: float = 0.0  # 0: auto
     iterations: int = 2000
     batchSize: int = 2
-    patchSize: int = 96
+    patchSize: int = 0  # 0: auto
     seed: int = 0
     mirror: bool = True
     trainSecondOpinion: bool = False
@@ -486,6 +486,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._appendLog(f"{split}{event['name']} = {float(event['value']):.4f}")
         elif kind == "case_done":
             self._appendLog(f"done: {event['case']}")
+        elif kind == "note":
+            self._appendLog(event["message"])
         elif kind == "warning":
             self._appendLog("WARNING: " + event["message"])
         elif kind == "error":

@@ -224,3 +224,23 @@ def test_speed_times_each_guided_run_against_the_same_run_without_guidance(tmp_p
     for row in rows:
         assert row["host_steps"] == row["guided_steps"] == 2
         assert row["host_step_s"] > 0 and row["ratio"] == pytest.approx(row["guided_step_s"] / row["host_step_s"])
+
+
+def test_speed_plans_the_patch_from_the_study_data_when_it_is_auto(tmp_path, phantom_3d):
+    """A study without patch_size times the patch its training would plan; without data to plan
+    from, the speed test says what it needs."""
+    import torch
+
+    from QGSegmentationLib.benchmark.speed import measure_speed, speed_methods
+    from QGSegmentationLib.data.planning import plan_for_dataset
+
+    data = {**{k: v for k, v in BASE.items() if k != "patch_size"}, "runs": [{"method": "mt", "guidance": "qw"}],
+            "batch_size": 1, "unlabeled_batch_size": 1, "speed": {"steps": 1, "warmup": 0, "rounds": 1},
+            "quality": {"grid_size": [16, 16, 16], "backbone": "convnet"}}
+    config = load_bench_config(write_config(tmp_path, data))
+    assert config.train_config(speed_methods(config)[0], 0, dataset="d.json").patch_size == "auto"
+    with pytest.raises(ConfigError, match="the speed test needs a patch_size"):
+        measure_speed(config, speed_methods(config), n_classes=2, device=torch.device("cpu"))
+    rows = measure_speed(config, speed_methods(config), n_classes=2, device=torch.device("cpu"), dataset=phantom_3d)
+    assert rows[0]["host_steps"] == rows[0]["guided_steps"] == 1
+    assert rows[0]["patch_size"] == list(plan_for_dataset(phantom_3d, "3d", "cpu").patch_size)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from QGSegmentationLib.data.planning import read_plan
 from QGSegmentationLib.data.samplers import PatchSampler
 from QGSegmentationLib.engine.checkpoint import load_checkpoint
 from QGSegmentationLib.engine.config import TrainConfig
@@ -52,7 +53,7 @@ SSL_OPTIONS = {"teacher_noise_std": 0.0, "consistency_rampup_epochs": 0.0}
 QUALITY = {"samples_per_case": 4, "val_samples_per_case": 2, "grid_size": [16, 16, 16], "p_weak": 0.5,
            "weak": {"epochs": 2, "snapshot_epochs": [1, 2], "patch_size": [16, 24, 24]}}
 SEGMENTER_FILES = {"checkpoints/best.pt", "checkpoints/last.pt", "events.jsonl", "history.json",
-                   "manifest.json", "split.json", "training_curves.png"}
+                   "manifest.json", "plan.json", "split.json", "training_curves.png"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -197,7 +198,9 @@ def test_two_process_run_equals_one_process_with_the_global_batch(runs, method, 
     run_dir, _ = runs[method]
     ddp_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     cfg = segmenter_config(method, phantom_3d)
-    assert ddp_state["config"] == cfg.to_dict()
+    planned = segmenter_config(method, phantom_3d)
+    planned.apply_plan(read_plan(run_dir))  # the spacing the ranks planned, as plan.json keeps it
+    assert ddp_state["config"] == planned.to_dict() and planned.target_spacing != "auto"
     assert ddp_state["world_size"] == WORLD and len(ddp_state["rank_states"]) == WORLD
     streams = [s["samplers"]["labeled"]["rng"] for s in ddp_state["rank_states"]]
     assert streams[0] != streams[1]  # the ranks drew different patches

@@ -79,7 +79,13 @@ def test_stage_arguments(tmp_path):
     two_d = train_arguments(folder, TrainingOptions(mode="2d", patch_size=64, guidance_qar=False,
                                                     guidance_qw=False))
     assert two_d[two_d.index("--patch") + 1: two_d.index("--patch") + 3] == ["64", "64"]
-    assert "--spacing" not in two_d and "--quality-checkpoint" not in two_d
+    assert two_d[two_d.index("--spacing") + 1] == "auto" and "--quality-checkpoint" not in two_d
+    planned = train_arguments(folder, TrainingOptions(), quality_checkpoint="/q/best.pt")  # defaults: both planned
+    assert planned[planned.index("--patch") + 1: planned.index("--patch") + 3] == ["auto", "--seed"]
+    after_spacing = planned[planned.index("--spacing") + 1:]
+    assert after_spacing[0] == "auto" and (len(after_spacing) == 1 or after_spacing[1].startswith("--"))
+    with pytest.raises(ValueError, match="patch size must be 0 \\(auto\\) or >= 8"):
+        train_arguments(folder, TrainingOptions(patch_size=4))
     with pytest.raises(ValueError, match="needs a quality predictor checkpoint"):
         train_arguments(folder, TrainingOptions())
     with pytest.raises(ValueError, match="iterations must be >= 1"):

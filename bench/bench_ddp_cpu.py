@@ -38,7 +38,8 @@ def free_port() -> int:
 
 def train_command(args, dataset: Path, run_dir: Path, batch: int, processes: int) -> list:
     qgseg = ["-m", "QGSegmentationLib.cli.main", "train", "--dataset", str(dataset),
-             "--patch", *map(str, args.patch), "--batch", str(batch), "--iterations", str(args.iterations),
+             "--spacing", "keep", "--patch", *map(str, args.patch), "--batch", str(batch),
+             "--iterations", str(args.iterations),
              "--val-every", str(args.iterations), "--device", "cpu", "--quiet", "--run-dir", str(run_dir),
              "--set", f"network_options={{channels: {list(args.channels)}}}",
              "--set", f"checkpoint_every={args.iterations}", "--set", "augment=false"]

@@ -373,7 +373,8 @@ class StudyRunner:
         self.say(f"[bench] speed: {', '.join(run.label for run in todo)} against their host methods")
         self.events.emit("stage", name="speed", index=1, total=1)
         measured = measure_speed(self.config, todo, n_classes, self.device,
-                                 quality_checkpoint=quality["checkpoint"] if quality else None)
+                                 quality_checkpoint=quality["checkpoint"] if quality else None,
+                                 dataset=split.dataset)
         new_rows = {run.label: {**row, "fingerprint": fingerprints[run.label]} for run, row in zip(todo, measured)}
         rows = [new_rows.get(run.label) or reusable[fingerprints[run.label]] for run in methods]
         rows += [row for row in previous if speed_label(row) not in fingerprints]  # runs not selected now

@@ -68,8 +68,11 @@ def _predictor(config: BenchConfig, n_classes: int, device, checkpoint: Optional
 class _Stepper:
     """One method instance with its networks and optimizers, able to take a full training step."""
 
-    def __init__(self, config: BenchConfig, run: RunSpec, n_classes: int, device, predictor=None):
+    def __init__(self, config: BenchConfig, run: RunSpec, n_classes: int, device, predictor=None, dataset=None):
         import torch
+
+        from ..data.planning import plan_for_dataset
+        from ..errors import ConfigError
 
         from ..engine.trainer import _MethodConfig, make_optimizer
         from ..networks import build_network, member_options
@@ -79,6 +82,10 @@ class _Stepper:
 
         method, guidance = run.method, run.guidance
         self.cfg = config.train_config(run, 0, dataset="speed")
+        if self.cfg.patch_size == "auto":  # the patch training would use, planned from the study's data
+            if not dataset:
+                raise ConfigError(f"{config.where}: the speed test needs a patch_size, or a dataset to plan one from")
+            self.cfg.apply_plan(plan_for_dataset(dataset, self.cfg.mode, device.type))
         ssl = dict(self.cfg.ssl)
         if guidance:  # ramps at full weight from the first step so g runs every step
             ssl.update(qar_delay_epochs=0, qar_rampup_epochs=0, qw_delay_epochs=0, qw_rampup_epochs=0)
@@ -128,7 +135,7 @@ class _Stepper:
 
 
 def measure_speed(config: BenchConfig, runs: Sequence[RunSpec], n_classes: int, device,
-                  quality_checkpoint: Optional[str] = None) -> List[Dict[str, Any]]:
+                  quality_checkpoint: Optional[str] = None, dataset=None) -> List[Dict[str, Any]]:
     """[{"method", "guidance", "host_step_s", "guided_step_s", "ratio", "host_steps", "guided_steps"}]
     for each guided run against the same run without guidance."""
     sp = config.speed
@@ -136,8 +143,8 @@ def measure_speed(config: BenchConfig, runs: Sequence[RunSpec], n_classes: int, 
     rows = []
     for run in runs:
         method, guidance = run.name or run.method, run.guidance
-        host = _Stepper(config, dataclasses.replace(run, guidance=()), n_classes, device)
-        guided = _Stepper(config, run, n_classes, device, predictor)
+        host = _Stepper(config, dataclasses.replace(run, guidance=()), n_classes, device, dataset=dataset)
+        guided = _Stepper(config, run, n_classes, device, predictor, dataset=dataset)
         labeled, unlabeled = _random_batches(host.cfg, n_classes, device)
         times: Dict[str, List[float]] = {"host": [], "guided": []}
         for _ in range(int(sp.rounds)):

@@ -36,7 +36,8 @@ def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int
     from ..engine.manifest import write_manifest
     from ..engine.trainer import Trainer
 
-    cfg = TrainConfig(dataset=str(dataset), mode="3d", patch_size=(32, 48, 48), batch_size=2,
+    # the phantom is drawn in voxels, so each case keeps its own grid (no planned resampling)
+    cfg = TrainConfig(dataset=str(dataset), mode="3d", target_spacing=None, patch_size=(32, 48, 48), batch_size=2,
                       unlabeled_batch_size=2, iterations=iterations, val_every=max(1, iterations // 5),
                       checkpoint_every=max(1, iterations // 5), iterations_per_epoch=max(1, iterations // 30),
                       lr=3e-3, network="unet", network_options={"channels": [8, 16, 32, 64]},

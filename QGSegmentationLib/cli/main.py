@@ -10,7 +10,8 @@ from typing import List, Optional
 from .. import __version__
 from .common import HelpFormatter
 
-COMMAND_MODULES = ("train", "predict", "evaluate", "ssl", "quality", "demo", "networks", "bench", "info", "job")
+COMMAND_MODULES = ("train", "predict", "evaluate", "ssl", "quality", "demo", "plan", "networks", "bench", "info",
+                   "job")
 
 DESCRIPTION = """\
 QGSegmentation: quality-guided semi-supervised segmentation of medical images.

@@ -9,7 +9,8 @@ from .common import HelpFormatter, RunContext, add_run_options, command_line, ru
 
 EXAMPLES = """
 examples:
-  qgseg train --dataset Task02_Heart/dataset.json --spacing 1.25 1.25 1.25 --run-dir runs/heart
+  qgseg train --dataset Task02_Heart/dataset.json --run-dir runs/heart      # spacing and patch planned
+  qgseg train --dataset Task02_Heart/dataset.json --spacing 1.25 1.25 1.25 --patch 32 64 64
   qgseg train --dataset data/dataset.json --mode 2d --patch 160 160 --network basicunet
   qgseg train --config bench/la_cpu.yaml --set lr=1e-3 --set ssl.ema_decay=0.99
 
@@ -19,8 +20,7 @@ same --run-dir. Create the file <run-dir>/CANCEL to stop a run cleanly (exit cod
 
 # CLI flag -> TrainConfig field; flags default to None so only what the user typed overrides
 FLAG_FIELDS = {
-    "dataset": "dataset", "mode": "mode", "network": "network", "spacing": "target_spacing",
-    "patch": "patch_size", "batch": "batch_size", "unlabeled_batch": "unlabeled_batch_size",
+    "dataset": "dataset", "mode": "mode", "network": "network", "batch": "batch_size", "unlabeled_batch": "unlabeled_batch_size",
     "iterations": "iterations", "val_every": "val_every", "lr": "lr", "optimizer": "optimizer",
     "seed": "seed", "method": "method", "quality_checkpoint": "quality_checkpoint",
     "cache_dir": "cache_dir", "threads": "num_threads", "normalization": "normalization",
@@ -33,16 +33,19 @@ def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True)
     data.add_argument("--dataset", help="dataset.json (Decathlon / nnU-Net layout: training, unlabeled, "
                                         "optional validation/test)")
     data.add_argument("--mode", choices=["3d", "2d"], help="3D patches, or 2D slices along z [3d]")
-    data.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                      help="resample to this voxel spacing in mm before training [keep]")
+    data.add_argument("--spacing", nargs="+", metavar="X Y Z",
+                      help="resample to this voxel spacing in mm before training; 'keep' leaves each "
+                           "volume's grid; 'auto' plans it from the data and the device (`qgseg plan` "
+                           "shows the plan) [auto]")
     data.add_argument("--normalization", choices=["zscore", "percentile", "none"], help="[zscore]")
     data.add_argument("--n-validation", type=int, help="cases held out for validation when the dataset "
                                                        "has no validation list [2]")
     data.add_argument("--cache-dir", help="keep decoded, preprocessed volumes here across runs")
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--network", help="segmentation network (see `qgseg networks`) [unet]")
-    model.add_argument("--patch", type=int, nargs="+", metavar="N",
-                       help="patch size: z y x in 3d mode, y x in 2d mode [64 64 64]")
+    model.add_argument("--patch", nargs="+", metavar="N",
+                       help="patch size: z y x in 3d mode, y x in 2d mode; 'auto' plans it from the data "
+                            "and the device [auto]")
     model.add_argument("--batch", type=int, help="labeled patches per step [2]")
     model.add_argument("--unlabeled-batch", type=int, help="unlabeled patches per step [2]")
     model.add_argument("--iterations", type=int, help="optimizer steps in total [2000]")
@@ -85,6 +88,10 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None:
             data[field_name] = value
+    if getattr(args, "spacing", None) is not None:
+        data["target_spacing"] = spacing_option(args.spacing)
+    if getattr(args, "patch", None) is not None:
+        data["patch_size"] = patch_option(args.patch)
     if getattr(args, "device", None):
         data["device"] = args.device
     guidance = getattr(args, "guidance", None)
@@ -102,6 +109,33 @@ def build_config(args: argparse.Namespace):
     return TrainConfig.from_dict(data, source=args.config or "options")
 
 
+def spacing_option(values):
+    """--spacing: 'auto', 'keep' (None) or three numbers in mm (x y z)."""
+    from ..errors import ConfigError
+
+    if len(values) == 1 and values[0].lower() in ("auto", "keep"):
+        return None if values[0].lower() == "keep" else "auto"
+    try:
+        spacing = [float(v) for v in values]
+    except ValueError:
+        spacing = []
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigError(f"--spacing {' '.join(values)}: give three positive numbers in mm (x y z), auto or keep")
+    return spacing
+
+
+def patch_option(values):
+    """--patch: 'auto' or whole numbers (z y x in 3d mode, y x in 2d mode)."""
+    from ..errors import ConfigError
+
+    if len(values) == 1 and values[0].lower() == "auto":
+        return "auto"
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ConfigError(f"--patch {' '.join(values)}: give whole numbers (z y x, or y x in 2d) or auto") from None
+
+
 def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.manifest import write_manifest
     from ..engine.trainer import Trainer
@@ -109,7 +143,7 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
 
     cfg = build_config(args)
     trainer = Trainer(cfg, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
-                      resume=not args.no_resume)
+                      resume=not args.no_resume, say=ctx.say)
     status = "failed"
     try:
         result = trainer.fit()

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..errors import ConfigError, check_option_names
 
@@ -22,7 +22,8 @@ class TrainConfig:
     # data
     dataset: str = ""                      # dataset.json path
     mode: str = "3d"                       # "3d" patches or "2d" slices along z
-    target_spacing: Optional[Tuple[float, float, float]] = None  # (x, y, z) mm; None = keep
+    # (x, y, z) mm; None keeps each volume's grid; "auto" plans it from the data (data/planning.py)
+    target_spacing: Union[None, str, Tuple[float, float, float]] = "auto"
     normalization: str = "zscore"          # zscore | percentile | none
     crop_foreground: bool = False
     n_validation: int = 2                  # cases moved from training to validation when the dataset has none
@@ -35,7 +36,7 @@ class TrainConfig:
     # second network, e.g. {resunet: {filters: [8, 16, 32, 64]}}); unnamed ones keep their defaults
     other_network_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # sampling
-    patch_size: Tuple[int, ...] = (64, 64, 64)
+    patch_size: Union[str, Tuple[int, ...]] = "auto"   # z y x (3d) or y x (2d); "auto" plans it
     batch_size: int = 2
     unlabeled_batch_size: int = 2
     fg_ratio: float = 0.33
@@ -81,17 +82,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in ("2d", "3d"):
             raise ConfigError(f"mode must be 2d or 3d, not {self.mode!r}")
-        dims = 2 if self.mode == "2d" else 3
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        if len(self.patch_size) == 3 and dims == 2:
-            self.patch_size = self.patch_size[1:]
-        if len(self.patch_size) != dims:
-            raise ConfigError(f"patch_size {self.patch_size} must have {dims} numbers in {self.mode} mode")
-        if self.target_spacing is not None:
-            self.target_spacing = tuple(float(s) for s in self.target_spacing)
-            if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
-                raise ConfigError(f"target_spacing must be three positive numbers (x y z mm), "
-                                  f"not {self.target_spacing}")
+        self.patch_size = _auto_or(self.patch_size, self._checked_patch)
+        self.target_spacing = _auto_or(self.target_spacing, self._checked_spacing)
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
@@ -110,6 +102,50 @@ class TrainConfig:
             raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
         if self.amp_dtype not in ("auto", "bf16", "fp16"):
             raise ConfigError(f"amp_dtype must be auto, bf16 or fp16, not {self.amp_dtype!r}")
+
+    @property
+    def needs_plan(self) -> bool:
+        """Whether spacing or patch size is still "auto" (the trainer plans them from the data)."""
+        return "auto" in (self.target_spacing, self.patch_size)
+
+    def apply_plan(self, plan) -> None:
+        """Fill an "auto" spacing / patch size from a `data.planning.Plan`; typed values stay."""
+        if self.target_spacing == "auto":
+            self.target_spacing = tuple(plan.target_spacing)
+        if self.patch_size == "auto":
+            self.patch_size = tuple(plan.patch_size)
+
+    def _checked_patch(self, value) -> Tuple[int, ...]:
+        dims = 2 if self.mode == "2d" else 3
+        try:
+            patch = tuple(int(p) for p in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"patch_size must be auto or {dims} whole numbers, not {value!r}") from None
+        if len(patch) == 3 and dims == 2:
+            patch = patch[1:]
+        if len(patch) != dims or min(patch) < 1:
+            raise ConfigError(f"patch_size {patch} must have {dims} positive numbers in {self.mode} mode")
+        return patch
+
+    @staticmethod
+    def _checked_spacing(value) -> Optional[Tuple[float, float, float]]:
+        if value is None:
+            return None
+        try:
+            spacing = tuple(float(s) for s in value)
+        except (TypeError, ValueError):
+            spacing = ()
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ConfigError(f"target_spacing must be auto, null (keep) or three positive numbers "
+                              f"(x y z mm), not {value!r}")
+        return spacing
+
+
+def _auto_or(value, check):
+    """"auto" as it is (any case), anything else through `check`."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return check(value)
 
 
 def load_config_file(path: str | Path) -> Dict[str, Any]:

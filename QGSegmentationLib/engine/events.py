@@ -9,6 +9,7 @@ and per type:
     metric    name (str), value (float), step (int|null), split ("train"|"validation"|null)
     case_done case (str), outputs (dict of str->str), metrics (dict, may be empty)
     heartbeat (nothing more; written at least every HEARTBEAT_INTERVAL_S seconds while alive)
+    note      message (str)   -- worth telling the user, not a problem (e.g. the planned spacing)
     warning   message (str)
     error     kind ("oom"|"cuda_unavailable"|"data"|"other"|"cancelled"), message (str), hint (str|null)
     done      status ("ok"|"cancelled"|"failed"), exit_code (int), outputs (dict), wall_s (float)
@@ -39,6 +40,7 @@ REQUIRED_FIELDS: Dict[str, tuple] = {
     "metric": ("name", "value"),
     "case_done": ("case",),
     "heartbeat": (),
+    "note": ("message",),
     "warning": ("message",),
     "error": ("kind", "message"),
     "done": ("status", "exit_code"),
@@ -186,6 +188,9 @@ class EventWriter:
 
     def metric(self, name: str, value: float, step: int | None = None, split: str | None = None) -> None:
         self.emit("metric", name=name, value=float(value), step=step, split=split)
+
+    def note(self, message: str) -> None:
+        self.emit("note", message=message)
 
     def warning(self, message: str) -> None:
         self.emit("warning", message=message)

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class Trainer:
     """Trains one method on one dataset into `run_dir`. See module docstring."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, events: Optional[EventWriter] = None,
-                 progress_bar: bool = True, resume: bool = True):
+                 progress_bar: bool = True, resume: bool = True, say: Optional[Callable[[str], None]] = None):
         config.validate()
         self.cfg = config
         self.run_dir = Path(run_dir)
@@ -106,6 +106,7 @@ class Trainer:
         self.events = (events or EventWriter()) if self.dist.is_main else EventWriter()
         self.progress_bar = progress_bar and self.dist.is_main
         self.resume = resume
+        self.say = say if self.dist.is_main else None
         self.cancel = CancelToken(self.run_dir)
         self.history: List[Dict[str, Any]] = []
         self.best_metric = -1.0
@@ -126,6 +127,8 @@ class Trainer:
         self.spec = spec
         if self.dist.is_main:
             write_split_file(spec, self.run_dir / SPLIT_FILE, written_by="qgseg train")
+        if cfg.needs_plan:
+            self.apply_plan()
         self.preprocessor = Preprocessor(PreprocessConfig(
             target_spacing=cfg.target_spacing, normalization=cfg.normalization,
             crop_foreground=cfg.crop_foreground))
@@ -134,6 +137,34 @@ class Trainer:
         self.labeled = store.load_many(spec.training, progress=self.progress_bar)
         self.validation = store.load_many(spec.validation, progress=self.progress_bar)
         self.n_classes = spec.n_classes
+
+    def apply_plan(self) -> None:
+        """Replace "auto" spacing / patch size by the plan for these labeled cases on this device
+        (data/planning.py). The plan is kept in <run-dir>/plan.json, so a resumed run, even on
+        another device, keeps it; checkpoints and manifest record the planned values."""
+        from ..data.planning import PLAN_FILE, plan_for_cases, read_plan
+        from ..fileio import write_json_atomic
+
+        cfg = self.cfg
+        plan = read_plan(self.run_dir) if self.resume else None
+        if plan is None or plan.mode != cfg.mode:
+            plan = plan_for_cases(list(self.spec.training) + list(self.spec.validation), cfg.mode,
+                                  self.device.type, spacing=cfg.target_spacing)
+            if self.dist.is_main:
+                write_json_atomic(self.run_dir / PLAN_FILE, plan.to_dict())
+        cfg.apply_plan(plan)
+        spacing = ("each volume's own" if cfg.target_spacing is None
+                   else " x ".join(f"{s:g}" for s in cfg.target_spacing))
+        self.note(f"spacing {spacing} mm, patch {'x'.join(map(str, cfg.patch_size))} "
+                  f"({'z y x' if cfg.mode == '3d' else 'y x'}): planned for {plan.device} from "
+                  f"{plan.fingerprint['cases']} labeled cases (written to {PLAN_FILE}; "
+                  "--spacing and --patch override it)")
+
+    def note(self, message: str) -> None:
+        """Tell the user something that is not a problem: a `note` event, and the terminal."""
+        self.events.note(message)
+        if self.say is not None:
+            self.say(message)
 
     def load_unlabeled(self) -> None:
         """Decode the unlabeled images, only when the method (as configured) uses them."""

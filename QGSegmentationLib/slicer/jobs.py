@@ -53,10 +53,10 @@ class TrainingOptions:
     guidance_qar: bool = True
     guidance_qw: bool = True
     mode: str = "3d"
-    target_spacing: float = 0.0  # mm, isotropic; 0 keeps each volume's own spacing
+    target_spacing: float = 0.0  # mm, isotropic; 0: planned from the data (`qgseg plan`)
     iterations: int = 2000
     batch_size: int = 2
-    patch_size: int = 96
+    patch_size: int = 0  # voxels along each axis; 0: planned from the data
     seed: int = 0
     device: str = "auto"
     quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
@@ -72,7 +72,8 @@ class TrainingOptions:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.patch_size >= 8, f"patch size must be >= 8 voxels, got {self.patch_size}"),
+            (self.patch_size == 0 or self.patch_size >= 8,
+             f"patch size must be 0 (auto) or >= 8 voxels, got {self.patch_size}"),
             (self.target_spacing >= 0, f"target spacing must be >= 0 mm, got {self.target_spacing}"),
             (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
             (self.quality_seeds >= 1, f"quality predictor seeds must be >= 1, got {self.quality_seeds}"),
@@ -92,8 +93,16 @@ class TrainingOptions:
         return ",".join(parts) or "none"
 
     def patch(self) -> List[str]:
-        """--patch values: z y x in 3d mode, y x in 2d mode (cubic/square patches)."""
+        """--patch values: z y x in 3d mode, y x in 2d mode (cubic/square patches), or auto."""
+        if self.patch_size == 0:
+            return ["auto"]
         return [str(self.patch_size)] * (3 if self.mode == "3d" else 2)
+
+    def spacing(self) -> List[str]:
+        """--spacing values: x y z (isotropic), or auto."""
+        if self.target_spacing == 0:
+            return ["auto"]
+        return [repr(float(self.target_spacing))] * 3
 
 
 @dataclass
@@ -341,8 +350,7 @@ def _segmenter_training(run_dir: Path, events: Path, folder: JobFolder, options:
             "--iterations", str(options.iterations), "--batch", str(options.batch_size),
             "--patch", *options.patch(), "--seed", str(seed), "--device", options.device,
             "--guidance", guidance]
-    if options.target_spacing > 0:
-        args += ["--spacing", *[repr(float(options.target_spacing))] * 3]
+    args += ["--spacing", *options.spacing()]
     return args
 
 
