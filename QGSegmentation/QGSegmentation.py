@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 
 import qt
 import slicer
+import vtk
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -275,9 +276,12 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updatePlanHint)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updatePlanHint)
+            self.updatePlanHint()
 
     # --- Cases section -------------------------------------------------------------------------------
     def refreshCases(self):
@@ -397,6 +401,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.nextUnreviewedButton):
             button.enabled = controls.review_enabled and self._currentReviewCase is not None
         self.ui.exportCsvButton.enabled = len(self.logic.review) > 0
+        self.updatePlanHint()
         self.ui.useApprovedButton.enabled = controls.inputs_enabled and bool(self.logic.review.approved_references())
         self.ui.statusLabel.text = controls.state_label
         self.ui.progressBar.visible = controls.progress_visible
@@ -494,6 +499,15 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appendLog(f"ERROR ({event['kind']}): {event['message']}")
         elif kind == "start":
             self._appendLog(f"worker started (pid {event.get('pid')})")
+
+    def updatePlanHint(self, *_):
+        """Advanced section: what auto spacing / patch size become for the labeled volumes."""
+        if not hasattr(self, "ui") or self._parameterNode is None:
+            return
+        labeled = [case.volume_id for case in self.selectedCases() if case.role == "labeled"]
+        fingerprint = scene_io.volumes_fingerprint(slicer.mrmlScene, labeled)
+        gpu = self._deviceInfo.cuda_available if self._deviceInfo is not None else None
+        self.ui.planHintLabel.text = jobs.plan_hint(training_options_from(self._parameterNode), fingerprint, gpu)
 
     def _appendLog(self, text):
         self.ui.logTextEdit.appendPlainText(text)
@@ -673,6 +687,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if probe:
             self._deviceInfo = environment.probe_torch(self.logic.pythonExecutable())
             self.ui.deviceInfoLabel.text = self._deviceInfo.summary
+            self.updatePlanHint()
         statuses = self.logic.requirementStatuses()
         self.ui.environmentTextEdit.setPlainText(environment.diagnostics_text(
             statuses, self._deviceInfo, {"Slicer": slicer.app.applicationVersion,

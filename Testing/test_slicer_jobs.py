@@ -13,7 +13,7 @@ import pytest
 from QGSegmentationLib.slicer import environment as env
 from QGSegmentationLib.slicer import jobs
 from QGSegmentationLib.slicer.jobs import (CaseEntry, JobSpec, TrainingOptions, create_job_folder,
-                                          find_checkpoint, make_case_ids, predict_arguments,
+                                          find_checkpoint, make_case_ids, plan_hint, predict_arguments,
                                           quality_arguments, read_job_spec, train_arguments,
                                           write_dataset_json, write_job_spec)
 
@@ -227,3 +227,24 @@ def test_probe_torch_in_a_child_process_and_diagnostics():
     assert "slicer: test" in text and "torch probe" in text and info.summary in text
     broken = env.probe_torch(sys.executable + "-missing")
     assert broken.error and "probe failed" in broken.error
+
+
+def test_plan_hint_says_what_auto_becomes_on_the_device_that_trains():
+    from QGSegmentationLib.data.planning import Fingerprint, make_plan
+
+    la_like = Fingerprint(sizes=((190, 142, 88),) * 3, spacings=((0.625, 0.625, 0.625),) * 3)
+    cpu, gpu = make_plan(la_like, "3d", "cpu"), make_plan(la_like, "3d", "cuda")
+    unknown = plan_hint(TrainingOptions(), la_like, gpu_available=None)  # before the device probe
+    assert unknown == ("auto on the CPU: spacing 1.25 x 1.25 x 1.25 mm, patch 48x48x48; on the GPU: spacing "
+                       f"0.625 x 0.625 x 0.625 mm, patch {'x'.join(map(str, gpu.patch_size))} "
+                       "(planned from 3 labeled volumes)")
+    assert plan_hint(TrainingOptions(), la_like, gpu_available=True).startswith("auto on the GPU: spacing 0.625")
+    assert plan_hint(TrainingOptions(device="cpu"), la_like, gpu_available=True).startswith("auto on the CPU")
+    fixed_spacing = plan_hint(TrainingOptions(target_spacing=2.5, device="cpu"), la_like, gpu_available=False)
+    patch_at_2_5 = make_plan(la_like, "3d", "cpu", spacing=(2.5, 2.5, 2.5)).patch_size
+    assert fixed_spacing == f"auto on the CPU: patch {'x'.join(map(str, patch_at_2_5))} (planned from 3 labeled volumes)"
+    assert patch_at_2_5 != cpu.patch_size  # planned for the spacing the user chose
+    assert plan_hint(TrainingOptions(target_spacing=1.0, patch_size=64), la_like, gpu_available=None) == ""
+    assert "when you mark some as labeled" in plan_hint(TrainingOptions(), None, gpu_available=None)
+    two_d = plan_hint(TrainingOptions(mode="2d", device="cpu"), la_like, gpu_available=None)
+    assert "patch 144x192" in two_d

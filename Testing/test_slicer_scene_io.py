@@ -363,3 +363,39 @@ def test_la_volume_export_import_round_trip(headless, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder.label_path("LA")))), label)
     imported = scene_io.import_prediction(scene, folder.label_path("LA"), vol, ["left atrium"])
     np.testing.assert_array_equal(scene_io.segment_arrays(imported, vol)["left atrium"], label == 1)
+
+
+def test_the_panels_plan_from_scene_volumes_equals_the_workers_from_exported_files(headless, masks, tmp_path):
+    """The Advanced section's hint plans from the volume nodes; the worker plans from the files
+    the job exports. Both must see the same sizes and spacings, so both choose the same."""
+    from QGSegmentationLib.data.planning import make_plan, plan_for_dataset
+    from QGSegmentationLib.slicer.jobs import TrainingOptions, plan_hint
+
+    scene = headless.scene
+    image, organ, lesion = masks
+    matrix, _ = oblique_ijk_to_ras()
+    coarse = matrix.copy()
+    coarse[:3, :3] *= 2.0  # a second volume with twice the spacing
+    vol_a = add_volume(scene, "CT A", image, matrix)
+    vol_b = add_volume(scene, "CT B", image, coarse)
+    vol_c = add_volume(scene, "CT C", image, matrix)
+    seg_a = add_segmentation(scene, vol_a, [("organ", organ)])
+    seg_b = add_segmentation(scene, vol_b, [("organ", organ)])
+    cases = [CaseEntry("CT_A", vol_a.GetID(), "CT A", "labeled", seg_a.GetID()),
+             CaseEntry("CT_B", vol_b.GetID(), "CT B", "labeled", seg_b.GetID()),
+             CaseEntry("CT_C", vol_c.GetID(), "CT C", "unlabeled")]
+    fingerprint = scene_io.volumes_fingerprint(scene, [vol_a.GetID(), vol_b.GetID(), "vtkMRMLScalarVolumeNode999"])
+    assert fingerprint.sizes == (tuple(reversed(SHAPE)),) * 2
+    np.testing.assert_allclose(fingerprint.spacings, [SPACING, tuple(2 * s for s in SPACING)])
+    folder = create_job_folder(tmp_path, run_id="job")
+    dataset_json, _ = scene_io.export_dataset(scene, cases, folder)
+    for mode in ("3d", "2d"):
+        for device in ("cpu", "cuda"):
+            panel, worker = make_plan(fingerprint, mode, device), plan_for_dataset(dataset_json, mode, device)
+            assert panel.patch_size == worker.patch_size
+            np.testing.assert_allclose(panel.target_spacing, worker.target_spacing)
+    hint = plan_hint(TrainingOptions(device="cpu"), fingerprint, gpu_available=None)
+    cpu = make_plan(fingerprint, "3d", "cpu")
+    assert hint.startswith("auto on the CPU: spacing") and "x".join(map(str, cpu.patch_size)) in hint
+    assert "from 2 labeled volumes" in hint
+    assert scene_io.volumes_fingerprint(scene, []) is None

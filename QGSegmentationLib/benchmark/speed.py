@@ -72,9 +72,8 @@ class _Stepper:
         import torch
 
         from ..data.planning import plan_for_dataset
-        from ..errors import ConfigError
-
         from ..engine.trainer import _MethodConfig, make_optimizer
+        from ..errors import ConfigError
         from ..networks import build_network, member_options
         from ..ssl.base import SSLConfig
         from ..ssl.guidance import QualityGuidance

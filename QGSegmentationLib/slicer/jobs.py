@@ -105,6 +105,37 @@ class TrainingOptions:
         return [repr(float(self.target_spacing))] * 3
 
 
+def plan_hint(options: TrainingOptions, fingerprint, gpu_available: Optional[bool]) -> str:
+    """One line for the panel: what the *auto* spacing / patch size become for these labeled
+    volumes (a `data.planning.Fingerprint`, None when there are none) on the device that will
+    train (both CPU and GPU while `gpu_available` is unknown and the device is auto); "" when
+    neither is auto. The worker plans the same from the exported files."""
+    from ..data.planning import make_plan
+
+    auto_spacing, auto_patch = options.target_spacing == 0, options.patch_size == 0
+    if not (auto_spacing or auto_patch):
+        return ""
+    if fingerprint is None:
+        return "auto: planned from the labeled volumes when you mark some as labeled"
+    if options.device == "auto":
+        devices = ["cpu", "cuda"] if gpu_available is None else ["cuda" if gpu_available else "cpu"]
+    else:
+        devices = [options.device]
+    spacing = "auto" if auto_spacing else (float(options.target_spacing),) * 3
+    described = []
+    for device in devices:
+        plan = make_plan(fingerprint, options.mode, device, spacing)
+        chosen = []
+        if auto_spacing:
+            chosen.append("spacing " + " x ".join(f"{s:g}" for s in plan.target_spacing) + " mm")
+        if auto_patch:
+            chosen.append("patch " + "x".join(map(str, plan.patch_size)))
+        described.append(f"{'GPU' if device == 'cuda' else 'CPU'}: {', '.join(chosen)}")
+    volumes = len(fingerprint.sizes)
+    return (f"auto on the {'; on the '.join(described)} "
+            f"(planned from {volumes} labeled volume{'s' if volumes != 1 else ''})")
+
+
 @dataclass
 class CaseEntry:
     """One row of the Cases table that takes part in the job."""

@@ -153,6 +153,22 @@ def collect_label_names(segmentation_nodes: Iterable) -> List[str]:
     return names
 
 
+def volumes_fingerprint(scene, volume_ids: Iterable[str]):
+    """Sizes and spacings (x, y, z) of the scene's volumes with these IDs, as a
+    `data.planning.Fingerprint` (what the worker reads from their exported headers); None when
+    none of them holds an image."""
+    from ..data.planning import Fingerprint
+
+    sizes, spacings = [], []
+    for volume_id in volume_ids:
+        node = scene.GetNodeByID(volume_id)
+        image = node.GetImageData() if node is not None else None
+        if image is not None:
+            sizes.append(tuple(int(n) for n in image.GetDimensions()))
+            spacings.append(tuple(float(s) for s in node.GetSpacing()))
+    return Fingerprint(tuple(sizes), tuple(spacings)) if sizes else None
+
+
 def export_labelmap(scene, segmentation_node, reference_volume, path: str | os.PathLike,
                     label_names: Sequence[str]) -> Path:
     """Write `segmentation_node` as a label map on `reference_volume`'s exact grid: a segment

@@ -176,6 +176,14 @@ class QGSegmentationWidgetTest(ScriptedLoadableModuleTest):
         widget.ui.outputFolderPathLineEdit.currentPath = tempfile.mkdtemp(prefix="qgseg-widget-")
         widget.updateControls()
         self.assertTrue(widget.ui.trainButton.enabled, widget.ui.trainButton.toolTip)
+        # before any device probe, the Advanced section says what auto becomes on a CPU and on a GPU
+        self.assertTrue(widget.ui.planHintLabel.text.startswith("auto on the CPU: spacing"), widget.ui.planHintLabel.text)
+        self.assertIn("; on the GPU: spacing", widget.ui.planHintLabel.text)
+        widget._parameterNode.targetSpacing = 2.0  # the parameter node's observer updates the line
+        self.assertTrue(widget.ui.planHintLabel.text.startswith("auto on the CPU: patch"), widget.ui.planHintLabel.text)
+        widget._parameterNode.patchSize = 32
+        self.assertEqual(widget.ui.planHintLabel.text, "")  # nothing left to plan
+        widget._parameterNode.targetSpacing, widget._parameterNode.patchSize = 0.0, 0
         logic.startTraining(slicer.mrmlScene, widget.selectedCases(),
                             jobs.TrainingOptions(device="cpu", iterations=6), widget.ui.outputFolderPathLineEdit.currentPath)
         self.assertEqual(widget.ui.trainButton.text, "Cancel")
