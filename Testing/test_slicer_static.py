@@ -9,6 +9,8 @@ import ast
 import fnmatch
 import re
 import struct
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -263,3 +265,17 @@ def test_module_uses_only_existing_backend_names():
                 target = aliases.get(node.value.id)
                 if target is not None and hasattr(target, "__file__"):
                     assert hasattr(target, node.attr), f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}"
+
+
+def test_the_plan_hint_loads_no_deep_learning_stack():
+    """The panel plans from the scene at every change of the Cases table: what that imports
+    (slicer/jobs, data/planning, data/io) must not pull in torch or MONAI, at run time."""
+    code = ("import sys\n"
+            "from QGSegmentationLib.slicer import jobs, scene_io\n"
+            "from QGSegmentationLib.data.planning import Fingerprint\n"
+            "print(jobs.plan_hint(jobs.TrainingOptions(), Fingerprint(((64, 64, 40),), ((0.5, 0.5, 1.0),)), None))\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    hint, loaded = out.stdout.strip().splitlines()
+    assert hint.startswith("auto on the CPU") and loaded == "[]"
