@@ -207,12 +207,26 @@ def plan_for_cases(cases: Iterable, mode: str = "3d", device: str = "cpu", spaci
     return make_plan(fingerprint_of([case.image for case in cases]), mode, device, spacing)
 
 
+def plan_for_spec(spec, mode: str = "3d", device: str = "cpu", spacing="auto") -> Plan:
+    """The plan for a `DatasetSpec`'s labeled cases (training and validation); see `make_plan`."""
+    return plan_for_cases(list(spec.training) + list(spec.validation), mode, device, spacing)
+
+
 def plan_for_dataset(dataset: str | os.PathLike, mode: str = "3d", device: str = "cpu") -> Plan:
-    """The plan for a dataset.json's (or split.json's) labeled cases: training and validation."""
+    """The plan for a dataset.json's (or split.json's) labeled cases."""
     from .dataset import load_dataset
 
-    spec = load_dataset(dataset)
-    return plan_for_cases(list(spec.training) + list(spec.validation), mode, device)
+    return plan_for_spec(load_dataset(dataset), mode, device)
+
+
+def spacing_text(spacing: Sequence[float]) -> str:
+    """(1.25, 1.25, 1.25) -> "1.25 x 1.25 x 1.25" (mm, x y z)."""
+    return " x ".join(f"{float(s):g}" for s in spacing)
+
+
+def patch_text(patch: Sequence[int]) -> str:
+    """(48, 48, 48) -> "48x48x48"."""
+    return "x".join(str(int(p)) for p in patch)
 
 
 def describe_plan(plan: Plan) -> List[str]:
@@ -223,9 +237,9 @@ def describe_plan(plan: Plan) -> List[str]:
         f"{fp['cases']} labeled cases; median size {_xyz(fp['size_median'], 1)} voxels (x y z) at "
         f"{_xyz(fp['spacing_median'])} mm (spacing from {_xyz(fp['spacing_min'])} to {_xyz(fp['spacing_max'])})",
         f"{plan.mode} training on {plan.device}: resample to {_xyz(plan.target_spacing)} mm "
-        f"(median volume {'x'.join(map(str, plan.median_shape))} voxels, z y x; budget "
+        f"(median volume {patch_text(plan.median_shape)} voxels, z y x; budget "
         f"{plan.budget['volume_voxels']:,} {'voxels' if plan.mode == '3d' else 'pixels a slice'})",
-        f"patch {'x'.join(map(str, plan.patch_size))} ({axes}; budget {plan.budget['patch_voxels']:,} "
+        f"patch {patch_text(plan.patch_size)} ({axes}; budget {plan.budget['patch_voxels']:,} "
         f"{'voxels' if plan.mode == '3d' else 'pixels'})",
     ]
 

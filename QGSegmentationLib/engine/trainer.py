@@ -142,20 +142,18 @@ class Trainer:
         """Replace "auto" spacing / patch size by the plan for these labeled cases on this device
         (data/planning.py). The plan is kept in <run-dir>/plan.json, so a resumed run, even on
         another device, keeps it; checkpoints and manifest record the planned values."""
-        from ..data.planning import PLAN_FILE, plan_for_cases, read_plan
+        from ..data.planning import PLAN_FILE, patch_text, plan_for_spec, read_plan, spacing_text
         from ..fileio import write_json_atomic
 
         cfg = self.cfg
         plan = read_plan(self.run_dir) if self.resume else None
         if plan is None or plan.mode != cfg.mode:
-            plan = plan_for_cases(list(self.spec.training) + list(self.spec.validation), cfg.mode,
-                                  self.device.type, spacing=cfg.target_spacing)
+            plan = plan_for_spec(self.spec, cfg.mode, self.device.type, spacing=cfg.target_spacing)
             if self.dist.is_main:
                 write_json_atomic(self.run_dir / PLAN_FILE, plan.to_dict())
         cfg.apply_plan(plan)
-        spacing = ("each volume's own" if cfg.target_spacing is None
-                   else " x ".join(f"{s:g}" for s in cfg.target_spacing))
-        self.note(f"spacing {spacing} mm, patch {'x'.join(map(str, cfg.patch_size))} "
+        spacing = "each volume's own" if cfg.target_spacing is None else spacing_text(cfg.target_spacing)
+        self.note(f"spacing {spacing} mm, patch {patch_text(cfg.patch_size)} "
                   f"({'z y x' if cfg.mode == '3d' else 'y x'}): planned for {plan.device} from "
                   f"{plan.fingerprint['cases']} labeled cases (written to {PLAN_FILE}; "
                   "--spacing and --patch override it)")

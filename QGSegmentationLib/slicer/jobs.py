@@ -110,7 +110,7 @@ def plan_hint(options: TrainingOptions, fingerprint, gpu_available: Optional[boo
     volumes (a `data.planning.Fingerprint`, None when there are none) on the device that will
     train (both CPU and GPU while `gpu_available` is unknown and the device is auto); "" when
     neither is auto. The worker plans the same from the exported files."""
-    from ..data.planning import make_plan
+    from ..data.planning import make_plan, patch_text, spacing_text
 
     auto_spacing, auto_patch = options.target_spacing == 0, options.patch_size == 0
     if not (auto_spacing or auto_patch):
@@ -127,9 +127,9 @@ def plan_hint(options: TrainingOptions, fingerprint, gpu_available: Optional[boo
         plan = make_plan(fingerprint, options.mode, device, spacing)
         chosen = []
         if auto_spacing:
-            chosen.append("spacing " + " x ".join(f"{s:g}" for s in plan.target_spacing) + " mm")
+            chosen.append(f"spacing {spacing_text(plan.target_spacing)} mm")
         if auto_patch:
-            chosen.append("patch " + "x".join(map(str, plan.patch_size)))
+            chosen.append(f"patch {patch_text(plan.patch_size)}")
         described.append(f"{'GPU' if device == 'cuda' else 'CPU'}: {', '.join(chosen)}")
     volumes = len(fingerprint.sizes)
     return (f"auto on the {'; on the '.join(described)} "
