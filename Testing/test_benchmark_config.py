@@ -153,6 +153,22 @@ def test_la_split_is_fixed_disjoint_and_nested(fake_la, tmp_path):
     assert all(c["label"] for c in held["test"])
 
 
+def test_la_split_folds_test_every_case_once(fake_la, tmp_path):
+    split = lambda fold: json.loads(make_la_split(fake_la, tmp_path / f"f{fold}", labeled=3, n_test=3, n_val=2,  # noqa: E731
+                                                  split_seed=1, fold=fold).read_text())
+    folds = [split(fold) for fold in range(3)]  # 10 cases, 3 test cases each: folds 0-2
+    fixed = json.loads(make_la_split(fake_la, tmp_path / "fixed", labeled=3, n_test=3, n_val=2, split_seed=1).read_text())
+    assert folds[0] == fixed
+    tests = [[c["image"] for c in f["test"]] for f in folds]
+    assert len(set(sum(tests, []))) == 9  # disjoint test sets
+    for f in folds:
+        images = [c["image"] for g in ("training", "validation", "test") for c in f[g]] + f["unlabeled"]
+        assert len(set(images)) == 10  # within a fold every case is in exactly one group
+    assert folds[1]["validation"] != fixed["validation"] and "fold 1" in folds[1]["name"]
+    with pytest.raises(DataError, match="fold 3 does not exist: 10 cases make 3 folds"):
+        split(3)
+
+
 def test_la_split_errors_name_the_file(fake_la, tmp_path):
     with pytest.raises(DataError, match="needs 16"):
         make_la_split(fake_la, tmp_path / "x", labeled=10, n_test=4, n_val=2)

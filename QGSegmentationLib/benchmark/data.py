@@ -170,7 +170,7 @@ def prepare_splits(section: Mapping, base_dir: Path, data_dir: Path) -> List[Spl
 
 
 def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: int = 4,
-                  split_seed: int = 2026, unlabeled_as_test: bool = False) -> Path:
+                  split_seed: int = 2026, unlabeled_as_test: bool = False, fold: int = 0) -> Path:
     """Write `out/dataset.json` for the LA benchmark with a fixed split, next to symlinks to the data.
 
     Over the LA dataset.json's cases sorted by image path and shuffled with `split_seed`: the first
@@ -183,7 +183,11 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     `unlabeled_as_test` appends the would-be unlabeled cases, with their labels, to the test cases
     and leaves "unlabeled" empty: a larger held-out set for evaluating models that never saw those
     cases (supervised segmenters, quality predictors). Never train an SSL method on this split's
-    sibling and then evaluate it here: it trained on those images."""
+    sibling and then evaluate it here: it trained on those images.
+
+    `fold` k rotates the shuffled order by k * `n_test` cases before the split is taken, so folds
+    0 .. len(cases) // n_test - 1 have disjoint test sets (cross-validation; with 80 LA cases and 16
+    test cases, five folds test every case once). Fold 0 is the fixed split above, unchanged."""
     la, out = Path(la), Path(out)
     source = la / "dataset.json"
     desc = read_json(source, "LA dataset description (data.la.path of the benchmark config)")
@@ -194,8 +198,12 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     if len(cases) < needed:
         raise DataError(f"{source}: {len(cases)} labeled cases, but the split needs {needed} "
                         f"({n_test} test + {n_val} validation + {labeled} labeled)")
+    folds = len(cases) // n_test
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise DataError(f"{source}: fold {fold} does not exist: {len(cases)} cases make {folds} folds of "
+                        f"{n_test} test cases (0 to {folds - 1})")
     cases = sorted(cases, key=lambda c: c["image"])
-    order = np.random.default_rng(split_seed).permutation(len(cases))
+    order = np.roll(np.random.default_rng(split_seed).permutation(len(cases)), -fold * n_test)
     shuffled = [cases[i] for i in order]
     test, val, train = shuffled[:n_test], shuffled[n_test:n_test + n_val], shuffled[n_test + n_val:]
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +214,8 @@ def make_la_split(la: Path, out: Path, labeled: int, n_test: int = 16, n_val: in
     rest = train[labeled:]
     held_out = test + rest if unlabeled_as_test else test
     split = {
-        "name": f"LA split seed {split_seed}: {labeled} labeled" + (", unlabeled cases held out as test" if unlabeled_as_test else ""),
+        "name": f"LA split seed {split_seed}{f', fold {fold}' if fold else ''}: {labeled} labeled"
+                + (", unlabeled cases held out as test" if unlabeled_as_test else ""),
         "labels": desc["labels"],
         "training": [entry(c) for c in train[:labeled]],
         "validation": [entry(c) for c in val],
