@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -35,7 +36,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the library of this checkout, installed or not
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the library of this checkout, installed or not
 from la_rebuild_models import (AUGMENTATION, DONE, UNET, git_commit, machine, per_case_dice,  # noqa: E402
                                qgseg, read_checkpoint, run_batch)
 
@@ -194,6 +195,7 @@ def main() -> None:
                 sys.exit("the minimal MONAI script reads NRRD through pynrrd: `pip install pynrrd`, "
                          "or pass --no-minimal")
         out.mkdir(parents=True, exist_ok=True)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
         for fold in args.folds:
             run_fold(steps[fold], out)
             write_report(out)

@@ -1,0 +1,78 @@
+"""bench/la_crossval.py: the five folds' commands, and the cross-validation table read from real
+`qgseg evaluate` folders whose Dice values are known by construction."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import load_bench_script, run_cli
+
+
+@pytest.fixture(scope="module")
+def crossval():
+    return load_bench_script("la_crossval")
+
+
+def test_each_fold_splits_trains_and_scores_in_its_own_folder(crossval, tmp_path):
+    steps = crossval.fold_steps(3, tmp_path / "LA", minimal=True)
+    assert all(s["group"] == "fold3" and s["done"].startswith("fold3/") for s in steps)
+    split, train = steps[0]["command"], steps[1]["command"]
+    assert split[split.index("--fold") + 1] == "3" and split[split.index("--labeled") + 1] == "16"
+    assert "--spacing" not in train and "--patch" not in train  # the planned defaults of §11
+    assert train[train.index("--seed") + 1] == "0"
+    names = [s["name"] for s in steps]
+    assert any("minimal" in n for n in names)
+    assert not any("minimal" in s["name"] for s in crossval.fold_steps(3, tmp_path / "LA", minimal=False))
+    assert len(steps) == len(crossval.fold_steps(0, tmp_path / "LA", minimal=True))
+
+
+def write_case(folder, name, array):
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing((0.625, 0.625, 0.625))
+    sitk.WriteImage(image, str(folder / f"{name}.nrrd"))
+
+
+def evaluated(tmp_path, fold_dir, dices):
+    """`qgseg evaluate` run on predictions with the given Dice against 10-voxel references."""
+    for i, dice in enumerate(dices):
+        ref = np.zeros((4, 6, 6), np.uint8)
+        ref.flat[:10] = 1
+        pred = np.zeros_like(ref)
+        kept = int(round(10 * dice / (2 - dice)))  # a subset of k voxels has Dice 2k / (10 + k)
+        pred.flat[:kept] = 1
+        write_case(tmp_path / "refs", f"c{fold_dir.name}_{i}", ref)
+        write_case(fold_dir / "pred", f"c{fold_dir.name}_{i}", pred)
+    run_dir = fold_dir / "eval_test"
+    result = run_cli("evaluate", "--predictions", str(fold_dir / "pred"), "--references", str(tmp_path / "refs"),
+                     "--run-dir", str(run_dir), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_fold_means_spread_bar_and_minimal_script_are_summarised(crossval, tmp_path):
+    folds = {}
+    for fold, (pipeline, minimal) in enumerate([([1.0, 2 * 8 / 18], [1.0, 2 * 6 / 16]),
+                                                ([1.0, 1.0], [2 * 9 / 19, 2 * 9 / 19]),
+                                                ([2 * 7 / 17, 2 * 7 / 17], None)]):
+        test = crossval.dice_summary(evaluated(tmp_path, tmp_path / f"p{fold}", pipeline))
+        mini = crossval.dice_summary(evaluated(tmp_path, tmp_path / f"m{fold}", minimal)) if minimal else None
+        folds[fold] = {"test": test, "validation": None, "minimal": mini,
+                       "train": {"wall_s": 400.0 + fold, "spacing": [1.25] * 3, "patch": [48] * 3,
+                                 "best_iteration": 3200, "best_val_dice": 0.88}}
+    assert folds[0]["test"]["worst_dice"] == pytest.approx(16 / 18) and folds[0]["test"]["cases"] == 2
+    means = [(1 + 16 / 18) / 2, 1.0, 14 / 17]
+    summary = crossval.summarize({**folds, 4: {"test": None, "validation": None, "minimal": None}})
+    assert summary["folds"] == [0, 1, 2]
+    assert summary["fold_mean"] == pytest.approx(np.mean(means))
+    assert summary["fold_std"] == pytest.approx(np.std(means, ddof=1))
+    assert summary["pooled_mean"] == pytest.approx(np.mean([1, 16 / 18, 1, 1, 14 / 17, 14 / 17]))
+    assert summary["folds_at_bar"] == 2  # 0.944, 1.0 reach 0.86; 0.824 does not
+    assert summary["paired_folds"] == 2 and summary["folds_beating_minimal"] == 2
+    assert summary["minimal_fold_mean"] == pytest.approx(np.mean([(1 + 12 / 16) / 2, 18 / 19]))
+    assert summary["max_train_s"] == 402.0
+    table = crossval.report_markdown(json.loads(json.dumps({"machine": {"date": "d", "commit": "c"},
+                                                            "folds": folds, "summary": summary})))
+    assert "| 2 | 1.25; 48×48×48 | 402 |" in table and "2 of 3" in table
