@@ -76,3 +76,27 @@ def test_fold_means_spread_bar_and_minimal_script_are_summarised(crossval, tmp_p
     table = crossval.report_markdown(json.loads(json.dumps({"machine": {"date": "d", "commit": "c"},
                                                             "folds": folds, "summary": summary})))
     assert "| 2 | 1.25; 48×48×48 | 402 |" in table and "2 of 3" in table
+
+
+def test_a_candidate_recipe_is_scored_on_validation_volumes_only(crossval, tmp_path):
+    steps = crossval.fold_steps(1, tmp_path / "LA", minimal=False, recipe="noflip", test=False)
+    commands = [s["command"] for s in steps]
+    assert not any("test" in c for c in commands)  # nothing touches the test volumes
+    train = commands[1]
+    assert train[train.index("--run-dir") + 1] == "noflip" and any("flip_prob: 0.0" in a for a in train)
+    assert "--no-mirror" in commands[2]  # a network trained without flips is not mirrored
+    planned = crossval.fold_steps(1, tmp_path / "LA", minimal=False)
+    assert "--mirror" in planned[2]["command"] and not any("flip_prob" in a for a in planned[1]["command"])
+
+
+def test_validation_table_compares_every_recipe_with_planned(crossval):
+    validation = lambda dice: {"validation": {"dice": dice}}  # noqa: E731
+    empty = {"validation": None}
+    folds = {0: {"planned": validation(0.80), "noflip": validation(0.85), "unet5": empty, "unet5_noflip": empty},
+             1: {"planned": validation(0.90), "noflip": validation(0.91), "unet5": empty, "unet5_noflip": empty},
+             2: {"planned": validation(0.70), "noflip": empty, "unet5": empty, "unet5_noflip": empty}}
+    table = crossval.validation_by_recipe(folds)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"planned", "noflip"}
+    assert "| 0.8500 |" in rows["planned"]  # mean over folds 0-1, where both ran
+    assert "+0.0300 ± 0.0283" in rows["noflip"]  # differences 0.05 and 0.01
