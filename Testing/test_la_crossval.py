@@ -79,7 +79,7 @@ def test_fold_means_spread_bar_and_minimal_script_are_summarised(crossval, tmp_p
 
 
 def test_a_candidate_recipe_is_scored_on_validation_volumes_only(crossval, tmp_path):
-    steps = crossval.fold_steps(1, tmp_path / "LA", minimal=False, recipe="noflip", test=False)
+    steps = crossval.fold_steps(1, tmp_path / "LA", minimal=False, recipe="noflip", splits=("validation",))
     commands = [s["command"] for s in steps]
     assert not any("test" in c for c in commands)  # nothing touches the test volumes
     train = commands[1]
@@ -100,3 +100,43 @@ def test_validation_table_compares_every_recipe_with_planned(crossval):
     assert set(rows) == {"planned", "noflip"}
     assert "| 0.8500 |" in rows["planned"]  # mean over folds 0-1, where both ran
     assert "+0.0300 ± 0.0283" in rows["noflip"]  # differences 0.05 and 0.01
+
+
+def test_selection_volumes_are_the_folds_validation_and_unlabeled_volumes_never_its_test(crossval, tmp_path):
+    data = tmp_path / "fold2" / "data"
+    (data / "labelsTr").mkdir(parents=True)
+    for name in ("v1", "u1", "u2"):
+        (data / "labelsTr" / f"{name}.nrrd").write_bytes(b"")
+    case = lambda name: {"image": f"imagesTr/{name}.nrrd", "label": f"labelsTr/{name}.nrrd"}  # noqa: E731
+    (data / "dataset.json").write_text(json.dumps({
+        "name": "LA", "labels": {"0": "background", "1": "la"}, "training": [case("t1")],
+        "validation": [case("v1")], "test": [case("x1")], "unlabeled": ["imagesTr/u1.nrrd", "imagesTr/u2.nrrd"]}))
+    selection = json.loads(crossval.write_selection(tmp_path / "fold2").read_text())
+    assert selection["test"] == [case("v1"), case("u1"), case("u2")] and selection["training"] == []
+    (data / "labelsTr" / "u2.nrrd").unlink()
+    with pytest.raises(FileNotFoundError, match="u2.nrrd"):
+        crossval.write_selection(tmp_path / "fold2")
+
+    steps = crossval.fold_steps(2, tmp_path / "LA", minimal=False, recipe="minimal_like", splits=("selection",))
+    assert steps[2]["call"] is crossval.write_selection and steps[2]["done"] == "fold2/data/selection.json"
+    predict, evaluate = steps[3]["command"], steps[4]["command"]
+    assert predict[predict.index("--input") + 1] == "data/selection.json" and "--no-mirror" in predict
+    assert evaluate[evaluate.index("--dataset") + 1] == "data/selection.json"
+    assert not any("dataset.json" in arg for s in steps[3:] for arg in s["command"])  # never the test list
+    train = steps[1]["command"]
+    assert train[train.index("--patch") + 1:train.index("--patch") + 4] == ["32", "64", "64"]
+    assert "augment=false" in train and "schedule=constant" in train
+
+
+def test_selection_table_pools_every_volume_and_names_each_folds_choice(crossval):
+    selection = lambda *dices: {"selection": {"per_case": {f"c{i}": d for i, d in enumerate(dices)}}}  # noqa: E731
+    empty = {"selection": None}
+    folds = {0: {"noflip": selection(0.8, 0.9), "noaug": selection(0.9, 0.9), "unet5": empty},
+             1: {"noflip": selection(0.9, 0.9, 0.75), "noaug": selection(0.7, 0.8, 0.9), "unet5": empty},
+             2: {"noflip": selection(0.5), "noaug": empty, "unet5": empty}}
+    table = crossval.selection_by_recipe(folds)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"noflip", "noaug", "*this fold's choice*"}
+    assert "| 0.8500 | 0.8500 | 0.5000 | 0.8500 | 5 |" in rows["noflip"]  # pooled over folds 0-1: 4.25 / 5
+    assert "| 0.9000 | 0.8000 | — | 0.8400 | 5 |" in rows["noaug"]
+    assert "| noaug | noflip | — |" in rows["*this fold's choice*"]

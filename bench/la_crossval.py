@@ -17,6 +17,8 @@ same recipe and its spread. Per fold:
     python bench/la_crossval.py --out runs/la_cv --no-minimal      # the pipeline only
     python bench/la_crossval.py --out runs/la_cv --recipe noflip --validation-only   # a candidate recipe,
                                                                    # on the validation volumes only
+    python bench/la_crossval.py --out runs/la_cv --recipe noaug --selection-only   # on each fold's 48
+                                                                   # selection volumes (§13)
     python bench/la_crossval.py --out runs/la_cv --list            # the commands, nothing run
     python bench/la_crossval.py --out runs/la_cv --report          # crossval.md/json from what is there
 
@@ -50,6 +52,13 @@ COMMON = ["--batch", "2", "--iterations", "3600", "--val-every", "400", "--cache
           "--seed", "0"]
 NO_FLIPS = ["--set", "augmentation={flip_prob: 0.0, gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
                      "scale_range: [0.75, 1.25]}"]
+NO_AUGMENTATION = ["--set", "augment=false"]
+# the minimal MONAI script's remaining choices (§13): its patch (x y z 64×64×32 is z y x 32 64 64),
+# a constant AdamW learning rate of 1e-3 with torch's default weight decay and no gradient clipping,
+# and patch centres half on foreground (RandCropByPosNegLabeld pos=1, neg=1)
+MINIMAL_CHOICES = ["--patch", "32", "64", "64", "--lr", "1e-3", "--set", "schedule=constant",
+                   "--set", "weight_decay=0.01", "--set", "grad_clip=0", "--set", "fg_ratio=0.5"]
+SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
 @dataclass(frozen=True)
@@ -73,12 +82,38 @@ RECIPES = {
                     "as planned with the project's default UNet (16-256, five levels)"),
     "unet5_noflip": Recipe("unet5_noflip", tuple(NO_FLIPS), False,
                            "the default UNet (16-256), without flips or mirroring"),
+    "minimal_like": Recipe("minimal_like", (*MINIMAL_CHOICES, *NO_AUGMENTATION), False,
+                           "every choice of the minimal MONAI script (default UNet, 32×64×64, no augmentation, "
+                           "constant lr 1e-3, 1:1 patch centres), trained and selected by the pipeline"),
+    "noaug": Recipe("noaug", tuple(NO_AUGMENTATION), False,
+                    "unet5_noflip without any augmentation (no intensity scale, shift, noise, gamma or contrast)"),
 }
+SPLITS = ("validation", "selection", "test")
 
 
-def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned", test: bool = True) -> List[Dict]:
-    """The steps of one fold, each run in the fold's folder: a command and the file that marks it done.
-    `test` False leaves the test volumes alone (a candidate recipe is compared on validation only)."""
+def write_selection(folder: Path) -> Path:
+    """`SELECTION` in a fold's folder: the fold's validation volumes and its unlabeled ones (volumes
+    no supervised recipe trains on), with their labels, as the "test" list of a dataset.json, so that
+    `qgseg predict/evaluate --split test` score them. The fold's own test volumes are not in it."""
+    spec = json.loads((folder / "data" / "dataset.json").read_text())
+    unused = [{"image": image, "label": image.replace("imagesTr/", "labelsTr/", 1)} for image in spec["unlabeled"]]
+    for case in unused:
+        if not (folder / "data" / case["label"]).exists():
+            raise FileNotFoundError(f"{folder / 'data' / case['label']}: no label for selection volume {case['image']}")
+    selection = {"name": f"{spec['name']}: selection volumes", "labels": spec["labels"],
+                 "training": [], "test": spec["validation"] + unused}
+    target = folder / SELECTION
+    partial = target.with_suffix(".partial")
+    partial.write_text(json.dumps(selection, indent=1))
+    partial.replace(target)
+    return target
+
+
+def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
+               splits: Tuple[str, ...] = ("validation", "test")) -> List[Dict]:
+    """The steps of one fold, each run in the fold's folder: a command (or a Python `call`) and the
+    file that marks it done. `splits` without "test" leaves the test volumes alone: a candidate recipe
+    is compared on the validation volumes, or on the larger selection set (§13), only."""
     step = lambda name, command, done: {"group": f"fold{fold}", "name": f"fold {fold}: {name}",  # noqa: E731
                                         "command": command, "done": f"fold{fold}/{done}", "threads": 2}
     data, r = "data/dataset.json", RECIPES[recipe]
@@ -87,14 +122,18 @@ def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned", test
                             "--labeled", "16", "--fold", str(fold)], data),
              step(f"train ({recipe})", qgseg("train", "--dataset", data, *COMMON, *r.train, "--run-dir", run),
                   f"{run}/{DONE}")]
-    for split in ("validation", "test") if test else ("validation",):
+    if "selection" in splits:
+        steps.append(dict(step("list the selection volumes", None, SELECTION), call=write_selection))
+    for split in splits:
+        source, listed = (SELECTION, "test") if split == "selection" else (data, split)
         steps += [step(f"segment the {split} cases ({recipe})",
-                       qgseg("predict", "--checkpoint", f"{run}/checkpoints/best.pt", "--input", data, "--split", split,
-                             "--mirror" if r.mirror else "--no-mirror", "--output", f"{run}/pred_{split}"),
+                       qgseg("predict", "--checkpoint", f"{run}/checkpoints/best.pt", "--input", source,
+                             "--split", listed, "--mirror" if r.mirror else "--no-mirror",
+                             "--output", f"{run}/pred_{split}"),
                        f"{run}/pred_{split}/{DONE}"),
                   step(f"evaluate the {split} cases ({recipe})",
-                       qgseg("evaluate", "--predictions", f"{run}/pred_{split}", "--dataset", data, "--split", split,
-                             "--run-dir", f"{run}/eval_{split}"),
+                       qgseg("evaluate", "--predictions", f"{run}/pred_{split}", "--dataset", source, "--split",
+                             listed, "--run-dir", f"{run}/eval_{split}"),
                        f"{run}/eval_{split}/metrics.csv")]
     if minimal:
         steps += [step("minimal MONAI script (5 min + inference)",
@@ -111,6 +150,10 @@ def run_fold(steps: List[Dict], out: Path) -> None:
         folder = out / step["group"]
         folder.mkdir(parents=True, exist_ok=True)
         relative = dict(step, done=step["done"].split("/", 1)[1])
+        if "call" in step:
+            if not (folder / relative["done"]).exists():
+                print(f"[done] {step['name']}: {step['call'](folder)}", flush=True)
+            continue
         seconds = run_batch([relative], folder)
         if seconds:
             print(f"[done] {step['name']} in {seconds:.0f} s", flush=True)
@@ -135,8 +178,8 @@ def fold_result(folder: Path, recipe: str = "planned") -> Dict:
     """What one fold's folder holds for a recipe: the training's plan, time and selection, and the
     evaluations (the minimal script's beside them)."""
     run = folder / RECIPES[recipe].folder
-    result: Dict = {"test": dice_summary(run / "eval_test"), "validation": dice_summary(run / "eval_validation"),
-                    "minimal": dice_summary(folder / "minimal" / "eval_test")}
+    result: Dict = {split: dice_summary(run / f"eval_{split}") for split in SPLITS}
+    result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
     if (run / "manifest.json").is_file() and (run / DONE).exists():
         plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else {}
         state = read_checkpoint(run / "checkpoints" / "best.pt")
@@ -199,17 +242,35 @@ def report_markdown(result: Dict) -> str:
 def validation_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
     """Every recipe's validation Dice per fold, the mean over the folds where all ran, and each
     recipe's mean paired difference from "planned": the table candidates are chosen by (§12)."""
-    recipes = [r for r in RECIPES if any(f[r]["validation"] for f in folds.values())]
-    complete = [k for k, f in folds.items() if all(f[r]["validation"] for r in recipes)]
+    recipes = [r for r in RECIPES if any(f.get(r, {}).get("validation") for f in folds.values())]
+    complete = [k for k, f in folds.items() if all(f.get(r, {}).get("validation") for r in recipes)]
     value = lambda k, r: folds[k][r]["validation"]["dice"]  # noqa: E731
     lines = ["| recipe | " + " | ".join(f"fold {k}" for k in folds) + " | mean (folds where all ran) "
              "| minus planned, mean ± std |", "|---" * (len(folds) + 3) + "|"]
     for r in recipes:
-        cells = [fmt(folds[k][r]["validation"] and value(k, r)) for k in folds]
+        cells = [fmt(folds[k].get(r, {}).get("validation") and value(k, r)) for k in folds]
         mean = np.mean([value(k, r) for k in complete]) if complete else None
         diffs = [value(k, r) - value(k, "planned") for k in complete] if "planned" in recipes else []
         diff = (f"{np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1):.4f}" if len(diffs) > 1 and r != "planned" else "—")
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {fmt(mean)} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def selection_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
+    """Every recipe's mean Dice over each fold's selection volumes, the mean over all of them in the
+    folds where every recipe ran (the §13 rule adopts the highest), and, per fold, which recipe its
+    own selection volumes would choose (the nested choice, reported beside the rule's)."""
+    recipes = [r for r in RECIPES if any(f.get(r, {}).get("selection") for f in folds.values())]
+    complete = [k for k, f in folds.items() if all(f.get(r, {}).get("selection") for r in recipes)]
+    per_case = lambda k, r: list(folds[k][r]["selection"]["per_case"].values())  # noqa: E731
+    lines = ["| recipe | " + " | ".join(f"fold {k}" for k in folds) + " | all selection volumes "
+             "(folds where all ran) | segmentations |", "|---" * (len(folds) + 3) + "|"]
+    for r in recipes:
+        cells = [fmt(folds[k].get(r, {}).get("selection") and float(np.mean(per_case(k, r)))) for k in folds]
+        pooled = [d for k in complete for d in per_case(k, r)]
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} | {len(pooled)} |")
+    choice = [max(recipes, key=lambda r: np.mean(per_case(k, r))) if k in complete else "—" for k in folds]
+    lines.append("| *this fold's choice* | " + " | ".join(choice) + " | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +285,7 @@ def write_report(out: Path, recipe: str = "planned") -> Dict:
     (out / f"{name}.md").write_text(report_markdown(json.loads(json.dumps(result))))
     by_recipe = {k: {r: fold_result(folder, r) for r in RECIPES} for k, folder in folders.items()}
     (out / "validation.md").write_text(validation_by_recipe(by_recipe))
+    (out / "selection.md").write_text(selection_by_recipe(by_recipe))
     return result
 
 
@@ -238,20 +300,26 @@ def main() -> None:
     parser.add_argument("--validation-only", action="store_true",
                         help="train and score the validation volumes only: compare a candidate recipe "
                              "without looking at the test volumes")
+    parser.add_argument("--selection-only", action="store_true",
+                        help="train and score each fold's selection volumes only (its 4 validation and 44 "
+                             "unlabeled volumes, never its test volumes; §13)")
     parser.add_argument("--no-minimal", action="store_true", help="skip the minimal MONAI script")
     parser.add_argument("--list", action="store_true", help="print the commands and stop")
     parser.add_argument("--report", action="store_true", help="only write the report from what is there")
     args = parser.parse_args()
 
     out, la = args.out.resolve(), args.la.resolve()
-    minimal = not (args.no_minimal or args.validation_only)
-    steps = {fold: fold_steps(fold, la, minimal, args.recipe, test=not args.validation_only) for fold in args.folds}
+    only = ("validation",) if args.validation_only else ("selection",) if args.selection_only else ()
+    minimal = not (args.no_minimal or only)
+    splits = only or ("validation", "test")
+    steps = {fold: fold_steps(fold, la, minimal, args.recipe, splits) for fold in args.folds}
     if args.list:
         import shlex
 
         for fold_plan in steps.values():
             for step in fold_plan:
-                print(f"# {step['name']} (in {step['group']}/)\n{shlex.join(step['command'])}")
+                command = step["command"] and shlex.join(step["command"])
+                print(f"# {step['name']} (in {step['group']}/)\n{command or 'writes ' + step['done']}")
         return
     if not args.report:
         if minimal:
@@ -268,6 +336,7 @@ def main() -> None:
     result = write_report(out, args.recipe)
     print(report_markdown(json.loads(json.dumps(result))))
     print((out / "validation.md").read_text())
+    print((out / "selection.md").read_text())
     print(f"reports in {out} (crossval*.md/json, validation.md); commit {git_commit()}")
 
 
