@@ -112,7 +112,7 @@ def test_selection_volumes_are_the_folds_validation_and_unlabeled_volumes_never_
         "name": "LA", "labels": {"0": "background", "1": "la"}, "training": [case("t1")],
         "validation": [case("v1")], "test": [case("x1")], "unlabeled": ["imagesTr/u1.nrrd", "imagesTr/u2.nrrd"]}))
     selection = json.loads(crossval.write_selection(tmp_path / "fold2").read_text())
-    assert selection["test"] == [case("v1"), case("u1"), case("u2")] and selection["training"] == []
+    assert selection["test"] == [case("v1"), case("u1"), case("u2")] and selection["training"] == [case("t1")]
     (data / "labelsTr" / "u2.nrrd").unlink()
     with pytest.raises(FileNotFoundError, match="u2.nrrd"):
         crossval.write_selection(tmp_path / "fold2")

@@ -94,14 +94,15 @@ SPLITS = ("validation", "selection", "test")
 def write_selection(folder: Path) -> Path:
     """`SELECTION` in a fold's folder: the fold's validation volumes and its unlabeled ones (volumes
     no supervised recipe trains on), with their labels, as the "test" list of a dataset.json, so that
-    `qgseg predict/evaluate --split test` score them. The fold's own test volumes are not in it."""
+    `qgseg predict/evaluate --split test` score them. The fold's own test volumes are not in it; its
+    training list is kept because a dataset.json without labeled cases is refused."""
     spec = json.loads((folder / "data" / "dataset.json").read_text())
     unused = [{"image": image, "label": image.replace("imagesTr/", "labelsTr/", 1)} for image in spec["unlabeled"]]
     for case in unused:
         if not (folder / "data" / case["label"]).exists():
             raise FileNotFoundError(f"{folder / 'data' / case['label']}: no label for selection volume {case['image']}")
     selection = {"name": f"{spec['name']}: selection volumes", "labels": spec["labels"],
-                 "training": [], "test": spec["validation"] + unused}
+                 "training": spec["training"], "test": spec["validation"] + unused}
     target = folder / SELECTION
     partial = target.with_suffix(".partial")
     partial.write_text(json.dumps(selection, indent=1))
