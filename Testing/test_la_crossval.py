@@ -140,3 +140,7 @@ def test_selection_table_pools_every_volume_and_names_each_folds_choice(crossval
     assert "| 0.8500 | 0.8500 | 0.5000 | 0.8500 | 5 |" in rows["noflip"]  # pooled over folds 0-1: 4.25 / 5
     assert "| 0.9000 | 0.8000 | — | 0.8400 | 5 |" in rows["noaug"]
     assert "| noaug | noflip | — |" in rows["*this fold's choice*"]
+    reference = {0: {"per_case": {"c0": 1.0, "c1": 0.9}}, 1: None, 2: {"per_case": {"c0": 0.1}}}
+    rows = {line.split("|")[1].strip(): line for line in crossval.selection_by_recipe(folds, reference).splitlines()}
+    assert "| 0.9500 | — | 0.1000 | 0.9500 | 2 |" in rows["*minimal script (reference)*"]  # pooled: folds 0-1 only
+    assert "| noaug | noflip | — |" in rows["*this fold's choice*"]  # the reference is never chosen

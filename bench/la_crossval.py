@@ -257,10 +257,12 @@ def validation_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selection_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
+def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
+                        reference: Optional[Dict[int, Optional[Dict]]] = None) -> str:
     """Every recipe's mean Dice over each fold's selection volumes, the mean over all of them in the
     folds where every recipe ran (the §13 rule adopts the highest), and, per fold, which recipe its
-    own selection volumes would choose (the nested choice, reported beside the rule's)."""
+    own selection volumes would choose (the nested choice, reported beside the rule's). `reference`
+    (the minimal script's evaluation per fold, §13 addendum) is a line of its own, never chosen."""
     recipes = [r for r in RECIPES if any(f.get(r, {}).get("selection") for f in folds.values())]
     complete = [k for k, f in folds.items() if all(f.get(r, {}).get("selection") for r in recipes)]
     per_case = lambda k, r: list(folds[k][r]["selection"]["per_case"].values())  # noqa: E731
@@ -270,6 +272,12 @@ def selection_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
         cells = [fmt(folds[k].get(r, {}).get("selection") and float(np.mean(per_case(k, r)))) for k in folds]
         pooled = [d for k in complete for d in per_case(k, r)]
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} | {len(pooled)} |")
+    if reference and any(reference.values()):
+        ref = lambda k: list(reference[k]["per_case"].values()) if reference.get(k) else None  # noqa: E731
+        pooled = [d for k in complete if ref(k) for d in ref(k)]
+        lines.append("| *minimal script (reference)* | " + " | ".join(fmt(ref(k) and float(np.mean(ref(k))))
+                                                                   for k in folds)
+                     + f" | {fmt(pooled and float(np.mean(pooled)))} | {len(pooled)} |")
     choice = [max(recipes, key=lambda r: np.mean(per_case(k, r))) if k in complete else "—" for k in folds]
     lines.append("| *this fold's choice* | " + " | ".join(choice) + " | | |")
     return "\n".join(lines) + "\n"
@@ -286,7 +294,8 @@ def write_report(out: Path, recipe: str = "planned") -> Dict:
     (out / f"{name}.md").write_text(report_markdown(json.loads(json.dumps(result))))
     by_recipe = {k: {r: fold_result(folder, r) for r in RECIPES} for k, folder in folders.items()}
     (out / "validation.md").write_text(validation_by_recipe(by_recipe))
-    (out / "selection.md").write_text(selection_by_recipe(by_recipe))
+    reference = {k: dice_summary(folder / "minimal_selection" / "eval_selection") for k, folder in folders.items()}
+    (out / "selection.md").write_text(selection_by_recipe(by_recipe, reference))
     return result
 
 
