@@ -45,6 +45,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the library of this checkout, in
 from la_rebuild_models import (AUGMENTATION, DONE, UNET, git_commit, machine, per_case_dice,  # noqa: E402
                                qgseg, read_checkpoint, run_batch)
 
+from QGSegmentationLib.fileio import write_json_atomic  # noqa: E402
+
 FOLDS = 5
 BAR = 0.86           # issue 2: Dice >= 0.86 ...
 BUDGET_S = 15 * 60   # ... within 15 minutes of training on 2 cores
@@ -103,11 +105,7 @@ def write_selection(folder: Path) -> Path:
             raise FileNotFoundError(f"{folder / 'data' / case['label']}: no label for selection volume {case['image']}")
     selection = {"name": f"{spec['name']}: selection volumes", "labels": spec["labels"],
                  "training": spec["training"], "test": spec["validation"] + unused}
-    target = folder / SELECTION
-    partial = target.with_suffix(".partial")
-    partial.write_text(json.dumps(selection, indent=1))
-    partial.replace(target)
-    return target
+    return write_json_atomic(folder / SELECTION, selection)
 
 
 def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
@@ -263,29 +261,28 @@ def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
     folds where every recipe ran (the §13 rule adopts the highest), and, per fold, which recipe its
     own selection volumes would choose (the nested choice, reported beside the rule's). `reference`
     (the minimal script's evaluation per fold, §13 addendum) is a line of its own, never chosen."""
-    recipes = [r for r in RECIPES if any(f.get(r, {}).get("selection") for f in folds.values())]
-    complete = [k for k, f in folds.items() if all(f.get(r, {}).get("selection") for r in recipes)]
-    per_case = lambda k, r: list(folds[k][r]["selection"]["per_case"].values())  # noqa: E731
+    dices = lambda summary: list(summary["per_case"].values()) if summary else None  # noqa: E731
+    rows = {r: {k: dices(f.get(r, {}).get("selection")) for k, f in folds.items()} for r in RECIPES}
+    rows = {r: row for r, row in rows.items() if any(row.values())}
+    complete = [k for k in folds if all(row[k] for row in rows.values())]
+    if reference and any(reference.values()):
+        rows["*minimal script (reference)*"] = {k: dices(reference.get(k)) for k in folds}
     lines = ["| recipe | " + " | ".join(f"fold {k}" for k in folds) + " | all selection volumes "
              "(folds where all ran) | segmentations |", "|---" * (len(folds) + 3) + "|"]
-    for r in recipes:
-        cells = [fmt(folds[k].get(r, {}).get("selection") and float(np.mean(per_case(k, r)))) for k in folds]
-        pooled = [d for k in complete for d in per_case(k, r)]
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} | {len(pooled)} |")
-    if reference and any(reference.values()):
-        ref = lambda k: list(reference[k]["per_case"].values()) if reference.get(k) else None  # noqa: E731
-        pooled = [d for k in complete if ref(k) for d in ref(k)]
-        lines.append("| *minimal script (reference)* | " + " | ".join(fmt(ref(k) and float(np.mean(ref(k))))
-                                                                   for k in folds)
-                     + f" | {fmt(pooled and float(np.mean(pooled)))} | {len(pooled)} |")
-    choice = [max(recipes, key=lambda r: np.mean(per_case(k, r))) if k in complete else "—" for k in folds]
+    for name, row in rows.items():
+        cells = [fmt(row[k] and float(np.mean(row[k]))) for k in folds]
+        pooled = [d for k in complete if row[k] for d in row[k]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} "
+                     f"| {len(pooled)} |")
+    recipes = [r for r in rows if r in RECIPES]
+    choice = [max(recipes, key=lambda r: np.mean(rows[r][k])) if k in complete else "—" for k in folds]
     lines.append("| *this fold's choice* | " + " | ".join(choice) + " | | |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(out: Path, recipe: str = "planned") -> Dict:
     """crossval.md/.json for the planned recipe (crossval-<recipe>.* for another), and
-    validation.md: every recipe's validation Dice side by side."""
+    validation.md and selection.md: every recipe's validation and selection Dice side by side."""
     folders = {k: out / f"fold{k}" for k in range(FOLDS) if (out / f"fold{k}").is_dir()}
     folds = {k: fold_result(folder, recipe) for k, folder in folders.items()}
     result = {"machine": machine(), "recipe": recipe, "folds": folds, "summary": summarize(folds)}
@@ -307,12 +304,13 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", choices=range(FOLDS), default=list(range(FOLDS)))
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="planned",
                         help="the training recipe (default: planned, the one §12's plan judges)")
-    parser.add_argument("--validation-only", action="store_true",
-                        help="train and score the validation volumes only: compare a candidate recipe "
-                             "without looking at the test volumes")
-    parser.add_argument("--selection-only", action="store_true",
-                        help="train and score each fold's selection volumes only (its 4 validation and 44 "
-                             "unlabeled volumes, never its test volumes; §13)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--validation-only", action="store_true",
+                      help="train and score the validation volumes only: compare a candidate recipe "
+                           "without looking at the test volumes")
+    only.add_argument("--selection-only", action="store_true",
+                      help="train and score each fold's selection volumes only (its 4 validation and 44 "
+                           "unlabeled volumes, never its test volumes; §13)")
     parser.add_argument("--no-minimal", action="store_true", help="skip the minimal MONAI script")
     parser.add_argument("--list", action="store_true", help="print the commands and stop")
     parser.add_argument("--report", action="store_true", help="only write the report from what is there")
@@ -347,7 +345,7 @@ def main() -> None:
     print(report_markdown(json.loads(json.dumps(result))))
     print((out / "validation.md").read_text())
     print((out / "selection.md").read_text())
-    print(f"reports in {out} (crossval*.md/json, validation.md); commit {git_commit()}")
+    print(f"reports in {out} (crossval*.md/json, validation.md, selection.md); commit {git_commit()}")
 
 
 if __name__ == "__main__":
