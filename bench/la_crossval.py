@@ -180,10 +180,11 @@ def fold_result(folder: Path, recipe: str = "planned") -> Dict:
     result: Dict = {split: dice_summary(run / f"eval_{split}") for split in SPLITS}
     result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
     if (run / "manifest.json").is_file() and (run / DONE).exists():
-        plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else {}
+        manifest = json.loads((run / "manifest.json").read_text())
+        used = manifest.get("config", {})  # what trained: the plan, or what --patch / --spacing set instead
         state = read_checkpoint(run / "checkpoints" / "best.pt")
-        result["train"] = {"wall_s": json.loads((run / "manifest.json").read_text()).get("wall_time_s"),
-                           "spacing": plan.get("target_spacing"), "patch": plan.get("patch_size"),
+        result["train"] = {"wall_s": manifest.get("wall_time_s"),
+                           "spacing": used.get("target_spacing"), "patch": used.get("patch_size"),
                            "best_iteration": state["best_iteration"], "best_val_dice": state["best_metric"]}
     if (folder / "minimal" / "run.json").is_file():
         result["minimal_run"] = json.loads((folder / "minimal" / "run.json").read_text())
