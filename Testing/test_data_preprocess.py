@@ -135,3 +135,15 @@ def test_bad_order_and_shape():
         resample_to_geometry(np.zeros((2, 3, 4)), geometry, geometry, "cubic")
     with pytest.raises(ValueError, match="does not match"):
         resample_to_geometry(np.zeros((3, 3, 4)), geometry, geometry, "linear")
+
+
+def test_zscore_without_clipping_is_monais_normalize_intensity():
+    from monai.transforms import NormalizeIntensity
+
+    from QGSegmentationLib.data.preprocess import PreprocessConfig, zscore
+
+    volume = np.random.default_rng(0).gamma(2.0, 50.0, size=(12, 16, 16)).astype(np.float32)
+    volume[0, 0, :4] = 5000.0  # a few bright outliers, which the default clipping would cut
+    unclipped = zscore(volume, PreprocessConfig(clip_percentiles=(0, 100)))
+    np.testing.assert_allclose(unclipped, np.asarray(NormalizeIntensity()(volume)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(zscore(volume, PreprocessConfig()), unclipped, atol=1e-2)

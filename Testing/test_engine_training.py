@@ -266,3 +266,15 @@ def test_a_quality_predictor_given_as_segmenter_is_refused_with_a_hint(tmp_path)
     with pytest.raises(DataError, match="other.pt") as other:
         load_checkpoint(other_file)
     assert other.value.hint is None
+
+
+def test_loss_and_clip_percentiles_are_trained_with_and_kept_for_inference(phantom_3d, tmp_path):
+    from QGSegmentationLib.segmenter import load_segmenter
+
+    cfg = tiny_config(phantom_3d, iterations=4, val_every=4, loss="dice_ce_bg", clip_percentiles=(0, 100))
+    result = Trainer(cfg, tmp_path / "run", progress_bar=False).fit()
+    state = load_checkpoint(result.best_checkpoint)
+    assert state["config"]["loss"] == "dice_ce_bg" and state["config"]["clip_percentiles"] == [0.0, 100.0]
+    segmenter = load_segmenter(result.best_checkpoint)
+    assert segmenter.preprocessor.config.clip_percentiles == (0.0, 100.0)  # inference normalises alike
+    assert all(np.isfinite(h["loss"]) for h in result.history if "loss" in h)

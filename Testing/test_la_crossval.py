@@ -144,3 +144,29 @@ def test_selection_table_pools_every_volume_and_names_each_folds_choice(crossval
     rows = {line.split("|")[1].strip(): line for line in crossval.selection_by_recipe(folds, reference).splitlines()}
     assert "| 0.9500 | — | 0.1000 | 0.9500 | 2 |" in rows["*minimal script (reference)*"]  # pooled: folds 0-1 only
     assert "| noaug | noflip | — |" in rows["*this fold's choice*"]  # the reference is never chosen
+
+
+def test_last_weights_segment_into_their_own_folders_and_script_internals_train_with_the_scripts_loss(crossval, tmp_path):
+    steps = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="script_internals",
+                                splits=("selection",), weights="last")
+    predict, evaluate = steps[3]["command"], steps[4]["command"]
+    assert predict[predict.index("--checkpoint") + 1] == "script_internals/checkpoints/last.pt"
+    assert predict[predict.index("--output") + 1] == "script_internals/pred_selection_last"
+    assert evaluate[evaluate.index("--run-dir") + 1] == "script_internals/eval_selection_last"
+    assert steps[4]["done"] == "fold4/script_internals/eval_selection_last/metrics.csv"
+    train = steps[1]["command"]
+    assert "loss=dice_ce_bg" in train and "clip_percentiles=[0, 100]" in train and "augment=false" in train
+    loss_only = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="script_loss", splits=("selection",))
+    assert "loss=dice_ce_bg" in loss_only[1]["command"] and "clip_percentiles=[0, 100]" not in loss_only[1]["command"]
+    best = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="script_internals", splits=("selection",))
+    assert best[3]["command"][best[3]["command"].index("--checkpoint") + 1] == "script_internals/checkpoints/best.pt"
+
+
+def test_selection_table_lists_last_weights_as_candidates_of_their_own(crossval):
+    scored = lambda *dices: {"per_case": {f"c{i}": d for i, d in enumerate(dices)}}  # noqa: E731
+    folds = {0: {"noflip": {"selection": scored(0.8, 0.8), "selection_last": scored(0.9, 0.9)}},
+             1: {"noflip": {"selection": scored(0.9, 0.9), "selection_last": scored(0.7, 0.9)}}}
+    rows = {line.split("|")[1].strip(): line for line in crossval.selection_by_recipe(folds).splitlines()[2:]}
+    assert "| 0.8000 | 0.9000 | 0.8500 | 4 |" in rows["noflip"]
+    assert "| 0.9000 | 0.8000 | 0.8500 | 4 |" in rows["noflip, last"]
+    assert "| noflip, last | noflip |" in rows["*this fold's choice*"]

@@ -60,6 +60,10 @@ NO_AUGMENTATION = ["--set", "augment=false"]
 # and patch centres half on foreground (RandCropByPosNegLabeld pos=1, neg=1)
 MINIMAL_CHOICES = ["--patch", "32", "64", "64", "--lr", "1e-3", "--set", "schedule=constant",
                    "--set", "weight_decay=0.01", "--set", "grad_clip=0", "--set", "fg_ratio=0.5"]
+# the library internals the minimal script does differently (§14): MONAI's DiceCELoss (CE + Dice of
+# both channels, background included) and a z-score over the whole, unclipped volume
+SCRIPT_LOSS = ["--set", "loss=dice_ce_bg"]
+NO_CLIPPING = ["--set", "clip_percentiles=[0, 100]"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -89,7 +93,15 @@ RECIPES = {
                            "constant lr 1e-3, 1:1 patch centres), trained and selected by the pipeline"),
     "noaug": Recipe("noaug", tuple(NO_AUGMENTATION), False,
                     "unet5_noflip without any augmentation (no intensity scale, shift, noise, gamma or contrast)"),
+    "script_internals": Recipe("script_internals", (*MINIMAL_CHOICES, *NO_AUGMENTATION, *SCRIPT_LOSS, *NO_CLIPPING),
+                               False, "minimal_like with the script's loss (MONAI DiceCELoss, background "
+                                      "included) and an unclipped z-score (§14)"),
+    "script_loss": Recipe("script_loss", (*MINIMAL_CHOICES, *NO_AUGMENTATION, *SCRIPT_LOSS), False,
+                          "minimal_like with the script's loss (MONAI DiceCELoss, background included) only (§14)"),
 }
+#: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
+#: the suffix of its pred_/eval_ folders
+WEIGHTS = {"best": "", "last": "_last"}
 SPLITS = ("validation", "selection", "test")
 
 
@@ -109,13 +121,14 @@ def write_selection(folder: Path) -> Path:
 
 
 def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
-               splits: Tuple[str, ...] = ("validation", "test")) -> List[Dict]:
+               splits: Tuple[str, ...] = ("validation", "test"), weights: str = "best") -> List[Dict]:
     """The steps of one fold, each run in the fold's folder: a command (or a Python `call`) and the
     file that marks it done. `splits` without "test" leaves the test volumes alone: a candidate recipe
-    is compared on the validation volumes, or on the larger selection set (§13), only."""
+    is compared on the validation volumes, or on the larger selection set (§13), only. `weights`
+    "last" segments with the last weights instead of the best checkpoint, into pred_<split>_last."""
     step = lambda name, command, done: {"group": f"fold{fold}", "name": f"fold {fold}: {name}",  # noqa: E731
                                         "command": command, "done": f"fold{fold}/{done}", "threads": 2}
-    data, r = "data/dataset.json", RECIPES[recipe]
+    data, r, suffix = "data/dataset.json", RECIPES[recipe], WEIGHTS[weights]
     run = r.folder
     steps = [step("split", [sys.executable, str(HERE / "make_la_split.py"), "--la", str(la), "--out", "data",
                             "--labeled", "16", "--fold", str(fold)], data),
@@ -125,15 +138,15 @@ def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
         steps.append(dict(step("list the selection volumes", None, SELECTION), call=write_selection))
     for split in splits:
         source, listed = (SELECTION, "test") if split == "selection" else (data, split)
-        steps += [step(f"segment the {split} cases ({recipe})",
-                       qgseg("predict", "--checkpoint", f"{run}/checkpoints/best.pt", "--input", source,
-                             "--split", listed, "--mirror" if r.mirror else "--no-mirror",
-                             "--output", f"{run}/pred_{split}"),
-                       f"{run}/pred_{split}/{DONE}"),
-                  step(f"evaluate the {split} cases ({recipe})",
-                       qgseg("evaluate", "--predictions", f"{run}/pred_{split}", "--dataset", source, "--split",
-                             listed, "--run-dir", f"{run}/eval_{split}"),
-                       f"{run}/eval_{split}/metrics.csv")]
+        pred, scored = f"{run}/pred_{split}{suffix}", f"{run}/eval_{split}{suffix}"
+        steps += [step(f"segment the {split} cases ({recipe}, {weights} weights)",
+                       qgseg("predict", "--checkpoint", f"{run}/checkpoints/{weights}.pt", "--input", source,
+                             "--split", listed, "--mirror" if r.mirror else "--no-mirror", "--output", pred),
+                       f"{pred}/{DONE}"),
+                  step(f"evaluate the {split} cases ({recipe}, {weights} weights)",
+                       qgseg("evaluate", "--predictions", pred, "--dataset", source, "--split",
+                             listed, "--run-dir", scored),
+                       f"{scored}/metrics.csv")]
     if minimal:
         steps += [step("minimal MONAI script (5 min + inference)",
                        [sys.executable, str(HERE / "minimal_monai_baseline.py"), "--dataset", data, "--minutes", "5",
@@ -178,6 +191,7 @@ def fold_result(folder: Path, recipe: str = "planned") -> Dict:
     evaluations (the minimal script's beside them)."""
     run = folder / RECIPES[recipe].folder
     result: Dict = {split: dice_summary(run / f"eval_{split}") for split in SPLITS}
+    result["selection_last"] = dice_summary(run / "eval_selection_last")
     result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
     if (run / "manifest.json").is_file() and (run / DONE).exists():
         manifest = json.loads((run / "manifest.json").read_text())
@@ -258,13 +272,17 @@ def validation_by_recipe(folds: Dict[int, Dict[str, Dict]]) -> str:
 
 def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
                         reference: Optional[Dict[int, Optional[Dict]]] = None) -> str:
-    """Every recipe's mean Dice over each fold's selection volumes, the mean over all of them in the
-    folds where every recipe ran (the §13 rule adopts the highest), and, per fold, which recipe its
-    own selection volumes would choose (the nested choice, reported beside the rule's). `reference`
-    (the minimal script's evaluation per fold, §13 addendum) is a line of its own, never chosen."""
+    """Every candidate's mean Dice over each fold's selection volumes, the mean over all of them in
+    the folds where every candidate ran (the §13 and §14 rules adopt the highest), and, per fold,
+    which candidate its own selection volumes would choose (the nested choice, reported beside the
+    rule's). A candidate is a recipe with its best checkpoint ("noflip") or its last weights
+    ("noflip, last", §14). `reference` (the minimal script's evaluation per fold, §13 addendum) is a
+    line of its own, never chosen."""
     dices = lambda summary: list(summary["per_case"].values()) if summary else None  # noqa: E731
-    rows = {r: {k: dices(f.get(r, {}).get("selection")) for k, f in folds.items()} for r in RECIPES}
+    rows = {name: {k: dices(f.get(r, {}).get(key)) for k, f in folds.items()}
+            for r in RECIPES for name, key in ((r, "selection"), (f"{r}, last", "selection_last"))}
     rows = {r: row for r, row in rows.items() if any(row.values())}
+    candidates = list(rows)
     complete = [k for k in folds if all(row[k] for row in rows.values())]
     if reference and any(reference.values()):
         rows["*minimal script (reference)*"] = {k: dices(reference.get(k)) for k in folds}
@@ -275,8 +293,7 @@ def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
         pooled = [d for k in complete if row[k] for d in row[k]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} "
                      f"| {len(pooled)} |")
-    recipes = [r for r in rows if r in RECIPES]
-    choice = [max(recipes, key=lambda r: np.mean(rows[r][k])) if k in complete else "—" for k in folds]
+    choice = [max(candidates, key=lambda r: np.mean(rows[r][k])) if k in complete else "—" for k in folds]
     lines.append("| *this fold's choice* | " + " | ".join(choice) + " | | |")
     return "\n".join(lines) + "\n"
 
@@ -312,6 +329,9 @@ def main() -> None:
     only.add_argument("--selection-only", action="store_true",
                       help="train and score each fold's selection volumes only (its 4 validation and 44 "
                            "unlabeled volumes, never its test volumes; §13)")
+    parser.add_argument("--weights", choices=sorted(WEIGHTS), default="best",
+                        help="segment with the best checkpoint (default) or the last weights (§14: "
+                             "pred_<split>_last, eval_<split>_last)")
     parser.add_argument("--no-minimal", action="store_true", help="skip the minimal MONAI script")
     parser.add_argument("--list", action="store_true", help="print the commands and stop")
     parser.add_argument("--report", action="store_true", help="only write the report from what is there")
@@ -321,7 +341,7 @@ def main() -> None:
     only = ("validation",) if args.validation_only else ("selection",) if args.selection_only else ()
     minimal = not (args.no_minimal or only)
     splits = only or ("validation", "test")
-    steps = {fold: fold_steps(fold, la, minimal, args.recipe, splits) for fold in args.folds}
+    steps = {fold: fold_steps(fold, la, minimal, args.recipe, splits, args.weights) for fold in args.folds}
     if args.list:
         import shlex
 

@@ -25,6 +25,7 @@ class TrainConfig:
     # (x, y, z) mm; None keeps each volume's grid; "auto" plans it from the data (data/planning.py)
     target_spacing: Union[None, str, Tuple[float, float, float]] = "auto"
     normalization: str = "zscore"          # zscore | percentile | none
+    clip_percentiles: Tuple[float, float] = (0.5, 99.5)   # intensities clipped here first; [0, 100]: no clip
     crop_foreground: bool = False
     n_validation: int = 2                  # cases moved from training to validation when the dataset has none
     max_unlabeled: Optional[int] = None
@@ -45,6 +46,7 @@ class TrainConfig:
     # optimisation
     iterations: int = 2000
     iterations_per_epoch: int = 50
+    loss: str = "dice_ce"                  # supervised loss: dice_ce | dice_ce_bg (ssl/losses.py)
     optimizer: str = "adamw"               # adamw | sgd
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -87,6 +89,19 @@ class TrainConfig:
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        from ..data.preprocess import PreprocessConfig
+        from ..ssl.losses import SUPERVISED_LOSSES
+
+        SUPERVISED_LOSSES.get(self.loss)  # unknown names raise ConfigError listing the choices
+        try:
+            clip = tuple(float(p) for p in self.clip_percentiles)
+        except (TypeError, ValueError):
+            clip = ()
+        if len(clip) != 2:
+            raise ConfigError(f"clip_percentiles must be two numbers (low high), e.g. [0.5, 99.5], "
+                              f"or [0, 100] for no clipping, not {self.clip_percentiles!r}")
+        self.clip_percentiles = PreprocessConfig(normalization=self.normalization,
+                                                 clip_percentiles=clip).clip_percentiles
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
         if self.schedule not in ("poly", "cosine", "constant"):

@@ -16,14 +16,14 @@ Quality guidance plugs in here, identically for every method:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .config import SSLConfig, ssl_config_of  # noqa: F401  (SSLConfig is part of this module's API)
-from .losses import dice_ce_per_sample
+from .losses import SUPERVISED_LOSSES
 
 __all__ = ["StepInfo", "SSLMethod", "SSLConfig", "ssl_config_of", "AveragedSoftmax", "forward_pair"]
 
@@ -64,6 +64,12 @@ class AveragedSoftmax(nn.Module):
         return torch.log(probs.clamp_min(1e-12))
 
 
+def _loss_name(config) -> str:
+    """The supervised loss an engine config names (`loss`, object or mapping); "dice_ce" if none."""
+    name = config.get("loss") if isinstance(config, Mapping) else getattr(config, "loss", None)
+    return name or "dice_ce"
+
+
 class SSLMethod:
     """Base class: supervised loss, QW/QAR plumbing, result packing. Subclasses register in
     `ssl.methods.METHODS` and implement `training_step`."""
@@ -82,6 +88,7 @@ class SSLMethod:
         self.config = config
         self.cfg: SSLConfig = ssl_config_of(config)
         self.guidance = guidance
+        self._supervised_per_sample = SUPERVISED_LOSSES.get(_loss_name(config))
         if (self.cfg.guidance_qar or self.cfg.guidance_qw) and guidance is None:
             raise ConfigError(f"method '{self.name}': ssl.guidance_qar/guidance_qw need a trained "
                               "quality predictor (set quality_checkpoint)")
@@ -148,10 +155,10 @@ class SSLMethod:
         return weight * qar
 
     # --- shared pieces ------------------------------------------------------------------------
-    @staticmethod
-    def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """0.5 CE + 0.5 soft Dice over the labeled batch."""
-        return dice_ce_per_sample(logits, labels).mean()
+    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The configured supervised loss (`TrainConfig.loss`, default 0.5 CE + 0.5 foreground soft
+        Dice) over the labeled batch."""
+        return self._supervised_per_sample(logits, labels).mean()
 
     def result(self, loss: torch.Tensor, logs: dict) -> Dict[str, torch.Tensor]:
         """{"loss": loss (with grad)} plus detached scalar logs (QW weight mean when QW ran)."""

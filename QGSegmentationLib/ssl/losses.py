@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..registry import Registry
+
+#: The supervised loss of every method (`TrainConfig.loss`): name -> per-sample loss (B,).
+SUPERVISED_LOSSES = Registry("loss")
+
 
 def per_sample_mean(values: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) mean over everything but the batch axis."""
@@ -45,11 +50,35 @@ def soft_dice_loss_per_sample(probs: torch.Tensor, labels: torch.Tensor, eps: fl
     return 1.0 - dice.mean(dim=1)
 
 
+def soft_dice_all_classes_loss_per_sample(probs: torch.Tensor, labels: torch.Tensor,
+                                          eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice averaged over every channel, background included, per sample (B,): MONAI's
+    `DiceLoss(include_background=True, to_onehot_y=True, softmax=True)`. A patch without foreground
+    costs at most 0.5 here, where the foreground-only Dice charges it up to 1."""
+    target = one_hot(labels, probs.shape[1], probs.dtype)
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return 1.0 - ((2.0 * inter + eps) / (denom + eps)).mean(dim=1)
+
+
+@SUPERVISED_LOSSES.register("dice_ce", description="0.5 CE + 0.5 (1 - foreground soft Dice) (default)")
 def dice_ce_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """0.5 CE + 0.5 (1 - soft Dice), per sample: the supervised loss of every method."""
+    """0.5 CE + 0.5 (1 - soft Dice of the foreground classes), per sample: the default supervised
+    loss of every method, and the pseudolabel loss of pseudo-labeling."""
     ce = per_sample_mean(cross_entropy_map(logits.float(), labels))
     dice = soft_dice_loss_per_sample(torch.softmax(logits.float(), dim=1), labels)
     return 0.5 * ce + 0.5 * dice
+
+
+@SUPERVISED_LOSSES.register("dice_ce_bg", description="CE + (1 - soft Dice of all channels, background "
+                                                      "included): MONAI DiceCELoss(to_onehot_y, softmax)")
+def dice_ce_background_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE + (1 - soft Dice averaged over all channels), per sample: MONAI's
+    `DiceCELoss(to_onehot_y=True, softmax=True)` with its default weights 1 and 1."""
+    ce = per_sample_mean(cross_entropy_map(logits.float(), labels))
+    dice = soft_dice_all_classes_loss_per_sample(torch.softmax(logits.float(), dim=1), labels)
+    return ce + dice
 
 
 def weighted_ce_per_sample(logits: torch.Tensor, labels: torch.Tensor, pixel_weights: torch.Tensor) -> torch.Tensor:
