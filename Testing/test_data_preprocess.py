@@ -147,3 +147,52 @@ def test_zscore_without_clipping_is_monais_normalize_intensity():
     unclipped = zscore(volume, PreprocessConfig(clip_percentiles=(0, 100)))
     np.testing.assert_allclose(unclipped, np.asarray(NormalizeIntensity()(volume)), rtol=1e-4, atol=1e-4)
     assert not np.allclose(zscore(volume, PreprocessConfig()), unclipped, atol=1e-2)
+
+
+def _centroid_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    index_xyz = np.argwhere(mask)[:, ::-1].mean(axis=0)
+    return np.asarray(geometry.origin) + geometry.direction_matrix @ (index_xyz * np.asarray(geometry.spacing))
+
+
+def test_nearest_neighbour_shifts_a_label_halved_in_resolution_and_linear_label_resampling_does_not():
+    from QGSegmentationLib.data.preprocess import resample_labels, respace_geometry
+
+    zz, yy, xx = np.mgrid[:40, :40, :40]
+    ball = ((zz - 19.5) ** 2 + (yy - 19.5) ** 2 + (xx - 19.5) ** 2 < 12.3 ** 2).astype(np.uint8)
+    fine = Geometry((40, 40, 40), (0.625,) * 3, (3.0, -2.0, 1.0), tuple(np.eye(3).ravel()))
+    coarse = respace_geometry(fine, (1.25, 1.25, 1.25))
+    truth = _centroid_mm(ball, fine)
+    nearest = resample_labels(ball, fine, coarse, "nearest")
+    linear = resample_labels(ball, fine, coarse, "linear")
+    assert np.all(np.abs(_centroid_mm(nearest, coarse) - truth) > 0.25)  # half a 0.625 mm voxel, every axis
+    assert np.all(np.abs(_centroid_mm(linear, coarse) - truth) < 0.05)
+    assert linear.dtype == ball.dtype and linear.shape == coarse.shape
+    assert abs(int(linear.sum()) * 8 / int(ball.sum()) - 1) < 0.1
+
+
+def test_linear_label_resampling_keeps_values_breaks_ties_for_structures_and_copies_whole_voxel_crops():
+    from QGSegmentationLib.data.preprocess import crop_geometry, resample_labels, respace_geometry
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[:, :, 1] = 3   # each 2x2x2 block of the coarse voxel at x=0 is half 0, half 3
+    labels[:, :, 2:] = 5  # and the one at x=1 is all 5
+    fine = Geometry((4, 4, 4), (1.0,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    coarse = resample_labels(labels, fine, respace_geometry(fine, (2.0, 2.0, 2.0)), "linear")
+    assert set(np.unique(coarse)) == {3, 5} and np.all(coarse[..., 0] == 3) and np.all(coarse[..., 1] == 5)
+    crop = crop_geometry(fine, (1, 0, 1), (3, 4, 4))
+    np.testing.assert_array_equal(resample_labels(labels, fine, crop, "linear"), labels[1:3, :, 1:])
+    assert np.all(resample_labels(np.zeros_like(labels), fine, respace_geometry(fine, (2.0,) * 3), "linear") == 0)
+    with pytest.raises(ConfigError, match="label_resampling must be one of nearest, linear"):
+        PreprocessConfig(label_resampling="cubic")
+
+
+def test_label_resampling_is_part_of_the_cache_key(tmp_path):
+    from QGSegmentationLib.data.cache import CaseStore
+    from QGSegmentationLib.data.dataset import CaseRef
+
+    (tmp_path / "image.nrrd").write_bytes(b"x")
+    (tmp_path / "label.nrrd").write_bytes(b"y")
+    ref = CaseRef("case", tmp_path / "image.nrrd", tmp_path / "label.nrrd")
+    store = lambda method: CaseStore(Preprocessor(PreprocessConfig(target_spacing=(2.0, 2.0, 2.0),  # noqa: E731
+                                                                   label_resampling=method)), cache_dir=tmp_path)
+    assert store("nearest").key(ref) != store("linear").key(ref)  # a cache never serves the other's labels

@@ -158,6 +158,9 @@ def test_last_weights_segment_into_their_own_folders_and_script_internals_train_
     assert "loss=dice_ce_bg" in train and "clip_percentiles=[0, 100]" in train and "augment=false" in train
     loss_only = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="script_loss", splits=("selection",))
     assert "loss=dice_ce_bg" in loss_only[1]["command"] and "clip_percentiles=[0, 100]" not in loss_only[1]["command"]
+    linear = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="unet5_noflip_linear", splits=("selection",))
+    noflip = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="unet5_noflip", splits=("selection",))
+    assert linear[1]["command"][:-3] == [*noflip[1]["command"][:-3], "--set", "label_resampling=linear"]  # nothing else
     best = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe="script_internals", splits=("selection",))
     assert best[3]["command"][best[3]["command"].index("--checkpoint") + 1] == "script_internals/checkpoints/best.pt"
 

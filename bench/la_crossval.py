@@ -64,6 +64,8 @@ MINIMAL_CHOICES = ["--patch", "32", "64", "64", "--lr", "1e-3", "--set", "schedu
 # both channels, background included) and a z-score over the whole, unclipped volume
 SCRIPT_LOSS = ["--set", "loss=dice_ce_bg"]
 NO_CLIPPING = ["--set", "clip_percentiles=[0, 100]"]
+# labels brought to 1.25 mm by per-label linear interpolation instead of nearest neighbour (§14 D)
+LINEAR_LABELS = ["--set", "label_resampling=linear"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -96,6 +98,9 @@ RECIPES = {
     "script_internals": Recipe("script_internals", (*MINIMAL_CHOICES, *NO_AUGMENTATION, *SCRIPT_LOSS, *NO_CLIPPING),
                                False, "minimal_like with the script's loss (MONAI DiceCELoss, background "
                                       "included) and an unclipped z-score (§14)"),
+    "unet5_noflip_linear": Recipe("unet5_noflip_linear", (*NO_FLIPS, *LINEAR_LABELS), False,
+                                  "unet5_noflip with labels resampled per label linearly, not by nearest "
+                                  "neighbour (§14 D)"),
     "script_loss": Recipe("script_loss", (*MINIMAL_CHOICES, *NO_AUGMENTATION, *SCRIPT_LOSS), False,
                           "minimal_like with the script's loss (MONAI DiceCELoss, background included) only (§14)"),
 }

@@ -19,6 +19,9 @@ from ..registry import Registry
 from .io import Geometry
 
 NORMALIZATIONS = Registry("normalization")
+#: How label maps are brought to the network's grid: "nearest" neighbour, or "linear": each label's
+#: indicator interpolated linearly, then the largest taken (nnU-Net's order-1 segmentation resampling).
+LABEL_RESAMPLINGS = ("nearest", "linear")
 
 #: Percentiles are estimated on at most this many voxels (a regular subsample) for speed.
 _PERCENTILE_SAMPLE = 2_000_000
@@ -32,13 +35,18 @@ class PreprocessConfig:
     normalization: a name in NORMALIZATIONS ("zscore", "percentile", "none").
     clip_percentiles: intensities are clipped to these percentiles before normalising.
     crop_foreground: crop to the bounding box of voxels above the image minimum (never the
-        label, so inference sees the same crop) plus `crop_margin_mm` on every side."""
+        label, so inference sees the same crop) plus `crop_margin_mm` on every side.
+    label_resampling: "nearest" or "linear" (see `resample_labels`). Nearest neighbour is ill-posed
+        where target voxel centres fall halfway between source voxels, as they all do when a grid
+        is coarsened by a factor of two with its corners kept: it then takes one side every time,
+        shifting the label by half a source voxel against the (interpolated) image."""
 
     target_spacing: tuple | None = None
     normalization: str = "zscore"
     clip_percentiles: tuple = (0.5, 99.5)
     crop_foreground: bool = False
     crop_margin_mm: float = 10.0
+    label_resampling: str = "nearest"
 
     def __post_init__(self):
         if self.target_spacing is not None:
@@ -55,6 +63,9 @@ class PreprocessConfig:
             raise ConfigError(f"clip_percentiles must satisfy 0 <= low < high <= 100, "
                               f"got {self.clip_percentiles!r}")
         object.__setattr__(self, "clip_percentiles", (low, high))
+        if self.label_resampling not in LABEL_RESAMPLINGS:
+            raise ConfigError(f"label_resampling must be one of {', '.join(LABEL_RESAMPLINGS)}, "
+                              f"got {self.label_resampling!r}")
         if not float(self.crop_margin_mm) >= 0:
             raise ConfigError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm!r}")
 
@@ -193,6 +204,27 @@ def resample_to_geometry(array: np.ndarray, from_geometry: Geometry, to_geometry
     return result.astype(np.float32, copy=False) if linear else result.astype(array.dtype, copy=False)
 
 
+def resample_labels(labels: np.ndarray, from_geometry: Geometry, to_geometry: Geometry,
+                    method: str = "nearest") -> np.ndarray:
+    """A label map (z, y, x) on another grid. "nearest": nearest neighbour. "linear": every label
+    value present is interpolated as a 0/1 indicator and each voxel takes the value with the largest
+    share; a tie between background (0) and a structure goes to the structure, a tie between
+    structures to the lower value. Unlike nearest neighbour, it has no preferred side where target
+    voxels fall halfway between source voxels."""
+    if method not in LABEL_RESAMPLINGS:
+        raise ConfigError(f"label_resampling must be one of {', '.join(LABEL_RESAMPLINGS)}, got {method!r}")
+    labels = np.asarray(labels)
+    if method == "nearest" or _integer_offset(from_geometry, to_geometry) is not None:
+        return resample_to_geometry(labels, from_geometry, to_geometry, "nearest")
+    values = np.unique(labels)
+    order = np.concatenate([values[values != 0], values[values == 0]])  # background last: loses ties
+    if order.size == 1:
+        return np.full(to_geometry.shape, order[0], dtype=labels.dtype)
+    shares = np.stack([resample_to_geometry((labels == v).astype(np.float32), from_geometry, to_geometry, "linear")
+                       for v in order])
+    return order[np.argmax(shares, axis=0)].astype(labels.dtype, copy=False)
+
+
 # ----------------------------------------------------------------------------------- grid change
 
 def foreground_box(image: np.ndarray, geometry: Geometry, margin_mm: float):
@@ -236,7 +268,7 @@ def respace_geometry(geometry: Geometry, target_spacing) -> Geometry:
 
 
 class Preprocessor:
-    """Applies a `PreprocessConfig` to images (linear) and labels (nearest neighbour)."""
+    """Applies a `PreprocessConfig` to images (linear) and labels (`config.label_resampling`)."""
 
     def __init__(self, config: PreprocessConfig | None = None):
         self.config = config or PreprocessConfig()
@@ -264,7 +296,8 @@ class Preprocessor:
             if self.config.crop_foreground:
                 raise ValueError("with crop_foreground the label needs the image's target geometry")
             target = respace_geometry(geometry, self.config.target_spacing)
-        moved = array if target == geometry else resample_to_geometry(array, geometry, target, "nearest")
+        moved = array if target == geometry else resample_labels(array, geometry, target,
+                                                                 self.config.label_resampling)
         return np.asarray(moved, dtype=np.uint8), target
 
     def case(self, image: np.ndarray, label: np.ndarray | None, geometry: Geometry) -> tuple:

@@ -26,6 +26,7 @@ class TrainConfig:
     target_spacing: Union[None, str, Tuple[float, float, float]] = "auto"
     normalization: str = "zscore"          # zscore | percentile | none
     clip_percentiles: Tuple[float, float] = (0.5, 99.5)   # intensities clipped here first; [0, 100]: no clip
+    label_resampling: str = "nearest"      # nearest | linear (per-label linear, then argmax; data/preprocess.py)
     crop_foreground: bool = False
     n_validation: int = 2                  # cases moved from training to validation when the dataset has none
     max_unlabeled: Optional[int] = None
@@ -100,8 +101,8 @@ class TrainConfig:
         if len(clip) != 2:
             raise ConfigError(f"clip_percentiles must be two numbers (low high), e.g. [0.5, 99.5], "
                               f"or [0, 100] for no clipping, not {self.clip_percentiles!r}")
-        self.clip_percentiles = PreprocessConfig(normalization=self.normalization,
-                                                 clip_percentiles=clip).clip_percentiles
+        self.clip_percentiles = PreprocessConfig(normalization=self.normalization, clip_percentiles=clip,
+                                                 label_resampling=self.label_resampling).clip_percentiles
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
         if self.schedule not in ("poly", "cosine", "constant"):

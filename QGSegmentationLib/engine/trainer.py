@@ -131,7 +131,8 @@ class Trainer:
             self.apply_plan()
         self.preprocessor = Preprocessor(PreprocessConfig(
             target_spacing=cfg.target_spacing, normalization=cfg.normalization,
-            clip_percentiles=tuple(cfg.clip_percentiles), crop_foreground=cfg.crop_foreground))
+            clip_percentiles=tuple(cfg.clip_percentiles), crop_foreground=cfg.crop_foreground,
+            label_resampling=cfg.label_resampling))
         store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir, allowed_labels=sorted(spec.labels))
         self.store = store
         self.labeled = store.load_many(spec.training, progress=self.progress_bar)
