@@ -16,7 +16,7 @@ Quality guidance plugs in here, identically for every method:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,12 +64,6 @@ class AveragedSoftmax(nn.Module):
         return torch.log(probs.clamp_min(1e-12))
 
 
-def _loss_name(config) -> str:
-    """The supervised loss an engine config names (`loss`, object or mapping); "dice_ce" if none."""
-    name = config.get("loss") if isinstance(config, Mapping) else getattr(config, "loss", None)
-    return name or "dice_ce"
-
-
 class SSLMethod:
     """Base class: supervised loss, QW/QAR plumbing, result packing. Subclasses register in
     `ssl.methods.METHODS` and implement `training_step`."""
@@ -88,7 +82,7 @@ class SSLMethod:
         self.config = config
         self.cfg: SSLConfig = ssl_config_of(config)
         self.guidance = guidance
-        self._supervised_per_sample = SUPERVISED_LOSSES.get(_loss_name(config))
+        self._supervised_per_sample = SUPERVISED_LOSSES.get(getattr(config, "loss", None) or "dice_ce")
         if (self.cfg.guidance_qar or self.cfg.guidance_qw) and guidance is None:
             raise ConfigError(f"method '{self.name}': ssl.guidance_qar/guidance_qw need a trained "
                               "quality predictor (set quality_checkpoint)")
