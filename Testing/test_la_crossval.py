@@ -173,3 +173,15 @@ def test_selection_table_lists_last_weights_as_candidates_of_their_own(crossval)
     assert "| 0.8000 | 0.9000 | 0.8500 | 4 |" in rows["noflip"]
     assert "| 0.9000 | 0.8000 | 0.8500 | 4 |" in rows["noflip, last"]
     assert "| noflip, last | noflip |" in rows["*this fold's choice*"]
+
+
+def test_a_report_of_the_last_weights_reads_their_own_evaluations(crossval, tmp_path):
+    run = tmp_path / "fold0" / "noflip"
+    best, last = evaluated(tmp_path, run / "b", [1.0, 1.0]), evaluated(tmp_path, run / "l", [2 * 7 / 17, 1.0])
+    best.rename(run / "eval_test")
+    last.rename(run / "eval_test_last")
+    assert crossval.fold_result(tmp_path / "fold0", "noflip")["test"]["dice"] == pytest.approx(1.0)
+    assert crossval.fold_result(tmp_path / "fold0", "noflip", "last")["test"]["dice"] == pytest.approx((14 / 17 + 1) / 2)
+    crossval.write_report(tmp_path, "noflip", "last")
+    assert "noflip, last weights" in (tmp_path / "crossval-noflip_last.md").read_text()
+    assert json.loads((tmp_path / "crossval-noflip_last.json").read_text())["folds"]["0"]["test"]["cases"] == 2

@@ -191,11 +191,12 @@ def dice_summary(eval_dir: Path) -> Optional[Dict]:
             "cases": len(cases), "worst_case": worst, "worst_dice": cases[worst], "per_case": cases}
 
 
-def fold_result(folder: Path, recipe: str = "planned") -> Dict:
+def fold_result(folder: Path, recipe: str = "planned", weights: str = "best") -> Dict:
     """What one fold's folder holds for a recipe: the training's plan, time and selection, and the
-    evaluations (the minimal script's beside them)."""
-    run = folder / RECIPES[recipe].folder
-    result: Dict = {split: dice_summary(run / f"eval_{split}") for split in SPLITS}
+    evaluations by `weights` (the minimal script's beside them); "selection_last" is always the
+    last weights' selection evaluation, a candidate of its own (§14)."""
+    run, suffix = folder / RECIPES[recipe].folder, WEIGHTS[weights]
+    result: Dict = {split: dice_summary(run / f"eval_{split}{suffix}") for split in SPLITS}
     result["selection_last"] = dice_summary(run / "eval_selection_last")
     result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
     if (run / "manifest.json").is_file() and (run / DONE).exists():
@@ -233,7 +234,8 @@ def fmt(value, spec: str = ".4f") -> str:
 
 def report_markdown(result: Dict) -> str:
     recipe = result.get("recipe", "planned")
-    lines = [f"# LA five-fold cross-validation: {recipe} ({result['machine']['date']}, commit "
+    weights = result.get("weights", "best")
+    lines = [f"# LA five-fold cross-validation: {recipe}, {weights} weights ({result['machine']['date']}, commit "
              f"{result['machine']['commit']})", "", RECIPES[recipe].description, "",
              "| fold | plan (mm; patch) | train s | best it (val Dice) | validation Dice | test Dice ± std (median) "
              "| test HD95 mm | worst test case | minimal script test Dice |",
@@ -298,18 +300,20 @@ def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
         pooled = [d for k in complete if row[k] for d in row[k]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(pooled and float(np.mean(pooled)))} "
                      f"| {len(pooled)} |")
-    choice = [max(candidates, key=lambda r: np.mean(rows[r][k])) if k in complete else "—" for k in folds]
+    choice = [max(candidates, key=lambda r: np.mean(rows[r][k])) if candidates and k in complete else "—"
+              for k in folds]
     lines.append("| *this fold's choice* | " + " | ".join(choice) + " | | |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, recipe: str = "planned") -> Dict:
-    """crossval.md/.json for the planned recipe (crossval-<recipe>.* for another), and
-    validation.md and selection.md: every recipe's validation and selection Dice side by side."""
+def write_report(out: Path, recipe: str = "planned", weights: str = "best") -> Dict:
+    """crossval.md/.json for the planned recipe (crossval-<recipe>.* for another, with "-last" when
+    its last weights segmented), and validation.md and selection.md: every recipe's validation and
+    selection Dice side by side."""
     folders = {k: out / f"fold{k}" for k in range(FOLDS) if (out / f"fold{k}").is_dir()}
-    folds = {k: fold_result(folder, recipe) for k, folder in folders.items()}
-    result = {"machine": machine(), "recipe": recipe, "folds": folds, "summary": summarize(folds)}
-    name = "crossval" if recipe == "planned" else f"crossval-{recipe}"
+    folds = {k: fold_result(folder, recipe, weights) for k, folder in folders.items()}
+    result = {"machine": machine(), "recipe": recipe, "weights": weights, "folds": folds, "summary": summarize(folds)}
+    name = ("crossval" if recipe == "planned" else f"crossval-{recipe}") + WEIGHTS[weights]
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(report_markdown(json.loads(json.dumps(result))))
     by_recipe = {k: {r: fold_result(folder, r) for r in RECIPES} for k, folder in folders.items()}
@@ -366,8 +370,8 @@ def main() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
         for fold in args.folds:
             run_fold(steps[fold], out)
-            write_report(out, args.recipe)
-    result = write_report(out, args.recipe)
+            write_report(out, args.recipe, args.weights)
+    result = write_report(out, args.recipe, args.weights)
     print(report_markdown(json.loads(json.dumps(result))))
     print((out / "validation.md").read_text())
     print((out / "selection.md").read_text())
