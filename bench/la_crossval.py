@@ -19,6 +19,8 @@ same recipe and its spread. Per fold:
                                                                    # on the validation volumes only
     python bench/la_crossval.py --out runs/la_cv --recipe noaug --selection-only   # on each fold's 48
                                                                    # selection volumes (§13)
+    python bench/la_crossval.py --out runs/la_cv --recipe noaug --selection-only --weights last
+                                                                   # the same with the last weights (§14)
     python bench/la_crossval.py --out runs/la_cv --list            # the commands, nothing run
     python bench/la_crossval.py --out runs/la_cv --report          # crossval.md/json from what is there
 
