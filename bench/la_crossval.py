@@ -309,7 +309,7 @@ def selection_by_recipe(folds: Dict[int, Dict[str, Dict]],
 
 
 def write_report(out: Path, recipe: str = "planned", weights: str = "best") -> Dict:
-    """crossval.md/.json for the planned recipe (crossval-<recipe>.* for another, with "-last" when
+    """crossval.md/.json for the planned recipe (crossval-<recipe>.* for another, with "_last" when
     its last weights segmented), and validation.md and selection.md: every recipe's validation and
     selection Dice side by side."""
     folders = {k: out / f"fold{k}" for k in range(FOLDS) if (out / f"fold{k}").is_dir()}

@@ -27,6 +27,11 @@ LABEL_RESAMPLINGS = ("nearest", "linear")
 _PERCENTILE_SAMPLE = 2_000_000
 
 
+def _check_label_resampling(method: str) -> None:
+    if method not in LABEL_RESAMPLINGS:
+        raise ConfigError(f"label_resampling must be one of {', '.join(LABEL_RESAMPLINGS)}, got {method!r}")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images and labels are brought to the network's grid and intensity range.
@@ -58,14 +63,19 @@ class PreprocessConfig:
             object.__setattr__(self, "target_spacing",
                                tuple(None if s is None else float(s) for s in spacing))
         NORMALIZATIONS.get(self.normalization)  # unknown names raise ConfigError listing choices
-        low, high = (float(p) for p in self.clip_percentiles)
+        try:
+            clip = tuple(float(p) for p in self.clip_percentiles)
+        except (TypeError, ValueError):
+            clip = ()
+        if len(clip) != 2:
+            raise ConfigError(f"clip_percentiles must be two numbers (low high), e.g. [0.5, 99.5], "
+                              f"or [0, 100] for no clipping, not {self.clip_percentiles!r}")
+        low, high = clip
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(f"clip_percentiles must satisfy 0 <= low < high <= 100, "
                               f"got {self.clip_percentiles!r}")
         object.__setattr__(self, "clip_percentiles", (low, high))
-        if self.label_resampling not in LABEL_RESAMPLINGS:
-            raise ConfigError(f"label_resampling must be one of {', '.join(LABEL_RESAMPLINGS)}, "
-                              f"got {self.label_resampling!r}")
+        _check_label_resampling(self.label_resampling)
         if not float(self.crop_margin_mm) >= 0:
             raise ConfigError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm!r}")
 
@@ -211,8 +221,7 @@ def resample_labels(labels: np.ndarray, from_geometry: Geometry, to_geometry: Ge
     share; a tie between background (0) and a structure goes to the structure, a tie between
     structures to the lower value. Unlike nearest neighbour, it has no preferred side where target
     voxels fall halfway between source voxels."""
-    if method not in LABEL_RESAMPLINGS:
-        raise ConfigError(f"label_resampling must be one of {', '.join(LABEL_RESAMPLINGS)}, got {method!r}")
+    _check_label_resampling(method)
     labels = np.asarray(labels)
     if method == "nearest" or _integer_offset(from_geometry, to_geometry) is not None:
         return resample_to_geometry(labels, from_geometry, to_geometry, "nearest")

@@ -94,14 +94,9 @@ class TrainConfig:
         from ..ssl.losses import SUPERVISED_LOSSES
 
         SUPERVISED_LOSSES.get(self.loss)  # unknown names raise ConfigError listing the choices
-        try:
-            clip = tuple(float(p) for p in self.clip_percentiles)
-        except (TypeError, ValueError):
-            clip = ()
-        if len(clip) != 2:
-            raise ConfigError(f"clip_percentiles must be two numbers (low high), e.g. [0.5, 99.5], "
-                              f"or [0, 100] for no clipping, not {self.clip_percentiles!r}")
-        self.clip_percentiles = PreprocessConfig(normalization=self.normalization, clip_percentiles=clip,
+        # the preprocessing options are checked (and the percentiles made floats) where they are used
+        self.clip_percentiles = PreprocessConfig(normalization=self.normalization,
+                                                 clip_percentiles=self.clip_percentiles,
                                                  label_resampling=self.label_resampling).clip_percentiles
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")

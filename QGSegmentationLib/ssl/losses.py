@@ -35,19 +35,19 @@ def one_hot(labels: torch.Tensor, n_classes: int, dtype=torch.float32) -> torch.
     return F.one_hot(labels.long(), n_classes).movedim(-1, 1).to(dtype)
 
 
-def soft_dice_loss_per_sample(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - soft Dice averaged over the foreground classes, per sample (B,).
+def soft_dice_per_class(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Soft Dice of every channel, per sample (B, C). Smoothing `eps` in numerator and denominator:
+    an empty reference predicted empty scores ~1."""
+    target = one_hot(labels, probs.shape[1], probs.dtype)
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return (2.0 * inter + eps) / (denom + eps)
 
-    Smoothing `eps` in numerator and denominator: an empty reference predicted empty scores ~1.
-    """
-    n_classes = probs.shape[1]
-    target = one_hot(labels, n_classes, probs.dtype)[:, 1:]
-    pred = probs[:, 1:]
-    dims = tuple(range(2, pred.ndim))
-    inter = (pred * target).sum(dims)
-    denom = pred.sum(dims) + target.sum(dims)
-    dice = (2.0 * inter + eps) / (denom + eps)
-    return 1.0 - dice.mean(dim=1)
+
+def soft_dice_loss_per_sample(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice averaged over the foreground classes, per sample (B,)."""
+    return 1.0 - soft_dice_per_class(probs, labels, eps)[:, 1:].mean(dim=1)
 
 
 def soft_dice_all_classes_loss_per_sample(probs: torch.Tensor, labels: torch.Tensor,
@@ -55,11 +55,7 @@ def soft_dice_all_classes_loss_per_sample(probs: torch.Tensor, labels: torch.Ten
     """1 - soft Dice averaged over every channel, background included, per sample (B,): MONAI's
     `DiceLoss(include_background=True, to_onehot_y=True, softmax=True)`. A patch without foreground
     costs at most 0.5 here, where the foreground-only Dice charges it up to 1."""
-    target = one_hot(labels, probs.shape[1], probs.dtype)
-    dims = tuple(range(2, probs.ndim))
-    inter = (probs * target).sum(dims)
-    denom = probs.sum(dims) + target.sum(dims)
-    return 1.0 - ((2.0 * inter + eps) / (denom + eps)).mean(dim=1)
+    return 1.0 - soft_dice_per_class(probs, labels, eps).mean(dim=1)
 
 
 @SUPERVISED_LOSSES.register("dice_ce", description="0.5 CE + 0.5 (1 - foreground soft Dice) (default)")
