@@ -68,6 +68,8 @@ SCRIPT_LOSS = ["--set", "loss=dice_ce_bg"]
 NO_CLIPPING = ["--set", "clip_percentiles=[0, 100]"]
 # labels brought to 1.25 mm by per-label linear interpolation instead of nearest neighbour (§14 D)
 LINEAR_LABELS = ["--set", "label_resampling=linear"]
+# a second seed (§15); the last --seed wins over COMMON's
+SEED_1 = ["--seed", "1"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -105,6 +107,10 @@ RECIPES = {
                                   "neighbour (§14 D)"),
     "script_loss": Recipe("script_loss", (*MINIMAL_CHOICES, *NO_AUGMENTATION, *SCRIPT_LOSS), False,
                           "minimal_like with the script's loss (MONAI DiceCELoss, background included) only (§14)"),
+    "unet5_noflip_seed1": Recipe("unet5_noflip_seed1", (*NO_FLIPS, *SEED_1), False,
+                                 "unet5_noflip trained with seed 1 instead of 0 (§15)"),
+    "unet5_noflip_linear_seed1": Recipe("unet5_noflip_linear_seed1", (*NO_FLIPS, *LINEAR_LABELS, *SEED_1), False,
+                                        "unet5_noflip_linear trained with seed 1 instead of 0 (§15)"),
 }
 #: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
 #: the suffix of its pred_/eval_ folders
