@@ -376,3 +376,19 @@ def test_torchrun_without_run_dir_exits_2(monkeypatch, capsys, tmp_path):
     assert run_with_events(args, "train", lambda ctx: {}) == 2
     assert "pass --run-dir" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_exits_with_its_code_and_flushed_output_but_skips_finalization():
+    """`exit_worker` ends a torchrun worker without interpreter finalization, where a gloo thread
+    releasing a collective's tensors aborted the process (SIGABRT): the exit code and the buffered
+    output survive, atexit handlers (finalization) do not run."""
+    program = ("import atexit, sys\n"
+               "from QGSegmentationLib.engine.distributed import exit_worker\n"
+               "atexit.register(lambda: print('finalized'))\n"
+               "print('written before the exit', end='')\n"
+               "sys.stderr.write('and on stderr')\n"
+               "exit_worker(3)\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                            env=torchrun_env(), cwd=REPO)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "written before the exit" and result.stderr == "and on stderr"

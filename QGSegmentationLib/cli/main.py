@@ -53,10 +53,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..engine import distributed
     from ..engine.manifest import remember_commit
 
     remember_commit()
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    if distributed.joined_process_group():  # a torchrun worker: see exit_worker
+        distributed.exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":
