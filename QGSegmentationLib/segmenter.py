@@ -76,7 +76,7 @@ class Segmenter:
 
 
 def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
-    from .data.preprocess import PreprocessConfig, Preprocessor
+    from .data.preprocess import UNRECORDED_LABEL_RESAMPLING, PreprocessConfig, Preprocessor
     from .networks import build_network, member_options
 
     state = load_checkpoint(path, map_location=device)
@@ -90,7 +90,7 @@ def load_segmenter(path: str | Path, device="cpu") -> Segmenter:
         net = build_network(name, dims, 1, state["n_classes"], **options)
         net.load_state_dict(state["networks"][index])
         nets.append(net.to(device).eval())
-    pre = state["preprocess"]
+    pre = {"label_resampling": UNRECORDED_LABEL_RESAMPLING, **state["preprocess"]}
     if pre.get("target_spacing") is not None:
         pre["target_spacing"] = tuple(pre["target_spacing"])
     if pre.get("clip_percentiles") is not None:

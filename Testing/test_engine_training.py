@@ -278,3 +278,40 @@ def test_loss_and_clip_percentiles_are_trained_with_and_kept_for_inference(phant
     segmenter = load_segmenter(result.best_checkpoint)
     assert segmenter.preprocessor.config.clip_percentiles == (0.0, 100.0)  # inference normalises alike
     assert all(np.isfinite(h["loss"]) for h in result.history if "loss" in h)
+
+
+def test_labels_are_resampled_linearly_by_default_and_older_runs_keep_nearest_neighbour(phantom_3d, tmp_path):
+    """linear is the default (BENCHMARKS.md §15); a checkpoint that does not record the setting
+    predates it and was trained with nearest neighbour, so resuming it, or loading it, keeps that."""
+    from QGSegmentationLib.engine.checkpoint import save_checkpoint
+    from QGSegmentationLib.engine.events import EventWriter, read_events
+    from QGSegmentationLib.segmenter import load_segmenter
+
+    class CancelAfterTwo(Trainer):
+        def step(self, info):
+            out = super().step(info)
+            if info.iteration == 1:
+                (self.run_dir / "CANCEL").write_text("stop")
+            return out
+
+    run_dir = tmp_path / "older"
+    first = CancelAfterTwo(tiny_config(phantom_3d, iterations=4, val_every=4), run_dir, progress_bar=False)
+    with pytest.raises(CancelledError):
+        first.fit()
+    assert first.preprocessor.config.label_resampling == "linear"
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["config"]["label_resampling"] == state["preprocess"]["label_resampling"] == "linear"
+    del state["config"]["label_resampling"], state["preprocess"]["label_resampling"]  # as written before §14
+    save_checkpoint(last, state)
+    assert load_segmenter(last).preprocessor.config.label_resampling == "nearest"
+
+    (run_dir / "CANCEL").unlink()
+    events = EventWriter.open(tmp_path / "events.jsonl")
+    resumed = Trainer(tiny_config(phantom_3d, iterations=4, val_every=4), run_dir, events=events, progress_bar=False)
+    resumed.fit()
+    events.close()
+    assert resumed.preprocessor.config.label_resampling == "nearest"
+    assert load_checkpoint(last)["config"]["label_resampling"] == "nearest"
+    warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "warning"]
+    assert any("label_resampling=nearest, as this run started" in w for w in warnings), warnings

@@ -61,8 +61,10 @@ DONE = ".rebuild.done"  # written when a step's command has finished (checkpoint
 GROUPS = ("splits", "issue2", "masks", "study", "g48", "g32", "verify")
 
 UNET = ["--set", "network_options={channels: [16,32,64,128]}", "--threads", "2"]
+# the frozen models resampled labels by nearest neighbour, the default until BENCHMARKS.md §15
+NEAREST_LABELS = ["--set", "label_resampling=nearest"]
 PIPELINE = ["--spacing", "1.25", "1.25", "1.25", "--patch", "32", "64", "64", "--batch", "2",
-            "--cache-dir", "cache"] + UNET
+            "--cache-dir", "cache"] + UNET + NEAREST_LABELS
 AUGMENTATION = ["--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
                          "scale_range: [0.75, 1.25]}"]
 

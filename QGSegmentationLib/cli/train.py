@@ -13,8 +13,8 @@ examples:
   qgseg train --dataset Task02_Heart/dataset.json --spacing 1.25 1.25 1.25 --patch 32 64 64
   qgseg train --dataset data/dataset.json --mode 2d --patch 160 160 --network basicunet
   qgseg train --config bench/la_cpu.yaml --set lr=1e-3 --set ssl.ema_decay=0.99
-  qgseg train --dataset data/dataset.json --set label_resampling=linear
-      # labels to the training grid per label linearly, not by nearest neighbour (BENCHMARKS.md §14)
+  qgseg train --dataset data/dataset.json --set label_resampling=nearest
+      # labels to the training grid by nearest neighbour, as before BENCHMARKS.md §15 (default: linear)
   qgseg train --dataset data/dataset.json --set loss=dice_ce_bg --set "clip_percentiles=[0, 100]"
       # MONAI's DiceCELoss (background in the Dice) and a z-score without percentile clipping
 

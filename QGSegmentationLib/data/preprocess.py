@@ -22,6 +22,9 @@ NORMALIZATIONS = Registry("normalization")
 #: How label maps are brought to the network's grid: "nearest" neighbour, or "linear": each label's
 #: indicator interpolated linearly, then the largest taken (nnU-Net's order-1 segmentation resampling).
 LABEL_RESAMPLINGS = ("nearest", "linear")
+#: What a checkpoint or run that does not record `label_resampling` used: everything trained before
+#: linear became the default (BENCHMARKS.md §15) resampled labels by nearest neighbour.
+UNRECORDED_LABEL_RESAMPLING = "nearest"
 
 #: Percentiles are estimated on at most this many voxels (a regular subsample) for speed.
 _PERCENTILE_SAMPLE = 2_000_000
@@ -44,14 +47,15 @@ class PreprocessConfig:
     label_resampling: "nearest" or "linear" (see `resample_labels`). Nearest neighbour is ill-posed
         where target voxel centres fall halfway between source voxels, as they all do when a grid
         is coarsened by a factor of two with its corners kept: it then takes one side every time,
-        shifting the label by half a source voxel against the (interpolated) image."""
+        shifting the label by half a source voxel against the (interpolated) image. "linear" is
+        the default since BENCHMARKS.md §15."""
 
     target_spacing: tuple | None = None
     normalization: str = "zscore"
     clip_percentiles: tuple = (0.5, 99.5)
     crop_foreground: bool = False
     crop_margin_mm: float = 10.0
-    label_resampling: str = "nearest"
+    label_resampling: str = "linear"
 
     def __post_init__(self):
         if self.target_spacing is not None:

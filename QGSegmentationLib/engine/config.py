@@ -26,7 +26,7 @@ class TrainConfig:
     target_spacing: Union[None, str, Tuple[float, float, float]] = "auto"
     normalization: str = "zscore"          # zscore | percentile | none
     clip_percentiles: Tuple[float, float] = (0.5, 99.5)   # intensities clipped here first; [0, 100]: no clip
-    label_resampling: str = "nearest"      # nearest | linear (per-label linear, then argmax; data/preprocess.py)
+    label_resampling: str = "linear"       # linear (per label, then argmax; data/preprocess.py) | nearest
     crop_foreground: bool = False
     n_validation: int = 2                  # cases moved from training to validation when the dataset has none
     max_unlabeled: Optional[int] = None

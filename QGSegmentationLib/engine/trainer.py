@@ -331,6 +331,17 @@ class Trainer:
         self.history = list(state["history"])
         return int(state["iteration"])
 
+    def keep_recorded_label_resampling(self, recorded: Dict[str, Any]) -> None:
+        """A resumed run goes on with the labels it started with: the checkpoint's setting, or
+        nearest neighbour where the checkpoint predates the option (and linear as the default)."""
+        from ..data.preprocess import UNRECORDED_LABEL_RESAMPLING
+
+        method = recorded.get("label_resampling", UNRECORDED_LABEL_RESAMPLING)
+        if method != self.cfg.label_resampling:
+            self.events.warning(f"label_resampling={method}, as this run started (its last.pt), not "
+                                f"{self.cfg.label_resampling}; start over with --no-resume to change it")
+            self.cfg.label_resampling = method
+
     def _own_rank_state(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """This rank's sampler/RNG states: from `rank_states` (distributed checkpoints), else the
         top-level ones for rank 0; None for a rank beyond those the checkpoint holds."""
@@ -357,6 +368,12 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed)
         self.events.emit("stage", name="prepare data", index=1, total=2)
+        last_path = checkpoint_dir(self.run_dir) / "last.pt"
+        state = None
+        if self.resume:  # rank 0 decides and reads; every rank gets the same state
+            state = self.dist.call_on_main(lambda: load_checkpoint(last_path) if last_path.exists() else None)
+            if state is not None:
+                self.keep_recorded_label_resampling(state["config"])
         self.prepare_data()
         self.build()
         if self.dist.rank > 0:  # after the (identical) network init: per-rank noise/augmentation
@@ -364,12 +381,9 @@ class Trainer:
         self.load_unlabeled()
         self.make_samplers()
         start = 0
-        last_path = checkpoint_dir(self.run_dir) / "last.pt"
-        if self.resume:  # rank 0 decides and reads; every rank gets the same state
-            state = self.dist.call_on_main(lambda: load_checkpoint(last_path) if last_path.exists() else None)
-            if state is not None:
-                start = self.load_state(state)
-                self.events.warning(f"resuming from {last_path} at iteration {start}")
+        if state is not None:
+            start = self.load_state(state)
+            self.events.warning(f"resuming from {last_path} at iteration {start}")
         self.events.emit("stage", name=f"train ({cfg.method})", index=2, total=2)
         self.train_loop(start)
         last = self.save("last.pt", cfg.iterations)
