@@ -71,17 +71,22 @@ NO_CLIPPING = ["--set", "clip_percentiles=[0, 100]"]
 LINEAR_LABELS = ["--set", "label_resampling=linear"]
 # a second seed (§15); the last --seed wins over COMMON's
 SEED_1 = ["--seed", "1"]
+# a shorter schedule, so that two trainings fit the 15-minute budget together (§16)
+SHORT = ["--iterations", "2800", "--val-every", "700"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A training recipe: what `qgseg train` adds to COMMON and whether `qgseg predict` mirrors."""
+    """A training recipe: what `qgseg train` adds to COMMON and whether `qgseg predict` mirrors.
+    A recipe with `members` trains nothing of its own: it trains each member recipe in the member's
+    folder and segments with their ensemble (softmaxes averaged; §16)."""
 
     folder: str
     train: Tuple[str, ...]
     mirror: bool
     description: str
+    members: Tuple[str, ...] = ()
 
 
 #: "planned" is §11's recipe, the one the §12 plan judges; the others are candidates compared with it
@@ -112,6 +117,15 @@ RECIPES = {
                                  "unet5_noflip trained with seed 1 instead of 0 (§15)"),
     "unet5_noflip_linear_seed1": Recipe("unet5_noflip_linear_seed1", (*NO_FLIPS, *LINEAR_LABELS, *SEED_1), False,
                                         "unet5_noflip_linear trained with seed 1 instead of 0 (§15)"),
+    "unet5_noflip_linear_short": Recipe("unet5_noflip_linear_short", (*NO_FLIPS, *LINEAR_LABELS, *SHORT), False,
+                                        "unet5_noflip_linear with 2800 iterations, validation every 700 (§16)"),
+    "unet5_noflip_linear_short_seed1": Recipe("unet5_noflip_linear_short_seed1",
+                                              (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *SEED_1), False,
+                                              "unet5_noflip_linear_short trained with seed 1 (§16)"),
+    "unet5_noflip_linear_pair": Recipe("unet5_noflip_linear_pair", (), False,
+                                       "the ensemble of unet5_noflip_linear_short with seeds 0 and 1: two "
+                                       "trainings inside the budget together (§16)",
+                                       members=("unet5_noflip_linear_short", "unet5_noflip_linear_short_seed1")),
 }
 #: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
 #: the suffix of its pred_/eval_ folders
@@ -144,17 +158,20 @@ def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
                                         "command": command, "done": f"fold{fold}/{done}", "threads": 2}
     data, r, suffix = "data/dataset.json", RECIPES[recipe], WEIGHTS[weights]
     run = r.folder
+    trained = r.members or (recipe,)
     steps = [step("split", [sys.executable, str(HERE / "make_la_split.py"), "--la", str(la), "--out", "data",
-                            "--labeled", "16", "--fold", str(fold)], data),
-             step(f"train ({recipe})", qgseg("train", "--dataset", data, *COMMON, *r.train, "--run-dir", run),
-                  f"{run}/{DONE}")]
+                            "--labeled", "16", "--fold", str(fold)], data)]
+    steps += [step(f"train ({name})", qgseg("train", "--dataset", data, *COMMON, *RECIPES[name].train,
+                                           "--run-dir", RECIPES[name].folder), f"{RECIPES[name].folder}/{DONE}")
+              for name in trained]
+    checkpoints = [f"{RECIPES[name].folder}/checkpoints/{weights}.pt" for name in trained]
     if "selection" in splits:
         steps.append(dict(step("list the selection volumes", None, SELECTION), call=write_selection))
     for split in splits:
         source, listed = (SELECTION, "test") if split == "selection" else (data, split)
         pred, scored = f"{run}/pred_{split}{suffix}", f"{run}/eval_{split}{suffix}"
         steps += [step(f"segment the {split} cases ({recipe}, {weights} weights)",
-                       qgseg("predict", "--checkpoint", f"{run}/checkpoints/{weights}.pt", "--input", source,
+                       qgseg("predict", "--checkpoint", *checkpoints, "--input", source,
                              "--split", listed, "--mirror" if r.mirror else "--no-mirror", "--output", pred),
                        f"{pred}/{DONE}"),
                   step(f"evaluate the {split} cases ({recipe}, {weights} weights)",
@@ -208,16 +225,31 @@ def fold_result(folder: Path, recipe: str = "planned", weights: str = "best") ->
     result: Dict = {split: dice_summary(run / f"eval_{split}{suffix}") for split in SPLITS}
     result["selection_last"] = dice_summary(run / "eval_selection_last")
     result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
-    if (run / "manifest.json").is_file() and (run / DONE).exists():
-        manifest = json.loads((run / "manifest.json").read_text())
-        used = manifest.get("config", {})  # what trained: the plan, or what --patch / --spacing set instead
-        state = read_checkpoint(run / "checkpoints" / "best.pt")
-        result["train"] = {"wall_s": manifest.get("wall_time_s"),
-                           "spacing": used.get("target_spacing"), "patch": used.get("patch_size"),
-                           "best_iteration": state["best_iteration"], "best_val_dice": state["best_metric"]}
+    trainings = [training_summary(folder / RECIPES[name].folder) for name in RECIPES[recipe].members or (recipe,)]
+    if all(trainings):
+        result["train"] = trainings[0] if len(trainings) == 1 else combined_trainings(trainings)
     if (folder / "minimal" / "run.json").is_file():
         result["minimal_run"] = json.loads((folder / "minimal" / "run.json").read_text())
     return result
+
+
+def training_summary(run: Path) -> Optional[Dict]:
+    """A finished training's wall time, plan and best checkpoint (None while it is not done)."""
+    if not ((run / "manifest.json").is_file() and (run / DONE).exists()):
+        return None
+    manifest = json.loads((run / "manifest.json").read_text())
+    used = manifest.get("config", {})  # what trained: the plan, or what --patch / --spacing set instead
+    state = read_checkpoint(run / "checkpoints" / "best.pt")
+    return {"wall_s": manifest.get("wall_time_s"), "spacing": used.get("target_spacing"),
+            "patch": used.get("patch_size"), "best_iteration": state["best_iteration"],
+            "best_val_dice": state["best_metric"]}
+
+
+def combined_trainings(trainings: List[Dict]) -> Dict:
+    """An ensemble's trainings as one: their wall times add up against the budget (§16)."""
+    return dict(trainings[0], wall_s=sum(t["wall_s"] for t in trainings),
+                best_iteration="+".join(str(t["best_iteration"]) for t in trainings),
+                best_val_dice=float(np.mean([t["best_val_dice"] for t in trainings])))
 
 
 def summarize(folds: Dict[int, Dict]) -> Dict:
