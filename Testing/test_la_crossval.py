@@ -185,3 +185,24 @@ def test_a_report_of_the_last_weights_reads_their_own_evaluations(crossval, tmp_
     crossval.write_report(tmp_path, "noflip", "last")
     assert "noflip, last weights" in (tmp_path / "crossval-noflip_last.md").read_text()
     assert json.loads((tmp_path / "crossval-noflip_last.json").read_text())["folds"]["0"]["test"]["cases"] == 2
+
+
+def test_an_ensemble_recipe_trains_each_member_and_segments_with_all_of_them(crossval, tmp_path):
+    steps = crossval.fold_steps(2, tmp_path / "LA", minimal=False, recipe="unet5_noflip_linear_pair",
+                                splits=("selection",), weights="last")
+    trainings = [s["command"] for s in steps if s["name"].startswith("fold 2: train")]
+    assert len(trainings) == 2
+    for train, seed, folder in zip(trainings, ("0", "1"), ("unet5_noflip_linear_short", "unet5_noflip_linear_short_seed1")):
+        last = lambda flag: train[len(train) - 1 - train[::-1].index(flag) + 1]  # noqa: E731  (argparse: last wins)
+        assert (last("--seed"), last("--iterations"), last("--run-dir")) == (seed, "2800", folder)
+        assert "label_resampling=linear" in train and "flip_prob: 0.0" in " ".join(train)
+    predict = next(s["command"] for s in steps if "segment" in s["name"])
+    at = predict.index("--checkpoint")
+    assert predict[at + 1:at + 3] == ["unet5_noflip_linear_short/checkpoints/last.pt",
+                                      "unet5_noflip_linear_short_seed1/checkpoints/last.pt"]
+    assert predict[predict.index("--output") + 1] == "unet5_noflip_linear_pair/pred_selection_last"
+    combined = crossval.combined_trainings([
+        {"wall_s": 400.0, "spacing": [1.25] * 3, "patch": [48] * 3, "best_iteration": 2800, "best_val_dice": 0.8},
+        {"wall_s": 450.0, "spacing": [1.25] * 3, "patch": [48] * 3, "best_iteration": 2100, "best_val_dice": 0.9}])
+    assert combined["wall_s"] == 850.0 and combined["best_iteration"] == "2800+2100"  # the budget counts both
+    assert combined["best_val_dice"] == pytest.approx(0.85)
