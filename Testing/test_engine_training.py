@@ -38,6 +38,19 @@ def weights(path):
     return state["networks"][0]
 
 
+def cancelled_after(iteration: int):
+    """A Trainer that asks to be cancelled (its run folder's CANCEL file) once `iteration` has run."""
+
+    class CancelledAfter(Trainer):
+        def step(self, info):
+            out = super().step(info)
+            if info.iteration == iteration:
+                (self.run_dir / "CANCEL").write_text("stop")
+            return out
+
+    return CancelledAfter
+
+
 def test_supervised_training_learns_and_writes_safe_checkpoints(phantom_3d, tmp_path):
     cfg = tiny_config(phantom_3d, iterations=40, val_every=20, lr=2e-2)
     result = Trainer(cfg, tmp_path / "run", progress_bar=False).fit()
@@ -54,16 +67,9 @@ def test_supervised_training_learns_and_writes_safe_checkpoints(phantom_3d, tmp_
 def test_cancel_saves_checkpoint_and_resume_matches_uninterrupted(phantom_3d, tmp_path):
     reference = Trainer(tiny_config(phantom_3d), tmp_path / "uninterrupted", progress_bar=False).fit()
 
-    class CancelAfterThree(Trainer):
-        def step(self, info):
-            out = super().step(info)
-            if info.iteration == 2:
-                (self.run_dir / "CANCEL").write_text("stop")
-            return out
-
     run_dir = tmp_path / "interrupted"
     with pytest.raises(CancelledError):
-        CancelAfterThree(tiny_config(phantom_3d), run_dir, progress_bar=False).fit()
+        cancelled_after(2)(tiny_config(phantom_3d), run_dir, progress_bar=False).fit()
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] == 3
     (run_dir / "CANCEL").unlink()
     resumed = Trainer(tiny_config(phantom_3d), run_dir, progress_bar=False).fit()
@@ -287,15 +293,8 @@ def test_labels_are_resampled_linearly_by_default_and_older_runs_keep_nearest_ne
     from QGSegmentationLib.engine.events import EventWriter, read_events
     from QGSegmentationLib.segmenter import load_segmenter
 
-    class CancelAfterTwo(Trainer):
-        def step(self, info):
-            out = super().step(info)
-            if info.iteration == 1:
-                (self.run_dir / "CANCEL").write_text("stop")
-            return out
-
     run_dir = tmp_path / "older"
-    first = CancelAfterTwo(tiny_config(phantom_3d, iterations=4, val_every=4), run_dir, progress_bar=False)
+    first = cancelled_after(1)(tiny_config(phantom_3d, iterations=4, val_every=4), run_dir, progress_bar=False)
     with pytest.raises(CancelledError):
         first.fit()
     assert first.preprocessor.config.label_resampling == "linear"

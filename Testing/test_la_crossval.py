@@ -187,14 +187,18 @@ def test_a_report_of_the_last_weights_reads_their_own_evaluations(crossval, tmp_
     assert json.loads((tmp_path / "crossval-noflip_last.json").read_text())["folds"]["0"]["test"]["cases"] == 2
 
 
+def last_value(command, flag):
+    """What argparse keeps for `flag` in `command`: the value after its last occurrence."""
+    return [value for name, value in zip(command, command[1:]) if name == flag][-1]
+
+
 def test_an_ensemble_recipe_trains_each_member_and_segments_with_all_of_them(crossval, tmp_path):
     steps = crossval.fold_steps(2, tmp_path / "LA", minimal=False, recipe="unet5_noflip_linear_pair",
                                 splits=("selection",), weights="last")
     trainings = [s["command"] for s in steps if s["name"].startswith("fold 2: train")]
     assert len(trainings) == 2
     for train, seed, folder in zip(trainings, ("0", "1"), ("unet5_noflip_linear_short", "unet5_noflip_linear_short_seed1")):
-        last = lambda flag: train[len(train) - 1 - train[::-1].index(flag) + 1]  # noqa: E731  (argparse: last wins)
-        assert (last("--seed"), last("--iterations"), last("--run-dir")) == (seed, "2800", folder)
+        assert [last_value(train, flag) for flag in ("--seed", "--iterations", "--run-dir")] == [seed, "2800", folder]
         assert "label_resampling=linear" in train and "flip_prob: 0.0" in " ".join(train)
     predict = next(s["command"] for s in steps if "segment" in s["name"])
     at = predict.index("--checkpoint")

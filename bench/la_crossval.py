@@ -133,6 +133,11 @@ WEIGHTS = {"best": "", "last": "_last"}
 SPLITS = ("validation", "selection", "test")
 
 
+def trained_recipes(recipe: str) -> Tuple[str, ...]:
+    """The recipes whose trainings `recipe` segments with: its members, or itself."""
+    return RECIPES[recipe].members or (recipe,)
+
+
 def write_selection(folder: Path) -> Path:
     """`SELECTION` in a fold's folder: the fold's validation volumes and its unlabeled ones (volumes
     no supervised recipe trains on), with their labels, as the "test" list of a dataset.json, so that
@@ -158,7 +163,7 @@ def fold_steps(fold: int, la: Path, minimal: bool, recipe: str = "planned",
                                         "command": command, "done": f"fold{fold}/{done}", "threads": 2}
     data, r, suffix = "data/dataset.json", RECIPES[recipe], WEIGHTS[weights]
     run = r.folder
-    trained = r.members or (recipe,)
+    trained = trained_recipes(recipe)
     steps = [step("split", [sys.executable, str(HERE / "make_la_split.py"), "--la", str(la), "--out", "data",
                             "--labeled", "16", "--fold", str(fold)], data)]
     steps += [step(f"train ({name})", qgseg("train", "--dataset", data, *COMMON, *RECIPES[name].train,
@@ -225,7 +230,7 @@ def fold_result(folder: Path, recipe: str = "planned", weights: str = "best") ->
     result: Dict = {split: dice_summary(run / f"eval_{split}{suffix}") for split in SPLITS}
     result["selection_last"] = dice_summary(run / "eval_selection_last")
     result["minimal"] = dice_summary(folder / "minimal" / "eval_test")
-    trainings = [training_summary(folder / RECIPES[name].folder) for name in RECIPES[recipe].members or (recipe,)]
+    trainings = [training_summary(folder / RECIPES[name].folder) for name in trained_recipes(recipe)]
     if all(trainings):
         result["train"] = trainings[0] if len(trainings) == 1 else combined_trainings(trainings)
     if (folder / "minimal" / "run.json").is_file():
