@@ -145,6 +145,14 @@ def test_foreground_ratio_is_honoured():
     assert 0.35 < half < 0.7
 
 
+def test_zero_center_jitter_puts_the_foreground_voxel_at_the_window_centre():
+    case = make_case("f", (24, 24, 24), fg_box=(slice(12, 13), slice(10, 11), slice(11, 12)))
+    centred = next(PatchSampler([case], (6, 6, 6), 10, fg_ratio=1.0, augment=False, seed=0, center_jitter=0.0))["label"]
+    jittered = next(PatchSampler([case], (6, 6, 6), 10, fg_ratio=1.0, augment=False, seed=0))["label"]
+    assert all(label[3, 3, 3] == 1 for label in centred)
+    assert not all(label[3, 3, 3] == 1 for label in jittered)
+
+
 def test_2d_foreground_slices():
     case = make_case("f", (20, 10, 10), fg_box=(slice(7, 9), slice(2, 4), slice(2, 4)))
     sampler = PatchSampler([case], (6, 6), 8, mode="2d", fg_ratio=1.0, seed=0)
@@ -196,6 +204,7 @@ def test_two_stream_resume(cases):
     (dict(patch_size=(8, 8)), "patch_size"),
     (dict(mode="4d"), "mode"),
     (dict(fg_ratio=1.5), "fg_ratio"),
+    (dict(center_jitter=0.6), "center_jitter"),
     (dict(batch_size=0), "batch_size"),
 ])
 def test_bad_arguments(cases, kwargs, fragment):

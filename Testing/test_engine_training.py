@@ -221,6 +221,20 @@ def test_mixed_precision_is_off_on_cpu_and_amp_dtype_is_checked(phantom_3d, tmp_
         tiny_config(phantom_3d, amp_dtype="fp8").validate()
 
 
+def test_channels_last_by_default_for_3d_on_a_cpu_and_switchable(phantom_3d, tmp_path):
+    """oneDNN's 3D convolutions run faster channels-last on a CPU (BENCHMARKS.md §17); 2D gains nothing."""
+    trainer = Trainer(tiny_config(phantom_3d, iterations=2, val_every=2), tmp_path / "3d", progress_bar=False)
+    trainer.fit()
+    conv = next(p for p in trainer.networks[0].parameters() if p.dim() == 5 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    assert not Trainer(tiny_config(phantom_3d, channels_last="off"), tmp_path / "off",
+                       progress_bar=False).use_channels_last
+    assert not Trainer(tiny_config(phantom_3d, mode="2d", patch_size=(32, 32)), tmp_path / "2d",
+                       progress_bar=False).use_channels_last
+    with pytest.raises(ConfigError, match="channels_last must be auto, on or off, not 'yes'"):
+        tiny_config(phantom_3d, channels_last="yes").validate()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp_dtype,method", [("bf16", "sup"), ("fp16", "sup"), ("bf16", "mt")])
 def test_cuda_training_and_inference_in_mixed_precision(phantom_3d, tmp_path, amp_dtype, method):

@@ -1,12 +1,13 @@
 """Time the training step of `qgseg train` under its precision / memory-format switches.
 
     python bench/bench_train_step.py --device cuda                        # LA CPU and GPU configs
-    python bench/bench_train_step.py --device cpu --configs la_cpu --steps 5 --rounds 1
+    python bench/bench_train_step.py --device cpu --configs la_cv la_cpu --methods sup --rounds 3
     python bench/bench_train_step.py --device cuda --precisions bf16 --channels-last on --reads 1 10
 
 Each configuration builds the real `Trainer` (the same networks, method, sampler, loss and
 optimizer as `qgseg train`) on a synthetic phantom dataset large enough for its patch, once per
-variant (`amp` on/off x `channels_last` on/off; on a CPU only the fp32 variant exists). Variants
+variant (`amp` on/off x `channels_last` on/off; on a CPU only fp32, with
+channels_last off and on). Variants
 alternate in `--rounds` blocks of `--warmup` untimed and `--steps` timed steps, so drift of the
 machine hits them all; each step ends with a device synchronisation. Prints, per configuration,
 the median step time of each variant and its ratio to the first one, and the peak GPU memory.
@@ -26,6 +27,8 @@ CONFIGS = {
     # bench/la_cpu.yaml's segmenter (BENCHMARKS §1, §3): UNet 16-128 on 32x64x64 at 1.25 mm
     "la_cpu": dict(network="unet", network_options={"channels": [16, 32, 64, 128]},
                    patch_size=(32, 64, 64), batch_size=2, phantom=(48, 96, 96)),
+    # bench/la_crossval.py's unet5 recipes (BENCHMARKS §12-§16): the default UNet 16-256 on 48³ at 1.25 mm
+    "la_cv": dict(network="unet", network_options={}, patch_size=(48, 48, 48), batch_size=2, phantom=(56, 96, 96)),
     # bench/la_gpu.yaml's segmenter: V-Net on 80x112x112 at 0.625 mm
     "la_gpu": dict(network="vnet", network_options={"dropout": 0.5},
                    patch_size=(80, 112, 112), batch_size=2, phantom=(88, 128, 128)),
@@ -88,7 +91,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     variants = ([(p, c, r) for r in args.reads for c in args.channels_last for p in args.precisions] if cuda
-                else [("fp32", "off", r) for r in args.reads])
+                else [("fp32", c, r) for r in args.reads for c in args.channels_last])
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) steps per variant")
     with tempfile.TemporaryDirectory() as root:

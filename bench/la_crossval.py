@@ -73,6 +73,8 @@ LINEAR_LABELS = ["--set", "label_resampling=linear"]
 SEED_1 = ["--seed", "1"]
 # a shorter schedule, so that two trainings fit the 15-minute budget together (§16)
 SHORT = ["--iterations", "2800", "--val-every", "700"]
+# foreground-centred patches exactly on their voxel, as the minimal script's crops (§17)
+CENTRED = ["--set", "center_jitter=0"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -126,6 +128,18 @@ RECIPES = {
                                        "the ensemble of unet5_noflip_linear_short with seeds 0 and 1: two "
                                        "trainings inside the budget together (§16)",
                                        members=("unet5_noflip_linear_short", "unet5_noflip_linear_short_seed1")),
+    "unet5_noflip_linear_centred_short": Recipe("unet5_noflip_linear_centred_short",
+                                                (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *CENTRED), False,
+                                                "unet5_noflip_linear_short with foreground-centred patches not "
+                                                "jittered (§17)"),
+    "unet5_noflip_linear_centred_short_seed1": Recipe("unet5_noflip_linear_centred_short_seed1",
+                                                      (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *CENTRED, *SEED_1), False,
+                                                      "unet5_noflip_linear_centred_short trained with seed 1 (§17)"),
+    "unet5_noflip_linear_centred_pair": Recipe("unet5_noflip_linear_centred_pair", (), False,
+                                               "unet5_noflip_linear_pair with foreground-centred patches not "
+                                               "jittered (§17)",
+                                               members=("unet5_noflip_linear_centred_short",
+                                                        "unet5_noflip_linear_centred_short_seed1")),
 }
 #: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
 #: the suffix of its pred_/eval_ folders

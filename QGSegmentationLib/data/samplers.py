@@ -69,13 +69,14 @@ class PatchSampler:
     "case": [ids]}` ("label" only when `with_labels`).
 
     mode "3d": patch_size (z, y, x) windows; mode "2d": one z slice, patch_size (y, x) window.
-    With probability `fg_ratio` a sample is centred (with jitter) on a foreground voxel of a
-    randomly chosen class present in the case; otherwise the window is uniformly random.
+    With probability `fg_ratio` a sample is centred on a foreground voxel of a randomly chosen
+    class present in the case, moved along each axis by up to `center_jitter` of the patch
+    (0: the voxel is the window's centre); otherwise the window is uniformly random.
     Volumes smaller than the patch are padded (image: the case minimum, label: 0)."""
 
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], batch_size: int,
                  mode: str = "3d", fg_ratio: float = 0.33, augment: bool = True, seed: int = 0,
-                 with_labels: bool = True, augmenter: Augmenter | None = None):
+                 with_labels: bool = True, augmenter: Augmenter | None = None, center_jitter: float = 0.25):
         if mode not in MODES:
             raise ConfigError(f"sampler mode must be one of {MODES}, got {mode!r}")
         n_spatial = 3 if mode == "3d" else 2
@@ -87,6 +88,8 @@ class PatchSampler:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= float(fg_ratio) <= 1.0:
             raise ConfigError(f"fg_ratio must be in [0, 1], got {fg_ratio}")
+        if not 0.0 <= float(center_jitter) <= 0.5:
+            raise ConfigError(f"center_jitter must be in [0, 0.5] (a fraction of the patch), got {center_jitter}")
         if not cases:
             raise ConfigError("the sampler got no cases")
         if with_labels:
@@ -98,6 +101,7 @@ class PatchSampler:
         self.batch_size = int(batch_size)
         self.mode = mode
         self.fg_ratio = float(fg_ratio)
+        self.center_jitter = float(center_jitter)
         self.with_labels = bool(with_labels)
         self.augmenter = (augmenter or Augmenter()) if augment else None
         self.seed = int(seed)
@@ -158,14 +162,15 @@ class PatchSampler:
 
     def _window_start(self, shape, patch, center) -> list:
         """Window start per axis: uniform over valid positions (negative = padding before), or
-        around `center` with a jitter of up to a quarter patch, kept inside the valid range."""
+        around `center`, moved by up to `center_jitter` of the patch, kept inside the valid range."""
         starts = []
         for axis, (extent, size) in enumerate(zip(shape, patch)):
             low, high = min(0, extent - size), max(0, extent - size)
             if center is None:
                 starts.append(int(self._rng.integers(low, high + 1)))
             else:
-                jitter = int(self._rng.integers(-(size // 4), size // 4 + 1))
+                reach = int(size * self.center_jitter)
+                jitter = int(self._rng.integers(-reach, reach + 1))
                 starts.append(int(np.clip(int(center[axis]) - size // 2 + jitter, low, high)))
         return starts
 

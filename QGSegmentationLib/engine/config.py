@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 2
     unlabeled_batch_size: int = 2
     fg_ratio: float = 0.33
+    center_jitter: float = 0.25            # foreground-centred patches move by up to this fraction of the patch
     augment: bool = True
     augmentation: Dict[str, Any] = field(default_factory=dict)  # AugmentConfig overrides, e.g. {gamma_prob: 0.3}
     # optimisation
@@ -57,7 +58,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: str = "auto"                      # auto (on for CUDA) | on | off
     amp_dtype: str = "auto"                # auto (bf16 where the GPU has it, else fp16) | bf16 | fp16
-    channels_last: str = "auto"
+    channels_last: str = "auto"            # auto (on for CUDA, and for 3D on a CPU) | on | off
     # validation & checkpoints
     val_every: int = 200
     checkpoint_every: int = 100
@@ -111,6 +112,8 @@ class TrainConfig:
         AugmentConfig.from_dict(self.augmentation, source="augmentation")
         if self.amp not in ("auto", "on", "off"):
             raise ConfigError(f"amp must be auto, on or off, not {self.amp!r}")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ConfigError(f"channels_last must be auto, on or off, not {self.channels_last!r}")
         if self.amp_dtype not in ("auto", "bf16", "fp16"):
             raise ConfigError(f"amp_dtype must be auto, bf16 or fp16, not {self.amp_dtype!r}")
 
