@@ -75,6 +75,9 @@ SEED_1 = ["--seed", "1"]
 SHORT = ["--iterations", "2800", "--val-every", "700"]
 # foreground-centred patches exactly on their voxel, as the minimal script's crops (§17)
 CENTRED = ["--set", "center_jitter=0"]
+# three trainings inside the budget together (§17 b), and a third seed
+SHORTER = ["--iterations", "2000", "--val-every", "500"]
+SEED_2 = ["--seed", "2"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -140,6 +143,16 @@ RECIPES = {
                                                "jittered (§17)",
                                                members=("unet5_noflip_linear_centred_short",
                                                         "unet5_noflip_linear_centred_short_seed1")),
+    **{f"unet5_noflip_linear_2k{suffix}": Recipe(f"unet5_noflip_linear_2k{suffix}",
+                                                 (*NO_FLIPS, *LINEAR_LABELS, *SHORTER, *seed), False,
+                                                 f"unet5_noflip_linear with 2000 iterations, validation every 500"
+                                                 f"{', seed ' + suffix[-1] if suffix else ''} (§17 b)")
+       for suffix, seed in (("", ()), ("_seed1", SEED_1), ("_seed2", SEED_2))},
+    "unet5_noflip_linear_triple": Recipe("unet5_noflip_linear_triple", (), False,
+                                         "the ensemble of unet5_noflip_linear_2k with seeds 0, 1 and 2: three "
+                                         "trainings inside the budget together (§17 b)",
+                                         members=("unet5_noflip_linear_2k", "unet5_noflip_linear_2k_seed1",
+                                                  "unet5_noflip_linear_2k_seed2")),
 }
 #: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
 #: the suffix of its pred_/eval_ folders
