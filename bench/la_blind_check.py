@@ -60,11 +60,12 @@ ISSUE3_PEARSON_BAR, ISSUE3_MAE_BAR, SCORE_SECONDS_BAR = 0.90, 0.06, 1.0
 # What --rebuild rebuilds: everything but the optional 32^3 ensemble (about an hour more).
 REBUILD_GROUPS = ["splits", "issue2", "masks", "study", "g48", "verify"]
 
-# The recipe of BENCHMARKS.md sections 1c/1d (la_sup_c), nearest-neighbour labels as it ran: what --retrain runs.
+# The recipe of BENCHMARKS.md sections 1c/1d (la_sup_c), nearest-neighbour labels and the default
+# memory layout as it ran (§15, §17): what --retrain runs.
 RETRAIN_ARGS = ["--spacing", "1.25", "1.25", "1.25", "--patch", "32", "64", "64", "--batch", "2",
                 "--iterations", "3600", "--val-every", "400", "--threads", "2", "--seed", "0",
                 "--set", "network_options={channels: [16,32,64,128]}", "--set", "label_resampling=nearest",
-                "--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
+                "--set", "channels_last=off", "--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
                          "scale_range: [0.75, 1.25]}"]
 
 

@@ -63,8 +63,11 @@ GROUPS = ("splits", "issue2", "masks", "study", "g48", "g32", "verify")
 UNET = ["--set", "network_options={channels: [16,32,64,128]}", "--threads", "2"]
 # the frozen models resampled labels by nearest neighbour, the default until BENCHMARKS.md §15
 NEAREST_LABELS = ["--set", "label_resampling=nearest"]
+# ... and trained on a CPU in the default memory layout, the default until BENCHMARKS.md §17
+# (channels-last changes the order of float rounding, so the recorded Dice would not repeat)
+DEFAULT_LAYOUT = ["--set", "channels_last=off"]
 PIPELINE = ["--spacing", "1.25", "1.25", "1.25", "--patch", "32", "64", "64", "--batch", "2",
-            "--cache-dir", "cache"] + UNET + NEAREST_LABELS
+            "--cache-dir", "cache"] + UNET + NEAREST_LABELS + DEFAULT_LAYOUT
 AUGMENTATION = ["--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
                          "scale_range: [0.75, 1.25]}"]
 
