@@ -210,3 +210,21 @@ def test_an_ensemble_recipe_trains_each_member_and_segments_with_all_of_them(cro
         {"wall_s": 450.0, "spacing": [1.25] * 3, "patch": [48] * 3, "best_iteration": 2100, "best_val_dice": 0.9}])
     assert combined["wall_s"] == 850.0 and combined["best_iteration"] == "2800+2100"  # the budget counts both
     assert combined["best_val_dice"] == pytest.approx(0.85)
+
+
+@pytest.mark.parametrize("ensemble, base, seeds, iterations, centred", [
+    ("unet5_noflip_linear_pair", "unet5_noflip_linear_short", ("0", "1"), "2800", False),
+    ("unet5_noflip_linear_centred_pair", "unet5_noflip_linear_centred_short", ("0", "1"), "2800", True),
+    ("unet5_noflip_linear_triple", "unet5_noflip_linear_2k", ("0", "1", "2"), "2000", False)])
+def test_each_seeded_ensemble_trains_its_recipe_once_per_seed(crossval, tmp_path, ensemble, base, seeds,
+                                                                iterations, centred):
+    steps = crossval.fold_steps(4, tmp_path / "LA", minimal=False, recipe=ensemble, splits=("selection",),
+                                weights="last")
+    trainings = [s["command"] for s in steps if s["name"].startswith("fold 4: train")]
+    folders = [base if seed == "0" else f"{base}_seed{seed}" for seed in seeds]
+    assert [[last_value(t, flag) for flag in ("--seed", "--iterations", "--run-dir")] for t in trainings] == \
+        [[seed, iterations, folder] for seed, folder in zip(seeds, folders)]
+    assert all(("center_jitter=0" in t) == centred for t in trainings)
+    assert all(t[:t.index("--seed", t.index("--seed") + 1)] == trainings[0][:trainings[0].index("--run-dir")]
+               for t in trainings[1:])  # the members differ in their seed only
+    assert crossval.trained_recipes(ensemble) == tuple(folders)

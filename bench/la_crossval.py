@@ -75,9 +75,8 @@ SEED_1 = ["--seed", "1"]
 SHORT = ["--iterations", "2800", "--val-every", "700"]
 # foreground-centred patches exactly on their voxel, as the minimal script's crops (§17)
 CENTRED = ["--set", "center_jitter=0"]
-# three trainings inside the budget together (§17 b), and a third seed
+# three trainings inside the budget together (§17 b)
 SHORTER = ["--iterations", "2000", "--val-every", "500"]
-SEED_2 = ["--seed", "2"]
 SELECTION = "data/selection.json"  # a fold's validation and unused volumes, listed as "test" (§13)
 
 
@@ -92,6 +91,18 @@ class Recipe:
     mirror: bool
     description: str
     members: Tuple[str, ...] = ()
+
+
+def seeded_ensemble(base: str, train: Tuple[str, ...], seeds: Tuple[int, ...], description: str,
+                    ensemble: str, ensemble_description: str) -> Dict[str, "Recipe"]:
+    """One recipe trained once per seed, and the ensemble recipe that segments with all of them.
+    Seed 0 is COMMON's and keeps the name `base`; seed s trains as `base`_seed`s` with `--seed s` last."""
+    names = tuple(base if seed == 0 else f"{base}_seed{seed}" for seed in seeds)
+    recipes = {name: Recipe(name, (*train, *(("--seed", str(seed)) if seed else ())), False,
+                            description if seed == 0 else f"{base} trained with seed {seed}")
+               for name, seed in zip(names, seeds)}
+    recipes[ensemble] = Recipe(ensemble, (), False, ensemble_description, members=names)
+    return recipes
 
 
 #: "planned" is §11's recipe, the one the §12 plan judges; the others are candidates compared with it
@@ -122,37 +133,18 @@ RECIPES = {
                                  "unet5_noflip trained with seed 1 instead of 0 (§15)"),
     "unet5_noflip_linear_seed1": Recipe("unet5_noflip_linear_seed1", (*NO_FLIPS, *LINEAR_LABELS, *SEED_1), False,
                                         "unet5_noflip_linear trained with seed 1 instead of 0 (§15)"),
-    "unet5_noflip_linear_short": Recipe("unet5_noflip_linear_short", (*NO_FLIPS, *LINEAR_LABELS, *SHORT), False,
-                                        "unet5_noflip_linear with 2800 iterations, validation every 700 (§16)"),
-    "unet5_noflip_linear_short_seed1": Recipe("unet5_noflip_linear_short_seed1",
-                                              (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *SEED_1), False,
-                                              "unet5_noflip_linear_short trained with seed 1 (§16)"),
-    "unet5_noflip_linear_pair": Recipe("unet5_noflip_linear_pair", (), False,
-                                       "the ensemble of unet5_noflip_linear_short with seeds 0 and 1: two "
-                                       "trainings inside the budget together (§16)",
-                                       members=("unet5_noflip_linear_short", "unet5_noflip_linear_short_seed1")),
-    "unet5_noflip_linear_centred_short": Recipe("unet5_noflip_linear_centred_short",
-                                                (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *CENTRED), False,
-                                                "unet5_noflip_linear_short with foreground-centred patches not "
-                                                "jittered (§17)"),
-    "unet5_noflip_linear_centred_short_seed1": Recipe("unet5_noflip_linear_centred_short_seed1",
-                                                      (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *CENTRED, *SEED_1), False,
-                                                      "unet5_noflip_linear_centred_short trained with seed 1 (§17)"),
-    "unet5_noflip_linear_centred_pair": Recipe("unet5_noflip_linear_centred_pair", (), False,
-                                               "unet5_noflip_linear_pair with foreground-centred patches not "
-                                               "jittered (§17)",
-                                               members=("unet5_noflip_linear_centred_short",
-                                                        "unet5_noflip_linear_centred_short_seed1")),
-    **{f"unet5_noflip_linear_2k{suffix}": Recipe(f"unet5_noflip_linear_2k{suffix}",
-                                                 (*NO_FLIPS, *LINEAR_LABELS, *SHORTER, *seed), False,
-                                                 f"unet5_noflip_linear with 2000 iterations, validation every 500"
-                                                 f"{', seed ' + suffix[-1] if suffix else ''} (§17 b)")
-       for suffix, seed in (("", ()), ("_seed1", SEED_1), ("_seed2", SEED_2))},
-    "unet5_noflip_linear_triple": Recipe("unet5_noflip_linear_triple", (), False,
-                                         "the ensemble of unet5_noflip_linear_2k with seeds 0, 1 and 2: three "
-                                         "trainings inside the budget together (§17 b)",
-                                         members=("unet5_noflip_linear_2k", "unet5_noflip_linear_2k_seed1",
-                                                  "unet5_noflip_linear_2k_seed2")),
+    **seeded_ensemble("unet5_noflip_linear_short", (*NO_FLIPS, *LINEAR_LABELS, *SHORT), (0, 1),
+                      "unet5_noflip_linear with 2800 iterations, validation every 700 (§16)",
+                      "unet5_noflip_linear_pair", "the ensemble of unet5_noflip_linear_short with seeds 0 and 1: "
+                                                  "two trainings inside the budget together (§16)"),
+    **seeded_ensemble("unet5_noflip_linear_centred_short", (*NO_FLIPS, *LINEAR_LABELS, *SHORT, *CENTRED), (0, 1),
+                      "unet5_noflip_linear_short with foreground-centred patches not jittered (§17)",
+                      "unet5_noflip_linear_centred_pair", "unet5_noflip_linear_pair with foreground-centred "
+                                                          "patches not jittered (§17)"),
+    **seeded_ensemble("unet5_noflip_linear_2k", (*NO_FLIPS, *LINEAR_LABELS, *SHORTER), (0, 1, 2),
+                      "unet5_noflip_linear with 2000 iterations, validation every 500 (§17 b)",
+                      "unet5_noflip_linear_triple", "the ensemble of unet5_noflip_linear_2k with seeds 0, 1 and 2: "
+                                                    "three trainings inside the budget together (§17 b)"),
 }
 #: which checkpoint segments: the best on the validation volumes, or the last weights (§14), and
 #: the suffix of its pred_/eval_ folders
