@@ -89,6 +89,7 @@ class QGSegmentationParameterNode:
     mirror: bool = True
     trainSecondOpinion: bool = False
     qualitySeeds: int = 1
+    segmenterSeeds: int = 1
     lowThreshold: float = 0.7
     highThreshold: float = 0.85
 
@@ -101,7 +102,7 @@ def training_options_from(parameters) -> jobs.TrainingOptions:
         iterations=parameters.iterations, batch_size=parameters.batchSize,
         patch_size=parameters.patchSize, seed=parameters.seed, device=parameters.device,
         mirror=parameters.mirror, train_second_opinion=parameters.trainSecondOpinion,
-        quality_seeds=parameters.qualitySeeds)
+        quality_seeds=parameters.qualitySeeds, segmenter_seeds=parameters.segmenterSeeds)
 
 
 def handler(message: str, wait_cursor: bool = False) -> Callable:

@@ -14,7 +14,8 @@ from QGSegmentationLib.slicer import environment as env
 from QGSegmentationLib.slicer import jobs
 from QGSegmentationLib.slicer.jobs import (CaseEntry, JobSpec, TrainingOptions, create_job_folder,
                                           find_checkpoint, make_case_ids, plan_hint, predict_arguments,
-                                          quality_arguments, read_job_spec, train_arguments,
+                                          quality_arguments, read_job_spec, second_opinion_train_arguments,
+                                          train_arguments,
                                           write_dataset_json, write_job_spec)
 
 
@@ -68,6 +69,13 @@ def test_stage_arguments(tmp_path):
     assert four[four.index("--seeds") + 1] == "4"
     with pytest.raises(ValueError, match="quality predictor seeds must be >= 1"):
         quality_arguments(folder, TrainingOptions(quality_seeds=0))
+    three = TrainingOptions(segmenter_seeds=3, seed=5, guidance_qar=False, guidance_qw=False)
+    segmenter, second = train_arguments(folder, three), second_opinion_train_arguments(folder, three)
+    assert segmenter[segmenter.index("--seeds") + 1] == "3" and segmenter[segmenter.index("--seed") + 1] == "5"
+    assert "--seeds" not in second and second[second.index("--seed") + 1] == "8"  # no member's seed
+    assert "--seeds" not in train_arguments(folder, TrainingOptions(guidance_qar=False, guidance_qw=False))
+    with pytest.raises(ValueError, match="segmenter seeds must be >= 1"):
+        train_arguments(folder, TrainingOptions(segmenter_seeds=0))
     args = train_arguments(folder, opts, quality_checkpoint="/q/best.pt")
     assert args[:7] == ["train", "--dataset", str(folder.dataset_json), "--run-dir",
                         str(folder.run_dir), "--events", str(folder.train_events)]

@@ -17,6 +17,10 @@ examples:
       # labels to the training grid by nearest neighbour, as before BENCHMARKS.md §15 (default: linear)
   qgseg train --dataset data/dataset.json --set loss=dice_ce_bg --set "clip_percentiles=[0, 100]"
       # MONAI's DiceCELoss (background in the Dice) and a z-score without percentile clipping
+  qgseg train --dataset data/dataset.json --seeds 3 --iterations 2000 --run-dir runs/seg3
+      # three 2000-iteration members (seeds 0, 1, 2) ensembled in checkpoints/best.pt and last.pt:
+      # on LA on 2 CPU cores better than two 2800-iteration members in the same time (BENCHMARKS.md
+      # §17 b, flips off); `qgseg predict --checkpoint runs/seg3/checkpoints/last.pt` uses all three
 
 A crashed or cancelled run resumes from <run-dir>/checkpoints/last.pt when started again with the
 same --run-dir. Create the file <run-dir>/CANCEL to stop a run cleanly (exit code 3).
@@ -58,6 +62,11 @@ def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True)
     model.add_argument("--lr", type=float, help="learning rate [2e-3]")
     model.add_argument("--optimizer", choices=["adamw", "sgd"], help="[adamw]; sgd uses Nesterov momentum 0.99")
     model.add_argument("--seed", type=int, help="random seed [0]")
+    model.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="train N members (seeds --seed ... --seed+N-1, one after the other, each in "
+                            "seed-<s>/) and write their ensemble as checkpoints/best.pt and last.pt; N times "
+                            "the time (on LA three 2000-iteration members beat two of 2800 iterations, which "
+                            "take as long, and one of 3600: BENCHMARKS.md §17 b)")
     model.add_argument("--threads", type=int, help="CPU threads for torch")
     if with_method:
         ssl = parser.add_argument_group("semi-supervised learning")
@@ -146,6 +155,8 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..fileio import write_json_atomic
 
     cfg = build_config(args)
+    if args.seeds != 1:
+        return seed_ensemble_body(args, ctx, cfg)
     trainer = Trainer(cfg, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
                       resume=not args.no_resume, say=ctx.say)
     status = "failed"
@@ -163,6 +174,33 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
             f"{result.wall_time_s / 60:.1f} min")
     ctx.say(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
     return {"best_checkpoint": result.best_checkpoint, "last_checkpoint": result.last_checkpoint,
+            "run_dir": ctx.run_dir}
+
+
+def seed_ensemble_body(args: argparse.Namespace, ctx: RunContext, cfg) -> Dict[str, Any]:
+    from ..engine import distributed
+    from ..engine.manifest import write_manifest
+    from ..engine.seed_ensemble import member_seeds, train_seed_ensemble
+    from ..errors import ConfigError
+
+    member_seeds(cfg.seed, args.seeds)  # a bad --seeds fails before anything runs
+    if distributed.launch_env().distributed:
+        raise ConfigError("--seeds trains its members one after the other in one process: run it without torchrun")
+    status = "failed"
+    try:
+        result = train_seed_ensemble(cfg, args.seeds, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
+                                     resume=not args.no_resume, say=ctx.say, command=command_line(args))
+        status = "ok"
+    finally:
+        write_manifest(ctx.run_dir, command=command_line(args), config=cfg.to_dict(), device=cfg.device,
+                       seed=cfg.seed, started=ctx.started, status=status if status == "ok" else "interrupted",
+                       extra={"seeds": args.seeds})
+    for member in result["members"]:
+        ctx.say(f"seed {member['seed']}: best validation Dice {member['best_metric']:.4f} at iteration "
+                f"{member['best_iteration']}; {member['wall_time_s'] / 60:.1f} min")
+    ctx.say(f"ensemble of {args.seeds} seeds: {result['best_checkpoint']} (best weights), "
+            f"{result['last_checkpoint']} (last)")
+    return {"best_checkpoint": result["best_checkpoint"], "last_checkpoint": result["last_checkpoint"],
             "run_dir": ctx.run_dir}
 
 

@@ -22,6 +22,11 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def member_dir(run_dir: str | os.PathLike, seed: int) -> Path:
+    """Where the member trained with `seed` of a seed ensemble (`--seeds N`) keeps its own run."""
+    return Path(run_dir) / f"seed-{seed}"
+
+
 def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
     import torch
 

@@ -215,6 +215,25 @@ class EventWriter:
         self._owned.clear()
 
 
+class MemberEvents:
+    """A run's event writer, with each stage name prefixed by the ensemble member it belongs to
+    ("seed 5 (2 of 4): epochs"), so a progress display can say which member is training."""
+
+    def __init__(self, events, prefix: str):
+        self._events, self._prefix = events, prefix
+
+    def stage(self, name: str, index: int, total: int) -> None:
+        self._events.stage(f"{self._prefix}{name}", index, total)
+
+    def emit(self, event: str, **fields: Any) -> Dict[str, Any]:
+        if event == "stage":
+            fields["name"] = f"{self._prefix}{fields.get('name', '')}"
+        return self._events.emit(event, **fields)
+
+    def __getattr__(self, attribute):
+        return getattr(self._events, attribute)
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

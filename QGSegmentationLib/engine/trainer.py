@@ -33,6 +33,7 @@ from .device import autocast, autocast_dtype, maybe_inject_fault, translate_oom
 from .distributed import DistributedContext, rank_seed, unwrap
 from .events import EventWriter
 from .manifest import package_versions
+from .seed_ensemble import refuse_ensemble_resume
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Trainer:
     """Trains one method on one dataset into `run_dir`. See module docstring."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, events: Optional[EventWriter] = None,
-                 progress_bar: bool = True, resume: bool = True, say: Optional[Callable[[str], None]] = None):
+                 progress_bar: bool = True, resume: bool = True, say: Optional[Callable[[str], None]] = None,
+                 cancel: Optional[CancelToken] = None):
         config.validate()
         self.cfg = config
         self.run_dir = Path(run_dir)
@@ -107,7 +109,7 @@ class Trainer:
         self.progress_bar = progress_bar and self.dist.is_main
         self.resume = resume
         self.say = say if self.dist.is_main else None
-        self.cancel = CancelToken(self.run_dir)
+        self.cancel = cancel or CancelToken(self.run_dir)  # a --seeds member: its ensemble's CANCEL
         self.history: List[Dict[str, Any]] = []
         self.best_metric = -1.0
         self.best_iteration = -1
@@ -377,6 +379,7 @@ class Trainer:
         if self.resume:  # rank 0 decides and reads; every rank gets the same state
             state = self.dist.call_on_main(lambda: load_checkpoint(last_path) if last_path.exists() else None)
             if state is not None:
+                refuse_ensemble_resume(state, last_path)
                 self.keep_recorded_label_resampling(state["config"])
         self.prepare_data()
         self.build()

@@ -21,28 +21,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
+from ..engine.checkpoint import member_dir
+from ..engine.events import MemberEvents
 from ..fileio import read_json, write_json_atomic
 from .train import BEST_FILE, RESULT_FILE
 
 ENSEMBLE_CURVE_FILE = "quality_training_curves.png"
-
-
-def member_dir(run_dir: str | os.PathLike, seed: int) -> Path:
-    return Path(run_dir) / f"seed-{seed}"
-
-
-class MemberEvents:
-    """The run's event writer, with each stage name prefixed by the member it belongs to
-    ("seed 5 (2 of 4): epochs"), so a progress display can say which member is training."""
-
-    def __init__(self, events, prefix: str):
-        self._events, self._prefix = events, prefix
-
-    def stage(self, name: str, index: int, total: int) -> None:
-        self._events.stage(f"{self._prefix}{name}", index, total)
-
-    def __getattr__(self, attribute):
-        return getattr(self._events, attribute)
 
 
 def train_quality_ensemble(source, config, n_seeds: int, run_dir: str | os.PathLike = "runs/quality",

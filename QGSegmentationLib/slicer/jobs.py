@@ -61,9 +61,10 @@ class TrainingOptions:
     device: str = "auto"
     quality_epochs: int = 0  # quality predictor epochs; 0 keeps the worker's default
     quality_seeds: int = 1  # > 1: g trained with that many seeds, their mean used (an ensemble)
+    segmenter_seeds: int = 1  # > 1: the segmenter trained with that many seeds, ensembled (`--seeds`)
     mirror: bool = True  # test-time mirroring when segmenting: ~3x the time, +0.01 Dice on LA
     second_opinion: str = ""  # a model folder whose segmenter gives each result a second opinion
-    train_second_opinion: bool = False  # or train one here: a supervised segmenter, seed + 1
+    train_second_opinion: bool = False  # or train one here: a supervised segmenter, the next unused seed
 
     def validate(self) -> "TrainingOptions":
         """Raise ValueError naming the option and the problem."""
@@ -77,6 +78,7 @@ class TrainingOptions:
             (self.target_spacing >= 0, f"target spacing must be >= 0 mm, got {self.target_spacing}"),
             (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
             (self.quality_seeds >= 1, f"quality predictor seeds must be >= 1, got {self.quality_seeds}"),
+            (self.segmenter_seeds >= 1, f"segmenter seeds must be >= 1, got {self.segmenter_seeds}"),
             (bool(self.architecture), "architecture is empty"),
             (bool(self.ssl_method), "SSL method is empty"),
             (not (self.second_opinion and self.train_second_opinion),
@@ -358,7 +360,8 @@ def train_arguments(folder: JobFolder, options: TrainingOptions,
     if guidance != "none" and not quality_checkpoint:
         raise ValueError(f"training options: guidance {guidance} needs a quality predictor checkpoint")
     args = _segmenter_training(folder.run_dir, folder.train_events, folder, options,
-                               method=options.ssl_method, seed=options.seed, guidance=guidance)
+                               method=options.ssl_method, seed=options.seed, guidance=guidance,
+                               seeds=options.segmenter_seeds)
     if quality_checkpoint:
         args += ["--quality-checkpoint", str(quality_checkpoint)]
     return args
@@ -366,15 +369,15 @@ def train_arguments(folder: JobFolder, options: TrainingOptions,
 
 def second_opinion_train_arguments(folder: JobFolder, options: TrainingOptions) -> List[str]:
     """Optional stage: a second segmenter for the second opinion, as independent of the first as
-    the labeled cases allow: supervised (no unlabeled data, no g), seed + 1, same network and
-    schedule."""
+    the labeled cases allow: supervised (no unlabeled data, no g), the first seed the segmenter did
+    not use (seed + segmenter seeds), same network and schedule, one training."""
     options.validate()
     return _segmenter_training(folder.second_opinion_run_dir, folder.second_opinion_events, folder,
-                               options, method="sup", seed=options.seed + 1, guidance="none")
+                               options, method="sup", seed=options.seed + options.segmenter_seeds, guidance="none")
 
 
 def _segmenter_training(run_dir: Path, events: Path, folder: JobFolder, options: TrainingOptions,
-                        method: str, seed: int, guidance: str) -> List[str]:
+                        method: str, seed: int, guidance: str, seeds: int = 1) -> List[str]:
     args = ["train", "--dataset", str(folder.dataset_json), "--run-dir", str(run_dir),
             "--events", str(events), "--network", options.architecture,
             "--method", method, "--mode", options.mode,
@@ -382,6 +385,8 @@ def _segmenter_training(run_dir: Path, events: Path, folder: JobFolder, options:
             "--patch", *options.patch(), "--seed", str(seed), "--device", options.device,
             "--guidance", guidance]
     args += ["--spacing", *options.spacing()]
+    if seeds > 1:
+        args += ["--seeds", str(seeds)]
     return args
 
 
