@@ -85,3 +85,12 @@ def test_a_single_training_refuses_an_ensembles_folder_and_seeds_below_two(phant
     assert train(phantom_3d, tmp_path / "none", "--seeds", "0", "--quiet") == 2
     assert "at least 2 seeds" in capsys.readouterr().err
     assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+def test_a_rerun_with_other_options_goes_on_training_the_members_instead_of_reusing_them(phantom_3d, tmp_path):
+    run = tmp_path / "seg"
+    assert train(phantom_3d, run, "--seeds", "2", "--quiet") == 0
+    assert main(["train", "--dataset", str(phantom_3d), "--run-dir", str(run), *TINY, "--iterations", "6",
+                 "--seeds", "2", "--quiet"]) == 0
+    assert [load_checkpoint(run / f"seed-{s}" / "checkpoints" / "last.pt")["iteration"] for s in (0, 1)] == [6, 6]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 6

@@ -51,13 +51,15 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
     members = []
     for k, seed in enumerate(seeds):
         folder = member_dir(run_dir, seed)
-        if resume and (folder / MEMBER_RESULT_FILE).is_file():
-            members.append(read_json(folder / MEMBER_RESULT_FILE, "finished ensemble member"))
+        member_config = dataclasses.replace(config, seed=seed)
+        requested = member_config.to_dict()  # before the Trainer fills in the planned spacing and patch
+        finished = finished_member(folder, requested) if resume else None
+        if finished:
+            members.append(finished)
             continue
         if say:
             say(f"member {k + 1} of {n_seeds}: seed {seed}, in {folder}")
         member_events = None if events is None else MemberEvents(events, f"seed {seed} ({k + 1} of {n_seeds}): ")
-        member_config = dataclasses.replace(config, seed=seed)
         trainer = Trainer(member_config, folder, events=member_events, progress_bar=progress_bar, resume=resume,
                           say=say, cancel=cancel)
         started, status = time.time(), "interrupted"
@@ -70,7 +72,7 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
         write_json_atomic(folder / "history.json", result.history)
         member = {"seed": seed, "run_dir": str(folder), "best_metric": result.best_metric,
                   "best_iteration": result.best_iteration, "iterations": result.iterations,
-                  "wall_time_s": round(result.wall_time_s, 2)}
+                  "wall_time_s": round(result.wall_time_s, 2), "requested_config": requested}
         write_json_atomic(folder / MEMBER_RESULT_FILE, member)
         members.append(member)
     checkpoints = {which: combine_checkpoints([checkpoint_dir(member_dir(run_dir, s)) / f"{which}.pt" for s in seeds],
@@ -81,6 +83,16 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
                "last_checkpoint": str(checkpoints["last"]), "members": members}
     write_json_atomic(run_dir / ENSEMBLE_RESULT_FILE, summary)
     return summary
+
+
+def finished_member(folder: Path, requested: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The member's result if it finished with the options asked for now; otherwise None, and its
+    Trainer resumes it as `qgseg train` resumes any run (e.g. on to more --iterations)."""
+    path = folder / MEMBER_RESULT_FILE
+    if not path.is_file():
+        return None
+    member = read_json(path, "finished ensemble member")
+    return member if member.get("requested_config") == requested else None
 
 
 def share_split(run_dir: Path, seeds: List[int]) -> None:
