@@ -33,6 +33,9 @@ def test_seeds_train_members_and_write_their_ensemble(phantom_3d, tmp_path, caps
     assert events[-1]["outputs"]["last_checkpoint"] == str(run / "checkpoints" / "last.pt")
     stages = {e["name"].split(":")[0] for e in events if e["event"] == "stage"}
     assert {"seed 4 (1 of 2)", "seed 5 (2 of 2)"} <= stages
+    progress = [(e["step"], e["total"]) for e in events if e["event"] == "progress"]
+    assert {total for _, total in progress} == {8} and progress[-1][0] == 8  # one bar for both members
+    assert [step for step, _ in progress] == sorted(step for step, _ in progress)
     assert (run / "split.json").read_text() == (run / "seed-4" / "split.json").read_text()
     for seed in (4, 5):
         assert (run / f"seed-{seed}" / "training_curves.png").stat().st_size > 0
@@ -51,6 +54,22 @@ def test_seeds_train_members_and_write_their_ensemble(phantom_3d, tmp_path, caps
     assert len(list((tmp_path / "pred").glob("*.seg.nrrd"))) == 2
     prediction = sitk.ReadImage(str(next((tmp_path / "pred").glob("case_*[0-9].nrrd"))))
     assert prediction.GetDimension() == 3
+
+
+def test_member_progress_is_progress_of_the_whole_ensemble_with_its_eta():
+    import io
+
+    from QGSegmentationLib.engine.events import EventWriter, MemberEvents
+
+    stream = io.StringIO()
+    member = MemberEvents(EventWriter(streams=[stream]), "seed 1 (2 of 3): ", share=(1, 3))
+    member.progress(5, 10, eta_s=50.0)  # 10 s a step: 5 more here, 10 for the third member
+    member.progress(10, 10, eta_s=0.0)
+    member.emit("stage", name="train", index=2, total=2)
+    first, last, stage = [parse_line(line) for line in stream.getvalue().splitlines()]
+    assert (first["step"], first["total"], first["eta_s"]) == (15, 30, 150.0)
+    assert (last["step"], last["total"], last["eta_s"]) == (20, 30, None)
+    assert stage["name"] == "seed 1 (2 of 3): train"
 
 
 def test_each_member_is_the_run_its_seed_alone_would_give(phantom_3d, tmp_path):

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, List, Optional
+from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
 
 PROTOCOL_VERSION = 1
 HEARTBEAT_INTERVAL_S = 5.0
@@ -217,18 +217,35 @@ class EventWriter:
 
 class MemberEvents:
     """A run's event writer, with each stage name prefixed by the ensemble member it belongs to
-    ("seed 5 (2 of 4): epochs"), so a progress display can say which member is training."""
+    ("seed 5 (2 of 4): epochs"), so a progress display can say which member is training.
 
-    def __init__(self, events, prefix: str):
-        self._events, self._prefix = events, prefix
+    With `share=(k, n)` (member k of n, counted from 0, each reporting one progress stream of the
+    same length) progress is of the whole ensemble: member k's step s of T is step k*T + s of n*T,
+    and the ETA covers the members still to come at the current member's pace."""
+
+    def __init__(self, events, prefix: str, share: Optional[Tuple[int, int]] = None):
+        self._events, self._prefix, self._share = events, prefix, share
 
     def stage(self, name: str, index: int, total: int) -> None:
         self._events.stage(f"{self._prefix}{name}", index, total)
 
+    def progress(self, step: int, total: int, epoch: int | None = None, eta_s: float | None = None,
+                 stage: str | None = None) -> None:
+        self.emit("progress", step=step, total=total, epoch=epoch,
+                  eta_s=None if eta_s is None else round(float(eta_s), 1), stage=stage)
+
     def emit(self, event: str, **fields: Any) -> Dict[str, Any]:
         if event == "stage":
             fields["name"] = f"{self._prefix}{fields.get('name', '')}"
+        if event == "progress" and self._share:
+            fields.update(self._of_the_ensemble(int(fields["step"]), int(fields["total"]), fields.get("eta_s")))
         return self._events.emit(event, **fields)
+
+    def _of_the_ensemble(self, step: int, total: int, eta_s: Optional[float]) -> Dict[str, Any]:
+        k, n = self._share
+        remaining = (n - k) * total - step
+        eta = None if eta_s is None or step >= total else round(float(eta_s) * remaining / (total - step), 1)
+        return {"step": k * total + step, "total": n * total, "eta_s": eta}
 
     def __getattr__(self, attribute):
         return getattr(self._events, attribute)

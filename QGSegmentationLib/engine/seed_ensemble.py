@@ -59,7 +59,8 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
             continue
         if say:
             say(f"member {k + 1} of {n_seeds}: seed {seed}, in {folder}")
-        member_events = None if events is None else MemberEvents(events, f"seed {seed} ({k + 1} of {n_seeds}): ")
+        member_events = None if events is None else MemberEvents(events, f"seed {seed} ({k + 1} of {n_seeds}): ",
+                                                                  share=(k, n_seeds))
         trainer = Trainer(member_config, folder, events=member_events, progress_bar=progress_bar, resume=resume,
                           say=say, cancel=cancel)
         started, status = time.time(), "interrupted"
