@@ -44,6 +44,34 @@ def training_curves(history: List[Dict[str, Any]], out: str | Path, title: str =
     return Path(out)
 
 
+def member_training_curves(histories: Dict[str, List[Dict[str, Any]]], out: str | Path,
+                           title: str = "segmenter ensemble") -> Path:
+    """Validation Dice (left) and smoothed training loss (right) against iteration, one line per
+    ensemble member, each member's best validation marked."""
+    from .fileio import atomic_path
+
+    plt = _pyplot()
+    fig, (dice_ax, loss_ax) = plt.subplots(1, 2, figsize=(8, 3.5), dpi=110)
+    for name, history in histories.items():
+        its, dice = [h["iteration"] for h in history], [h["val_dice"] for h in history]
+        line, = dice_ax.plot(its, dice, "o-", ms=3, lw=1.2, label=name)
+        loss_ax.plot(its, [h.get("train_loss", np.nan) for h in history], "-", lw=1.2, color=line.get_color())
+        if dice:
+            best = int(np.nanargmax(dice))
+            dice_ax.plot(its[best], dice[best], "*", ms=10, color=line.get_color())
+    dice_ax.set(xlabel="iteration", ylabel="validation Dice (* best)", ylim=(0, 1))
+    loss_ax.set(xlabel="iteration", ylabel="training loss (smoothed)")
+    for ax in (dice_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    dice_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
 def overlay_png(image: np.ndarray, label: np.ndarray, out: str | Path, reference: np.ndarray | None = None,
                 title: str = "", n_slices: int = 3, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> Path:
     """Axial slices through the label's extent with the prediction filled (and reference contoured)."""

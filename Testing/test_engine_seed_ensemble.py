@@ -37,8 +37,8 @@ def test_seeds_train_members_and_write_their_ensemble(phantom_3d, tmp_path, caps
     assert {total for _, total in progress} == {8} and progress[-1][0] == 8  # one bar for both members
     assert [step for step, _ in progress] == sorted(step for step, _ in progress)
     assert (run / "split.json").read_text() == (run / "seed-4" / "split.json").read_text()
-    for seed in (4, 5):
-        assert (run / f"seed-{seed}" / "training_curves.png").stat().st_size > 0
+    for folder in (run / "seed-4", run / "seed-5", run):  # the members' curves, and all of them in one
+        assert (folder / "training_curves.png").stat().st_size > 0
 
     members = [run / f"seed-{seed}" / "checkpoints" / "last.pt" for seed in (4, 5)]
     assert not torch.equal(*[next(iter(weights(m)[0].values())) for m in members])  # two seeds, two models

@@ -27,6 +27,7 @@ from .events import MemberEvents
 
 MEMBER_RESULT_FILE = "member.json"
 ENSEMBLE_RESULT_FILE = "ensemble.json"
+CURVES_FILE = "training_curves.png"  # every member's curves in one figure, where a single run has its own
 #: what must agree between members for their softmaxes to be averaged on one grid
 SHARED_FIELDS = ("mode", "n_classes", "labels", "preprocess", "patch_size")
 
@@ -42,6 +43,7 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
                         command: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train `config` with seeds config.seed, config.seed + 1, ... (n_seeds of them), one after the
     other, and write their ensemble as `run_dir/checkpoints/best.pt` and `last.pt`."""
+    from .. import plots
     from .manifest import write_manifest
     from .trainer import Trainer
 
@@ -80,8 +82,11 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
                                               checkpoint_dir(run_dir) / f"{which}.pt", seeds)
                    for which in ("best", "last")}
     share_split(run_dir, seeds)
+    curves = plots.member_training_curves(
+        {f"seed {s}": read_json(member_dir(run_dir, s) / "history.json", "member history") for s in seeds},
+        run_dir / CURVES_FILE, title=f"{config.method} / {config.network}, {n_seeds} seeds")
     summary = {"seeds": seeds, "best_checkpoint": str(checkpoints["best"]),
-               "last_checkpoint": str(checkpoints["last"]), "members": members}
+               "last_checkpoint": str(checkpoints["last"]), "curves": str(curves), "members": members}
     write_json_atomic(run_dir / ENSEMBLE_RESULT_FILE, summary)
     return summary
 
