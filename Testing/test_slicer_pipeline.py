@@ -71,16 +71,18 @@ def run_worker(stage: pipeline.Stage, timeout_s: float = 300) -> dict:
 
 
 def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
-    """g (two seeds) -> segmenter -> second-opinion segmenter -> segment and score, with real
-    workers: g's ensemble guides the segmenter and scores its results, the second segmenter is
-    supervised with seed + 1, and scores.csv carries its opinion."""
+    """g (two seeds) -> segmenter (two seeds) -> second-opinion segmenter -> segment and score, with
+    real workers: g's ensemble guides both segmenter members and scores the results of their
+    ensemble, the second segmenter is supervised with the first seed no member used, and
+    scores.csv carries its opinion."""
+    from QGSegmentationLib.engine.checkpoint import load_checkpoint
     from QGSegmentationLib.quality.predictor import QualityEnsemble, load_predictor
 
     folder = create_job_folder(tmp_path / "out")
     make_phantom_dataset(folder.root, n_labeled=2, n_unlabeled=2, n_validation=1, shape=(16, 32, 32), seed=4)
     options = TrainingOptions(architecture="unet", ssl_method="pl", iterations=2, batch_size=1, patch_size=32,
                               device="cpu", quality_epochs=1, mirror=False, seed=3, train_second_opinion=True,
-                              quality_seeds=2)
+                              quality_seeds=2, segmenter_seeds=2)
     run = RunPipeline.for_training(folder, options, segment=True)
     stage, seen = run.start(), []
     while stage is not None:
@@ -95,9 +97,10 @@ def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
     assert json.loads((folder.run_dir / "manifest.json").read_text())["config"]["quality_checkpoint"] == \
         run.quality_checkpoint
     assert run.checkpoint.startswith(str(folder.run_dir))
+    assert load_checkpoint(run.checkpoint)["ensemble_seeds"] == [3, 4]
     assert run.second_opinion.startswith(str(folder.second_opinion_run_dir))
     manifest = json.loads((folder.second_opinion_run_dir / "manifest.json").read_text())
-    assert (manifest["config"]["method"], manifest["seed"]) == ("sup", 4)
+    assert (manifest["config"]["method"], manifest["seed"]) == ("sup", 5)
     with open(folder.scores_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2
