@@ -44,40 +44,23 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
     """Train `config` with seeds config.seed, config.seed + 1, ... (n_seeds of them), one after the
     other, and write their ensemble as `run_dir/checkpoints/best.pt` and `last.pt`."""
     from .. import plots
-    from .manifest import write_manifest
-    from .trainer import Trainer
 
     run_dir = Path(run_dir)
     seeds = member_seeds(config.seed, n_seeds)
     cancel = CancelToken(run_dir)
     members = []
     for k, seed in enumerate(seeds):
-        folder = member_dir(run_dir, seed)
         member_config = dataclasses.replace(config, seed=seed)
         requested = member_config.to_dict()  # before the Trainer fills in the planned spacing and patch
-        finished = finished_member(folder, requested) if resume else None
-        if finished:
-            members.append(finished)
-            continue
-        if say:
-            say(f"member {k + 1} of {n_seeds}: seed {seed}, in {folder}")
-        member_events = None if events is None else MemberEvents(events, f"seed {seed} ({k + 1} of {n_seeds}): ",
-                                                                  share=(k, n_seeds))
-        trainer = Trainer(member_config, folder, events=member_events, progress_bar=progress_bar, resume=resume,
-                          say=say, cancel=cancel)
-        started, status = time.time(), "interrupted"
-        try:
-            result = trainer.fit()
-            status = "ok"
-        finally:
-            write_manifest(folder, command=command or [], config=member_config.to_dict(), device=str(trainer.device),
-                           seed=seed, started=started, status=status, extra={"ensemble_member": k + 1})
-        write_json_atomic(folder / "history.json", result.history)
-        member = {"seed": seed, "run_dir": str(folder), "best_metric": result.best_metric,
-                  "best_iteration": result.best_iteration, "iterations": result.iterations,
-                  "wall_time_s": round(result.wall_time_s, 2), "requested_config": requested}
-        write_json_atomic(folder / MEMBER_RESULT_FILE, member)
-        members.append(member)
+        finished = finished_member(member_dir(run_dir, seed), requested) if resume else None
+        if finished is None:
+            if say:
+                say(f"member {k + 1} of {n_seeds}: seed {seed}, in {member_dir(run_dir, seed)}")
+            member_events = None if events is None else MemberEvents(
+                events, f"seed {seed} ({k + 1} of {n_seeds}): ", share=(k, n_seeds))
+            finished = train_member(member_config, member_dir(run_dir, seed), requested, member_events,
+                                    progress_bar, resume, say, cancel, command, k + 1)
+        members.append(finished)
     checkpoints = {which: combine_checkpoints([checkpoint_dir(member_dir(run_dir, s)) / f"{which}.pt" for s in seeds],
                                               checkpoint_dir(run_dir) / f"{which}.pt", seeds)
                    for which in ("best", "last")}
@@ -89,6 +72,30 @@ def train_seed_ensemble(config, n_seeds: int, run_dir: str | os.PathLike, events
                "last_checkpoint": str(checkpoints["last"]), "curves": str(curves), "members": members}
     write_json_atomic(run_dir / ENSEMBLE_RESULT_FILE, summary)
     return summary
+
+
+def train_member(config, folder: Path, requested: Dict[str, Any], events, progress_bar: bool, resume: bool,
+                 say, cancel: CancelToken, command: Optional[List[str]], number: int) -> Dict[str, Any]:
+    """One member's run, as `qgseg train` writes it (checkpoints, curves, history, manifest), and
+    its `member.json`, which marks it finished."""
+    from .manifest import write_manifest
+    from .trainer import Trainer
+
+    trainer = Trainer(config, folder, events=events, progress_bar=progress_bar, resume=resume, say=say,
+                      cancel=cancel)
+    started, status = time.time(), "interrupted"
+    try:
+        result = trainer.fit()
+        status = "ok"
+    finally:
+        write_manifest(folder, command=command or [], config=config.to_dict(), device=str(trainer.device),
+                       seed=config.seed, started=started, status=status, extra={"ensemble_member": number})
+    write_json_atomic(folder / "history.json", result.history)
+    member = {"seed": config.seed, "run_dir": str(folder), "best_metric": result.best_metric,
+              "best_iteration": result.best_iteration, "iterations": result.iterations,
+              "wall_time_s": round(result.wall_time_s, 2), "requested_config": requested}
+    write_json_atomic(folder / MEMBER_RESULT_FILE, member)
+    return member
 
 
 def finished_member(folder: Path, requested: Dict[str, Any]) -> Optional[Dict[str, Any]]:
