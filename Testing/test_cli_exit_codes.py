@@ -99,6 +99,17 @@ def test_missing_dataset_exits_2_with_clear_error(tmp_path):
     assert manifest["status"] in ("failed", "interrupted") and manifest["config"]["dataset"] == str(missing)
 
 
+def test_training_without_validation_cases_exits_2_before_anything_is_trained(tmp_path):
+    from QGSegmentationLib.data.phantom import make_phantom_dataset
+
+    dataset = make_phantom_dataset(tmp_path / "ds", n_labeled=3, n_unlabeled=0, n_test=0, shape=(16, 32, 32))
+    res = run_cli("train", "--dataset", str(dataset), "--n-validation", "0", "--patch", "16", "32", "32",
+                  "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(dataset) in res.stderr and "no validation cases" in res.stderr and "--n-validation" in res.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_bad_option_value_exits_2(phantom_3d, tmp_path):
     res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "--run-dir", str(tmp_path / "r"), "--quiet")
     assert res.returncode == 2 and "patch_size" in res.stderr

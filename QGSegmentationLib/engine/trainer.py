@@ -126,6 +126,10 @@ class Trainer:
         spec = load_dataset(cfg.dataset)
         if not spec.validation:
             spec = split_validation(spec, cfg.n_validation, seed=cfg.seed)
+        if not spec.validation:
+            raise ConfigError(f"{cfg.dataset}: no validation cases: the dataset lists none and n_validation is "
+                              f"{cfg.n_validation}", hint="checkpoints are chosen on validation cases: add a "
+                              "\"validation\" list to the dataset or hold some out with --n-validation 1 (or more)")
         self.spec = spec
         if self.dist.is_main:
             write_split_file(spec, self.run_dir / SPLIT_FILE, written_by="qgseg train")
