@@ -110,6 +110,22 @@ def test_training_without_validation_cases_exits_2_before_anything_is_trained(tm
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_two_labeled_cases_train_on_one_and_validate_on_the_other_and_one_case_is_refused(tmp_path):
+    from QGSegmentationLib.data.phantom import make_phantom_dataset
+
+    two = make_phantom_dataset(tmp_path / "two", n_labeled=2, n_unlabeled=0, n_test=0, shape=(16, 32, 32))
+    res = run_cli("train", "--dataset", str(two), "--patch", "16", "32", "32", "--iterations", "2",
+                  "--run-dir", str(tmp_path / "r2"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    split = json.loads((tmp_path / "r2" / "split.json").read_text())
+    assert len(split["training"]) == 1 and len(split["validation"]) == 1
+    one = make_phantom_dataset(tmp_path / "one", n_labeled=1, n_unlabeled=0, n_test=0, shape=(16, 32, 32))
+    res = run_cli("train", "--dataset", str(one), "--run-dir", str(tmp_path / "r1"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(one) in res.stderr and "at least one must remain" in res.stderr and "label one more" in res.stderr
+    assert not (tmp_path / "r1" / "checkpoints").exists()
+
+
 def test_bad_option_value_exits_2(phantom_3d, tmp_path):
     res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "--run-dir", str(tmp_path / "r"), "--quiet")
     assert res.returncode == 2 and "patch_size" in res.stderr

@@ -78,11 +78,12 @@ def test_running_controls_one_primary_button_becomes_cancel():
 
 
 @pytest.mark.parametrize("inputs, phrase", [
-    (PanelInputs(output_folder="/o"), "Mark at least one volume as 'labeled'"),
+    (PanelInputs(output_folder="/o"), "Mark at least two volumes as 'labeled'"),
+    (PanelInputs(n_labeled=1, output_folder="/o"), "Mark a second volume as 'labeled'"),  # none would validate
     (PanelInputs(n_labeled=2, n_labeled_without_reference=1, output_folder="/o"), "1 labeled volume has no reference"),
     (PanelInputs(n_labeled=3, n_labeled_without_reference=2, output_folder="/o"), "2 labeled volumes have no reference"),
-    (PanelInputs(n_labeled=1, output_folder="  "), "Choose an output folder"),
-    (PanelInputs(n_labeled=1, output_folder="/o", dependencies_ok=False), "Dependencies are missing"),
+    (PanelInputs(n_labeled=2, output_folder="  "), "Choose an output folder"),
+    (PanelInputs(n_labeled=2, output_folder="/o", dependencies_ok=False), "Dependencies are missing"),
 ])
 def test_train_tooltip_says_why_disabled(inputs, phrase):
     controls = PanelStateMachine().controls(inputs)
@@ -91,7 +92,7 @@ def test_train_tooltip_says_why_disabled(inputs, phrase):
 
 
 def test_segment_tooltip_says_why_disabled():
-    controls = PanelStateMachine().controls(PanelInputs(n_labeled=1, output_folder="/o"))
+    controls = PanelStateMachine().controls(PanelInputs(n_labeled=2, output_folder="/o"))
     assert controls.primary_enabled and not controls.segment_enabled
     assert "No model yet" in controls.segment_tooltip and "Select at least one volume" in controls.segment_tooltip
 

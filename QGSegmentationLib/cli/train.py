@@ -47,7 +47,7 @@ def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True)
                            "shows the plan) [auto]")
     data.add_argument("--normalization", choices=["zscore", "percentile", "none"], help="[zscore]")
     data.add_argument("--n-validation", type=int, help="cases held out for validation when the dataset "
-                                                       "has no validation list [2]")
+                                                       "has no validation list [2; 1 when only 2 are labeled]")
     data.add_argument("--cache-dir", help="keep decoded, preprocessed volumes here across runs")
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--network", help="segmentation network (see `qgseg networks`) [unet]")

@@ -28,7 +28,7 @@ class TrainConfig:
     clip_percentiles: Tuple[float, float] = (0.5, 99.5)   # intensities clipped here first; [0, 100]: no clip
     label_resampling: str = "linear"       # linear (per label, then argmax; data/preprocess.py) | nearest
     crop_foreground: bool = False
-    n_validation: int = 2                  # cases moved from training to validation when the dataset has none
+    n_validation: Optional[int] = None     # cases moved to validation when the dataset lists none; None: 2, 1 of 2
     max_unlabeled: Optional[int] = None
     cache_dir: Optional[str] = None
     # model

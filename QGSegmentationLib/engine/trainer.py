@@ -36,6 +36,9 @@ from .manifest import package_versions
 from .seed_ensemble import refuse_ensemble_resume
 
 
+DEFAULT_HELD_OUT = 2  # validation cases held out of the labeled ones when the dataset lists none
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -46,6 +49,14 @@ class TrainResult:
     iterations: int
     wall_time_s: float
     history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def held_out_count(requested: Optional[int], n_labeled: int) -> int:
+    """How many labeled cases validate when the dataset lists none: as many as asked, or by default
+    two, but one when only two cases are labeled (the other trains)."""
+    if requested is not None:
+        return requested
+    return min(DEFAULT_HELD_OUT, max(n_labeled - 1, 1))
 
 
 def seed_everything(seed: int) -> None:
@@ -125,7 +136,12 @@ class Trainer:
             raise ConfigError("no dataset given: pass --dataset path/to/dataset.json")
         spec = load_dataset(cfg.dataset)
         if not spec.validation:
-            spec = split_validation(spec, cfg.n_validation, seed=cfg.seed)
+            held_out = held_out_count(cfg.n_validation, len(spec.training))
+            try:
+                spec = split_validation(spec, held_out, seed=cfg.seed)
+            except DataError as exc:
+                raise DataError(f"{cfg.dataset}: {exc}", hint="checkpoints are chosen on validation cases: label "
+                                "one more case, or add a \"validation\" list to the dataset") from None
         if not spec.validation:
             raise ConfigError(f"{cfg.dataset}: no validation cases: the dataset lists none and n_validation is "
                               f"{cfg.n_validation}", hint="checkpoints are chosen on validation cases: add a "

@@ -97,7 +97,10 @@ def train_blockers(inputs: PanelInputs) -> List[str]:
         reasons.append(inputs.dependencies_message
                        or "Dependencies are missing: open the Environment section to install them.")
     if inputs.n_labeled == 0:
-        reasons.append("Mark at least one volume as 'labeled' in the Cases table.")
+        reasons.append("Mark at least two volumes as 'labeled' in the Cases table.")
+    elif inputs.n_labeled == 1:
+        reasons.append("Mark a second volume as 'labeled': one trains the segmenter, the other chooses "
+                       "its checkpoint.")
     if inputs.n_labeled_without_reference:
         n = inputs.n_labeled_without_reference
         reasons.append(f"{n} labeled volume{'s have' if n > 1 else ' has'} no reference "
