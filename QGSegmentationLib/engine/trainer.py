@@ -51,6 +51,24 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
+def with_validation(spec, cfg: TrainConfig):
+    """The dataset with validation cases: its own list, or labeled cases held out by a seeded
+    shuffle; refused, naming the dataset, when none would validate or none would train."""
+    from ..data.dataset import split_validation
+
+    if not spec.validation:
+        try:
+            spec = split_validation(spec, held_out_count(cfg.n_validation, len(spec.training)), seed=cfg.seed)
+        except DataError as exc:
+            raise DataError(f"{cfg.dataset}: {exc}", hint="checkpoints are chosen on validation cases: label "
+                            "one more case, or add a \"validation\" list to the dataset") from None
+    if not spec.validation:
+        raise ConfigError(f"{cfg.dataset}: no validation cases: the dataset lists none and n_validation is "
+                          f"{cfg.n_validation}", hint="checkpoints are chosen on validation cases: add a "
+                          "\"validation\" list to the dataset or hold some out with --n-validation 1 (or more)")
+    return spec
+
+
 def held_out_count(requested: Optional[int], n_labeled: int) -> int:
     """How many labeled cases validate when the dataset lists none: as many as asked, or by default
     two, but one when only two cases are labeled (the other trains)."""
@@ -128,25 +146,14 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def prepare_data(self):
         from ..data.cache import CaseStore
-        from ..data.dataset import SPLIT_FILE, load_dataset, split_validation, write_split_file
+        from ..data.dataset import SPLIT_FILE, load_dataset, write_split_file
         from ..data.preprocess import PreprocessConfig, Preprocessor
 
         cfg = self.cfg
         if not cfg.dataset:
             raise ConfigError("no dataset given: pass --dataset path/to/dataset.json")
         spec = load_dataset(cfg.dataset)
-        if not spec.validation:
-            held_out = held_out_count(cfg.n_validation, len(spec.training))
-            try:
-                spec = split_validation(spec, held_out, seed=cfg.seed)
-            except DataError as exc:
-                raise DataError(f"{cfg.dataset}: {exc}", hint="checkpoints are chosen on validation cases: label "
-                                "one more case, or add a \"validation\" list to the dataset") from None
-        if not spec.validation:
-            raise ConfigError(f"{cfg.dataset}: no validation cases: the dataset lists none and n_validation is "
-                              f"{cfg.n_validation}", hint="checkpoints are chosen on validation cases: add a "
-                              "\"validation\" list to the dataset or hold some out with --n-validation 1 (or more)")
-        self.spec = spec
+        self.spec = spec = with_validation(spec, cfg)
         if self.dist.is_main:
             write_split_file(spec, self.run_dir / SPLIT_FILE, written_by="qgseg train")
         if cfg.needs_plan:
