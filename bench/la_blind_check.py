@@ -65,7 +65,8 @@ REBUILD_GROUPS = ["splits", "issue2", "masks", "study", "g48", "verify"]
 RETRAIN_ARGS = ["--spacing", "1.25", "1.25", "1.25", "--patch", "32", "64", "64", "--batch", "2",
                 "--iterations", "3600", "--val-every", "400", "--threads", "2", "--seed", "0",
                 "--set", "network_options={channels: [16,32,64,128]}", "--set", "label_resampling=nearest",
-                "--set", "channels_last=off", "--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
+                "--set", "channels_last=off",
+                "--set", "augmentation={gamma_prob: 0.3, gamma_invert_prob: 0.1, contrast_prob: 0.15, "
                          "scale_range: [0.75, 1.25]}"]
 
 

@@ -254,24 +254,18 @@ def run_train(args: argparse.Namespace) -> int:
     def body(ctx):
         from ..data.dataset import load_dataset
         from ..engine.cancel import CancelToken
-        from ..engine.manifest import write_manifest
+        from ..engine.manifest import recorded_run
         from ..quality.train import QualityTrainConfig
 
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
         config = QualityTrainConfig.from_dict(_train_config(args), source=args.config or "options")
         spec = load_dataset(args.dataset)
-        status = "interrupted"
-        try:
-            train = _train_one if args.seeds == 1 else _train_members
-            outputs = train(args, ctx, spec, config, CancelToken(ctx.run_dir))
-            status = "ok"
-        finally:
-            if ctx.is_main:
-                write_manifest(ctx.run_dir, command=command_line(args), config=config.to_dict(),
-                               device=args.device, seed=config.seed, started=ctx.started, status=status,
-                               extra={"dataset": str(args.dataset), "seeds": args.seeds})
-        return outputs
+        train = _train_one if args.seeds == 1 else _train_members
+        with recorded_run(ctx.run_dir, command=command_line(args), config=config, device=args.device,
+                          seed=config.seed, started=ctx.started,
+                          extra={"dataset": str(args.dataset), "seeds": args.seeds}, enabled=ctx.is_main):
+            return train(args, ctx, spec, config, CancelToken(ctx.run_dir))
 
     return run_with_events(args, "quality train", body)
 

@@ -150,24 +150,24 @@ def patch_option(values):
 
 
 def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
-    from ..engine.manifest import write_manifest
+    from ..engine.manifest import recorded_run
+
+    cfg = build_config(args)
+    train = _train_one if args.seeds == 1 else _train_members
+    with recorded_run(ctx.run_dir, command=command_line(args), config=cfg, device=cfg.device,
+                      seed=cfg.seed, started=ctx.started, extra={"seeds": args.seeds} if args.seeds != 1 else None,
+                      enabled=ctx.is_main) as run:  # under torchrun only rank 0 writes run files
+        return train(args, ctx, cfg, run)
+
+
+def _train_one(args: argparse.Namespace, ctx: RunContext, cfg, run: Dict[str, Any]) -> Dict[str, Any]:
     from ..engine.trainer import Trainer
     from ..fileio import write_json_atomic
 
-    cfg = build_config(args)
-    if args.seeds != 1:
-        return seed_ensemble_body(args, ctx, cfg)
     trainer = Trainer(cfg, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
                       resume=not args.no_resume, say=ctx.say)
-    status = "failed"
-    try:
-        result = trainer.fit()
-        status = "ok"
-    finally:
-        if ctx.is_main:  # under torchrun only rank 0 writes run files
-            write_manifest(ctx.run_dir, command=command_line(args), config=cfg.to_dict(),
-                           device=str(trainer.device), seed=cfg.seed, started=ctx.started,
-                           status=status if status == "ok" else "interrupted")
+    run["device"] = trainer.device
+    result = trainer.fit()
     if ctx.is_main:
         write_json_atomic(ctx.run_dir / "history.json", result.history)
     ctx.say(f"best validation Dice {result.best_metric:.4f} at iteration {result.best_iteration}; "
@@ -177,24 +177,16 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
             "run_dir": ctx.run_dir}
 
 
-def seed_ensemble_body(args: argparse.Namespace, ctx: RunContext, cfg) -> Dict[str, Any]:
+def _train_members(args: argparse.Namespace, ctx: RunContext, cfg, run: Dict[str, Any]) -> Dict[str, Any]:
     from ..engine import distributed
-    from ..engine.manifest import write_manifest
     from ..engine.seed_ensemble import member_seeds, train_seed_ensemble
     from ..errors import ConfigError
 
     member_seeds(cfg.seed, args.seeds)  # a bad --seeds fails before anything runs
     if distributed.launch_env().distributed:
         raise ConfigError("--seeds trains its members one after the other in one process: run it without torchrun")
-    status = "failed"
-    try:
-        result = train_seed_ensemble(cfg, args.seeds, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
-                                     resume=not args.no_resume, say=ctx.say, command=command_line(args))
-        status = "ok"
-    finally:
-        write_manifest(ctx.run_dir, command=command_line(args), config=cfg.to_dict(), device=cfg.device,
-                       seed=cfg.seed, started=ctx.started, status=status if status == "ok" else "interrupted",
-                       extra={"seeds": args.seeds})
+    result = train_seed_ensemble(cfg, args.seeds, ctx.run_dir, events=ctx.events, progress_bar=ctx.show_progress,
+                                 resume=not args.no_resume, say=ctx.say, command=command_line(args))
     for member in result["members"]:
         ctx.say(f"seed {member['seed']}: best validation Dice {member['best_metric']:.4f} at iteration "
                 f"{member['best_iteration']}; {member['wall_time_s'] / 60:.1f} min")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -361,6 +361,17 @@ def dataset_from_files(images: Sequence, labels: Sequence, unlabeled: Sequence =
     common = os.path.commonpath([str(c.image.parent) for c in training + extra])
     return DatasetSpec(root=Path(root) if root else Path(common), labels=label_names,
                        training=training, unlabeled=extra)
+
+
+DEFAULT_HELD_OUT = 2  # validation cases held out of the labeled ones when the dataset lists none
+
+
+def held_out_count(requested: Optional[int], n_labeled: int) -> int:
+    """How many labeled cases validate when the dataset lists none: as many as asked, or by default
+    two, but one when only two cases are labeled (the other trains)."""
+    if requested is not None:
+        return requested
+    return min(DEFAULT_HELD_OUT, max(n_labeled - 1, 1))
 
 
 def split_validation(spec: DatasetSpec, n_validation: int, seed: int = 0) -> DatasetSpec:

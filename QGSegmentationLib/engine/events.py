@@ -226,13 +226,9 @@ class MemberEvents:
     def __init__(self, events, prefix: str, share: Optional[Tuple[int, int]] = None):
         self._events, self._prefix, self._share = events, prefix, share
 
-    def stage(self, name: str, index: int, total: int) -> None:
-        self._events.stage(f"{self._prefix}{name}", index, total)
-
-    def progress(self, step: int, total: int, epoch: int | None = None, eta_s: float | None = None,
-                 stage: str | None = None) -> None:
-        self.emit("progress", step=step, total=total, epoch=epoch,
-                  eta_s=None if eta_s is None else round(float(eta_s), 1), stage=stage)
+    # EventWriter's wrappers, so that they go through this emit
+    stage = EventWriter.stage
+    progress = EventWriter.progress
 
     def emit(self, event: str, **fields: Any) -> Dict[str, Any]:
         if event == "stage":

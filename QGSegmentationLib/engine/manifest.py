@@ -7,8 +7,9 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 from .. import __version__
 from ..fileio import write_json_atomic
@@ -80,3 +81,22 @@ def write_manifest(run_dir: str | os.PathLike, *, command: list[str], config: Di
     if extra:
         manifest.update(extra)
     return write_json_atomic(Path(run_dir) / "manifest.json", manifest)
+
+
+@contextmanager
+def recorded_run(run_dir: str | os.PathLike, *, command: list[str], config, device: str,
+                 seed: int | None, started: float, extra: Dict[str, Any] | None = None,
+                 enabled: bool = True) -> Iterator[Dict[str, Any]]:
+    """Write the run's manifest when the block ends, however it ends: status "ok", or "interrupted"
+    if it raised. `config` (anything with `to_dict()`) is read then, so the values a run fills in
+    (the planned spacing and patch) are recorded; the block may set the yielded dict's "device"
+    (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing."""
+    facts = {"device": device}
+    status = "interrupted"
+    try:
+        yield facts
+        status = "ok"
+    finally:
+        if enabled:
+            write_manifest(run_dir, command=command, config=config.to_dict(), device=str(facts["device"]), seed=seed,
+                           started=started, status=status, extra=extra)

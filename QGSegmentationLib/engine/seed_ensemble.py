@@ -78,18 +78,14 @@ def train_member(config, folder: Path, requested: Dict[str, Any], events, progre
                  say, cancel: CancelToken, command: Optional[List[str]], number: int) -> Dict[str, Any]:
     """One member's run, as `qgseg train` writes it (checkpoints, curves, history, manifest), and
     its `member.json`, which marks it finished."""
-    from .manifest import write_manifest
+    from .manifest import recorded_run
     from .trainer import Trainer
 
     trainer = Trainer(config, folder, events=events, progress_bar=progress_bar, resume=resume, say=say,
                       cancel=cancel)
-    started, status = time.time(), "interrupted"
-    try:
+    with recorded_run(folder, command=command or [], config=config, device=trainer.device,
+                      seed=config.seed, started=time.time(), extra={"ensemble_member": number}):
         result = trainer.fit()
-        status = "ok"
-    finally:
-        write_manifest(folder, command=command or [], config=config.to_dict(), device=str(trainer.device),
-                       seed=config.seed, started=started, status=status, extra={"ensemble_member": number})
     write_json_atomic(folder / "history.json", result.history)
     member = {"seed": config.seed, "run_dir": str(folder), "best_metric": result.best_metric,
               "best_iteration": result.best_iteration, "iterations": result.iterations,

@@ -36,9 +36,6 @@ from .manifest import package_versions
 from .seed_ensemble import refuse_ensemble_resume
 
 
-DEFAULT_HELD_OUT = 2  # validation cases held out of the labeled ones when the dataset lists none
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -54,7 +51,7 @@ class TrainResult:
 def with_validation(spec, cfg: TrainConfig):
     """The dataset with validation cases: its own list, or labeled cases held out by a seeded
     shuffle; refused, naming the dataset, when none would validate or none would train."""
-    from ..data.dataset import split_validation
+    from ..data.dataset import held_out_count, split_validation
 
     if not spec.validation:
         try:
@@ -67,14 +64,6 @@ def with_validation(spec, cfg: TrainConfig):
                           f"{cfg.n_validation}", hint="checkpoints are chosen on validation cases: add a "
                           "\"validation\" list to the dataset or hold some out with --n-validation 1 (or more)")
     return spec
-
-
-def held_out_count(requested: Optional[int], n_labeled: int) -> int:
-    """How many labeled cases validate when the dataset lists none: as many as asked, or by default
-    two, but one when only two cases are labeled (the other trains)."""
-    if requested is not None:
-        return requested
-    return min(DEFAULT_HELD_OUT, max(n_labeled - 1, 1))
 
 
 def seed_everything(seed: int) -> None:
