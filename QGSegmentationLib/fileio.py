@@ -27,10 +27,26 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_file_mode())  # mkstemp's 0600 would hide it from the group
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask (read from /proc on
+    Linux; elsewhere by setting and restoring it, the only portable way to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

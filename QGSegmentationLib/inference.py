@@ -165,6 +165,58 @@ def _segment_names(names: Mapping[int, str] | Sequence[str] | None, n_classes: i
     return {i: str(n) for i, n in enumerate(names) if i != 0}
 
 
+def prediction_paths(out_dir: str | os.PathLike, case_id: str) -> Dict[str, Path]:
+    """Where `write_prediction` puts a case: {"label": <out_dir>/<case_id>.nrrd, "segmentation":
+    <out_dir>/<case_id>.seg.nrrd}."""
+    case_id = str(case_id)
+    if not case_id or "/" in case_id or "\\" in case_id or case_id in (".", ".."):
+        raise DataError(f"case id {case_id!r} cannot be used as a file name")
+    out_dir = Path(out_dir)
+    return {"label": out_dir / f"{case_id}.nrrd", "segmentation": out_dir / f"{case_id}.seg.nrrd"}
+
+
+def check_output_folder(out_dir: str | os.PathLike) -> Path:
+    """DataError unless `out_dir` is a folder or can be made one: an existing file in its place
+    (or in place of a folder above it) would only fail after every case was segmented."""
+    out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if not folder.exists():
+            continue
+        if folder.is_dir():
+            return out_dir
+        if folder == out_dir:
+            raise DataError(f"{out_dir}: the output folder is an existing file; name a folder "
+                            "(it is created if missing)")
+        raise DataError(f"{out_dir}: cannot create the output folder, {folder} is a file")
+    return out_dir
+
+
+def _file_identity(path: Path):
+    """(device, inode) of an existing file, None otherwise: catches hard links and other spellings
+    of one file (case-insensitive file systems) that path comparison misses."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_outputs_spare_inputs(inputs: Sequence[str | os.PathLike],
+                               outputs: Sequence[str | os.PathLike]) -> None:
+    """DataError naming the first output path that is one of the input images (the same path
+    after resolving links, or the same file): writing it would replace the image with a label map."""
+    by_path = {Path(os.path.realpath(p)): Path(p) for p in inputs}
+    by_file = {key: Path(p) for p in inputs if (key := _file_identity(Path(p))) is not None}
+    for output in map(Path, outputs):
+        image = by_path.get(Path(os.path.realpath(output)))
+        if image is None:
+            key = _file_identity(output)
+            image = by_file.get(key) if key is not None else None
+        if image is not None:
+            raise DataError(f"{output}: writing this output would overwrite the input image {image}",
+                            hint="write the predictions to a folder that holds none of the input images")
+
+
 def write_prediction(label: np.ndarray, geometry: Any, out_dir: str | os.PathLike, case_id: str,
                      names: Mapping[int, str] | Sequence[str] | None = None) -> Dict[str, str]:
     """Atomically write `<out_dir>/<case_id>.nrrd` (label map) and `<case_id>.seg.nrrd` (Slicer
@@ -172,16 +224,13 @@ def write_prediction(label: np.ndarray, geometry: Any, out_dir: str | os.PathLik
     from .data.io import write_label, write_segmentation
 
     case_id = str(case_id)
-    if not case_id or "/" in case_id or "\\" in case_id or case_id in (".", ".."):
-        raise DataError(f"case id {case_id!r} cannot be used as a file name")
+    paths = prediction_paths(out_dir, case_id)
     label = np.asarray(label)
     if label.dtype != np.uint8:
         if label.min(initial=0) < 0 or label.max(initial=0) > 255:
             raise DataError(f"case {case_id}: label values must be in 0..255")
         label = label.astype(np.uint8)
-    out_dir = Path(out_dir)
-    label_path = out_dir / f"{case_id}.nrrd"
-    seg_path = out_dir / f"{case_id}.seg.nrrd"
+    label_path, seg_path = paths["label"], paths["segmentation"]
     write_label(label_path, label, geometry)
     write_segmentation(seg_path, label, geometry, _segment_names(names, int(label.max(initial=0)) + 1))
     return {"label": str(label_path), "segmentation": str(seg_path)}
@@ -237,6 +286,8 @@ def predict_dataset(network_fn: Callable, images: str | os.PathLike | Sequence[s
     if duplicates:
         raise DataError(f"several images share the case id(s) {', '.join(duplicates)}; "
                         "their predictions would overwrite each other")
+    check_output_folder(out_dir)
+    check_outputs_spare_inputs(paths, [p for case_id in ids for p in prediction_paths(out_dir, case_id).values()])
     records = []
     for path, case_id in tqdm(list(zip(paths, ids)), desc="predict", unit="case",
                               disable=not progress):

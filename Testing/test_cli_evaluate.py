@@ -96,3 +96,23 @@ def test_predict_takes_a_folders_images_but_not_its_seg_nrrd_files(tmp_path):
     for name in ("a.nrrd", "a.seg.nrrd", "b.nii.gz", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert collect_inputs([str(tmp_path)], "test") == [("a", tmp_path / "a.nrrd"), ("b", tmp_path / "b.nii.gz")]
+
+
+def test_a_prediction_off_its_references_grid_is_named_as_the_prediction(phantom_3d, tmp_path):
+    """The message names the prediction as the file to fix and the reference as the grid, never
+    'label geometry does not match image <reference>' with a hint to resample the label."""
+    import dataclasses
+
+    spec = load_dataset(phantom_3d)
+    folder = tmp_path / "preds"
+    eroded_predictions(spec, folder, ".nrrd")
+    ref = spec.test[0]
+    label, geometry = read_label(ref.label)
+    moved = dataclasses.replace(geometry, origin=tuple(o + 5.0 for o in geometry.origin))
+    write_label(folder / f"{ref.id}.nrrd", label, moved)
+    res = run_cli("evaluate", "--predictions", str(folder), "--dataset", str(phantom_3d), "--split", "test",
+                  "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (f"{folder / ref.id}.nrrd: prediction geometry does not match reference {ref.label}" in res.stderr
+            ), res.stderr
+    assert "(reference vs prediction)" in res.stderr and "resample the label" not in res.stderr

@@ -165,3 +165,73 @@ def test_cancel_file_before_start_exits_3(phantom_3d, tmp_path):
     events = read_events(tmp_path / "ev.jsonl")
     assert events[-1]["status"] == "cancelled"
     assert (run_dir / "checkpoints" / "last.pt").exists()
+
+
+def tiny_segmenter_checkpoint(path):
+    """A loadable segmenter checkpoint of an untrained tiny 3D U-Net (no training needed)."""
+    import dataclasses
+
+    import torch
+
+    from QGSegmentationLib.data.preprocess import PreprocessConfig
+    from QGSegmentationLib.engine.checkpoint import FORMAT, save_checkpoint
+    from QGSegmentationLib.networks import build_network
+
+    options = {"channels": [4, 8, 16], "num_res_units": 0}
+    torch.manual_seed(0)
+    net = build_network("unet", 3, 1, 2, img_size=(8, 16, 16), **options)
+    return save_checkpoint(path, {
+        "format": FORMAT, "config": {"network": "unet", "network_options": options}, "mode": "3d",
+        "inference_networks": [0], "network_names": ["unet"], "patch_size": [8, 16, 16], "n_classes": 2,
+        "networks": [net.state_dict()], "labels": {"0": "background", "1": "organ"},
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(PreprocessConfig()).items()}})
+
+
+@pytest.fixture
+def nrrd_images(tmp_path):
+    """A folder of two small .nrrd images, and a segmenter checkpoint to run on them."""
+    import numpy as np
+
+    from QGSegmentationLib.data.io import Geometry, write_image
+    from QGSegmentationLib.data.phantom import make_phantom_case
+
+    folder = tmp_path / "images"
+    for i in range(2):
+        image, _ = make_phantom_case((8, 16, 16), seed=i)
+        write_image(folder / f"case_{i}.nrrd", image, Geometry.identity(image.shape))
+    return folder, tiny_segmenter_checkpoint(tmp_path / "best.pt")
+
+
+def test_predict_into_its_input_folder_is_refused_before_anything_is_overwritten(nrrd_images, tmp_path):
+    folder, checkpoint = nrrd_images
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(folder),
+                  "--no-mirror", "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert str(folder / "case_0.nrrd") in res.stderr and "overwrite the input image" in res.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing written, nothing replaced
+    one = folder / "case_1.nrrd"  # an output path given as a single input file clashes too
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(one), "--output", str(folder / "."),
+                  "--no-mirror", "--run-dir", str(tmp_path / "r2"), "--quiet")
+    assert res.returncode == 2 and str(one) in res.stderr, res.stderr
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(tmp_path / "p"),
+                  "--no-mirror", "--run-dir", str(tmp_path / "r3"), "--quiet")
+    assert res.returncode == 0, res.stderr  # another folder is fine
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "case_0.nrrd", "case_0.seg.nrrd", "case_1.nrrd", "case_1.seg.nrrd"]
+
+
+def test_predict_to_an_existing_file_exits_2_before_inference(nrrd_images, tmp_path):
+    folder, checkpoint = nrrd_images
+    taken = tmp_path / "preds.txt"
+    taken.write_text("not a folder")
+    for output, problem in ((taken, "the output folder is an existing file"), (taken / "sub", f"{taken} is a file")):
+        res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(output),
+                      "--no-mirror", "--run-dir", str(tmp_path / "r"), "--events", str(tmp_path / "ev.jsonl"),
+                      "--quiet")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert str(output) in res.stderr and problem in res.stderr, res.stderr
+        events = read_events(tmp_path / "ev.jsonl")
+        assert not [e for e in events if e["event"] == "case_done"]  # failed before the first case
+    assert taken.read_text() == "not a folder"

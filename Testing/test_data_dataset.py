@@ -109,6 +109,25 @@ def test_duplicate_case(phantom):
     expect_error(phantom, "duplicate case", "case_000.nrrd")
 
 
+def test_a_case_id_names_one_case_across_training_and_validation(phantom):
+    """split.json lists training and validation cases by id: imagesTr/case_000 and
+    imagesVal/case_000 would both be 'case_000', and a run's split file would read back the wrong
+    image. Test and unlabeled cases are not addressed by id there and may reuse a name."""
+    root = phantom.parent
+    for folder in ("imagesVal", "labelsVal", "imagesTs2"):
+        (root / folder).mkdir()
+    shutil.copy(root / "imagesTr" / "case_003.nrrd", root / "imagesVal" / "case_000.nrrd")
+    shutil.copy(root / "labelsTr" / "case_003.nrrd", root / "labelsVal" / "case_000.nrrd")
+    shutil.copy(root / "imagesTr" / "case_002.nrrd", root / "imagesTs2" / "case_001.nrrd")
+    desc = json.loads(phantom.read_text())
+    rewrite(phantom, test=[{"image": "imagesTs2/case_001.nrrd"}])
+    assert load_dataset(phantom).test[0].id == "case_001"  # a test case may share a training id
+    rewrite(phantom, validation=[{"image": "imagesVal/case_000.nrrd", "label": "labelsVal/case_000.nrrd"}])
+    message = expect_error(phantom, "case id 'case_000' names two cases", "imagesTr/case_000.nrrd",
+                           "imagesVal/case_000.nrrd", "\"training\"", "\"validation\"", "split.json")
+    assert desc["training"][0]["image"] == "imagesTr/case_000.nrrd" and "rename" in message
+
+
 def test_path_escaping_root(phantom):
     outside = phantom.parent.parent / "outside.nrrd"
     shutil.copy(phantom.parent / "imagesTr" / "case_000.nrrd", outside)

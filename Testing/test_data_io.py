@@ -236,3 +236,113 @@ def test_case_files_are_found_in_any_format_nrrd_first_and_seg_nrrd_last(tmp_pat
     assert io.find_case_file(tmp_path, "la_003_0000").name == "la_003_0000.mha"  # its own name first
     (tmp_path / "la_007_0000.nrrd").write_bytes(b"")  # qgseg predict's output for nnU-Net's image
     assert io.find_case_file(tmp_path, "la_007").name == "la_007_0000.nrrd"
+
+
+# ------------------------------------------------------------------------- audit: reading and writing
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("reader", [io.read_image, io.read_label], ids=["image", "label"])
+def test_truncated_nifti_is_refused_not_read_as_zeros(tmp_path, geometry, ext, reader):
+    """ITK's NIfTI reader fills the missing tail of a cut-off file with zeros and does not fail."""
+    import gzip
+
+    whole = tmp_path / f"whole{ext}"
+    voxels = np.random.default_rng(0).integers(0, 3, geometry.shape).astype(np.float32)  # labels too
+    io.write_image(whole, voxels, geometry)  # header 352 + 210 x 4 bytes, little compressible
+    data = whole.read_bytes()
+    path = tmp_path / f"short{ext}"
+    if ext == ".nii":
+        path.write_bytes(data[:-100])
+        expected = f"truncated: {len(data) - 100} of {len(data)} bytes"
+    else:
+        path.write_bytes(data[: len(data) * 2 // 3])
+        expected = f"of {len(gzip.decompress(data))} bytes"
+    message = assert_data_error(lambda: reader(path), path, "truncated: ", expected)
+    assert "Reason" not in message
+    reader(whole)  # the complete file still reads
+
+
+def test_truncated_nifti_check_measures_decompressed_bytes(tmp_path, geometry):
+    """The .nii.gz count is of the decompressed payload: a cut that keeps all voxels but drops
+    the gzip trailer is complete; a cut inside the voxel data says how much is there."""
+    import gzip
+
+    whole = io.write_image(tmp_path / "whole.nii.gz", np.ones(geometry.shape, np.float32), geometry)
+    raw = gzip.decompress(whole.read_bytes())
+    uncompressed = tmp_path / "fast.nii.gz"
+    uncompressed.write_bytes(gzip.compress(raw[:-40], compresslevel=0))  # a complete stream, 40 bytes short
+    assert_data_error(lambda: io.read_image(uncompressed), uncompressed,
+                      f"truncated: {len(raw) - 40} of {len(raw)} bytes")
+
+
+def test_truncated_mha_message_has_no_misleading_reason(tmp_path, geometry):
+    path = tmp_path / "short.mha"
+    image = geometry.apply(sitk.GetImageFromArray(np.ones(geometry.shape, np.float32)))
+    sitk.WriteImage(image, str(path), False)
+    path.write_bytes(path.read_bytes()[:-100])
+    message = assert_data_error(lambda: io.read_image(path), path, "corrupt or truncated")
+    assert "No such file or directory" not in message
+
+
+def test_non_integer_label_example_shows_the_real_value(tmp_path, geometry):
+    array = np.ones(geometry.shape, np.float32)
+    array[0, 0, 0] = np.float32(1 + 1e-6)  # rounds to "1" at 6 significant digits
+    path = io.write_image(tmp_path / "almost.nrrd", array, geometry)
+    assert_data_error(lambda: io.read_label(path), path, "non-integer values (e.g. 1.000001)")
+
+
+def test_nifti_origin_rounded_to_float32_still_matches_the_nrrd_grid(tmp_path):
+    """NIfTI keeps the origin as float32: -1523.3 is stored as -1523.300049, 5e-5 mm away,
+    more than 1e-4 x a 0.3 mm spacing; the NRRD label of the same grid must still match."""
+    grid = Geometry((6, 5, 4), (0.3, 0.3, 0.3), (-210.7, -180.3, -1523.3))
+    image = io.write_image(tmp_path / "img.nii.gz", np.zeros(grid.shape, np.float32), grid)
+    label = io.write_label(tmp_path / "lab.nrrd", np.zeros(grid.shape, np.uint8), grid)
+    image_geometry, label_geometry = io.read_geometry(image), io.read_label(label)[1]
+    assert image_geometry.origin != label_geometry.origin  # really rounded
+    io.check_same_geometry(image_geometry, label_geometry, image, label)
+    moved = Geometry(grid.size, grid.spacing, (-210.7, -180.3, -1523.31))  # a real 0.01 mm shift
+    message = assert_data_error(lambda: io.check_same_geometry(image_geometry, moved, image, label),
+                                label, "origin")
+    assert "-1523.30005" in message and "-1523.31)" in message, message  # the values differ in print too
+
+
+def test_geometry_difference_is_printed_with_enough_digits():
+    first = Geometry((2, 2, 2), (1.0, 1.0, 1.0), (100.0, 0.0, 0.0))
+    second = Geometry((2, 2, 2), (1.0, 1.0, 1.0), (100.0002, 0.0, 0.0))
+    (problem,) = first.differences(second)
+    assert problem == "origin (100, 0, 0) vs (100.0002, 0, 0)"
+
+
+def test_negative_nifti_pixdim_header_read_matches_the_full_read(tmp_path):
+    """A negative pixdim: ITK's header-only read reports spacing -1 with identity direction, its
+    full read spacing 1 with that axis flipped. read_geometry must agree with read_image."""
+    import struct
+
+    path = tmp_path / "negpix.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(path))
+    header = bytearray(path.read_bytes())
+    header[76:108] = struct.pack("<8f", 1, -1, 1, 2, 1, 1, 1, 1)  # pixdim: x spacing -1
+    header[252:256] = struct.pack("<2h", 1, 0)  # qform only
+    path.write_bytes(bytes(header))
+    full = io.read_image(path)[1]
+    assert full.spacing == (1.0, 1.0, 2.0) and full.direction[0] == -1.0
+    header_only = io.read_geometry(path)
+    assert header_only.spacing == full.spacing
+    np.testing.assert_allclose(header_only.direction, full.direction, atol=1e-12)
+    assert header_only.almost_equal(full)
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path, geometry, label_array):
+    import os
+
+    from QGSegmentationLib.fileio import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        paths = [io.write_label(tmp_path / "lab.nrrd", label_array, geometry),
+                 write_text_atomic(tmp_path / "notes.txt", "x")]
+        os.umask(0o002)  # a group-shared setup
+        paths.append(io.write_segmentation(tmp_path / "s.seg.nrrd", label_array, geometry, {1: "a"}))
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o644, 0o644, 0o664]

@@ -194,3 +194,25 @@ def test_mirrored_ensemble_averages_the_flipped_predictions(dims):
         assert torch.allclose(torch.exp(mirrored(flipped)), torch.flip(probs, (2,)), atol=1e-5)
         plain = torch.softmax(net(x), 1)
         assert not torch.allclose(torch.softmax(net(flipped), 1), torch.flip(plain, (2,)), atol=1e-3)
+
+
+def test_predict_dataset_refuses_outputs_that_are_inputs_or_a_file_as_folder(tmp_path):
+    """Checked before the first case: predicting a folder of .nrrd images into itself would replace
+    every image with its label map; a file where the output folder should be fails at once."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image, _ = make_phantom_case((8, 16, 16), seed=0)
+    path = write_image(folder / "case_0.nrrd", image, oblique_geometry(image.shape))
+    before = path.read_bytes()
+    net = tiny_net(3)
+    with pytest.raises(DataError, match="case_0.nrrd: writing this output would overwrite the input image"):
+        predict_dataset(net, folder, Preprocessor(), (8, 16, 16), out_dir=folder, progress=False)
+    link = tmp_path / "link"
+    link.symlink_to(folder)  # another spelling of the same folder
+    with pytest.raises(DataError, match="overwrite the input image"):
+        predict_dataset(net, [path], Preprocessor(), (8, 16, 16), out_dir=link, progress=False)
+    assert path.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["case_0.nrrd"]
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    with pytest.raises(DataError, match="taken: the output folder is an existing file"):
+        predict_dataset(net, folder, Preprocessor(), (8, 16, 16), out_dir=taken, progress=False)

@@ -100,3 +100,35 @@ def test_second_opinion_is_measured_beside_g(phantom_3d, tmp_path):
                   "--device", "cpu", "--quiet")
     assert res.returncode == 2 and f"{spec.test[0].id}.nrrd" in res.stderr and "second-opinion" in res.stderr
     assert not (tmp_path / "e2" / "quality_evaluation.json").exists()
+
+
+def test_a_prediction_of_the_right_size_on_another_grid_is_refused(phantom_3d, tmp_path):
+    """Same shape is not enough: a prediction's spacing (all a loaded case keeps of its grid) and,
+    for a case that carries its grid, origin and direction must match, as scoring checks them."""
+    import dataclasses
+
+    from QGSegmentationLib.data.cache import PreparedCase
+    from QGSegmentationLib.data.io import read_image
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.evaluate import prediction_pairs
+
+    spec = load_dataset(phantom_3d)
+    ref = spec.test[0]
+    label, geometry = read_label(ref.label)
+    respaced = tmp_path / "respaced"
+    write_label(respaced / f"{ref.id}.nrrd", label, dataclasses.replace(geometry, spacing=(2.0, 2.0, 2.0)))
+    g = save_predictor(tmp_path / "g.pt", QualityPredictor(grid_size=(16, 16, 16)).eval())
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(respaced), "--run-dir", str(tmp_path / "q"), "--device", "cpu", "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{respaced / ref.id}.nrrd: prediction geometry does not match case '{ref.id}': spacing" in res.stderr
+
+    image = read_image(ref.image)[0]
+    case = PreparedCase(ref.id, image[None], label, geometry, geometry, ref.image, ref.label)
+    flipped, same = tmp_path / "flipped", tmp_path / "same"
+    mirror = np.diag([-1.0, 1.0, 1.0]) @ np.reshape(geometry.direction, (3, 3))
+    write_label(flipped / f"{ref.id}.nrrd", label, dataclasses.replace(geometry, direction=tuple(mirror.ravel())))
+    write_label(same / f"{ref.id}.nrrd", label, geometry)
+    with pytest.raises(DataError, match=r"flipped/.*: prediction geometry .* direction .*\(case vs prediction\)"):
+        prediction_pairs([case], [flipped])
+    assert [p.case for p in prediction_pairs([case], [same])] == [ref.id]

@@ -211,6 +211,35 @@ def test_extra_masks_from_other_segmenters_join_the_weak_pool(spec, tmp_path):
     assert result["epochs_run"] == 1
 
 
+def test_masks_from_other_tools_must_share_their_cases_grid_not_only_its_size(spec, tmp_path):
+    """--extra-masks / --validation-masks: a mask of the right size on another grid (spacing,
+    origin) is refused like a mask scored against its image, for cases loaded from their files and
+    for data-layer cases alike."""
+    from QGSegmentationLib.data import io
+    from QGSegmentationLib.data.cache import PreparedCase
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.train import load_cases
+    from QGSegmentationLib.quality.weak import load_mask_folders
+
+    ref = spec.training[0]
+    label, geometry = io.read_label(ref.label)
+    respaced, moved, same = tmp_path / "respaced", tmp_path / "moved", tmp_path / "same"
+    io.write_label(respaced / f"{ref.id}.nrrd", label, dataclasses.replace(geometry, spacing=(3.0, 3.0, 3.0)))
+    io.write_label(moved / f"{ref.id}.nrrd", label,
+                   dataclasses.replace(geometry, origin=tuple(o + 10.0 for o in geometry.origin)))
+    io.write_label(same / f"{ref.id}.nrrd", label, geometry)
+    cases = load_cases(spec.training[:1], spec.labels)
+    with pytest.raises(DataError, match=rf"respaced/{ref.id}.nrrd: mask geometry does not match case "
+                                        rf"'{ref.id}': spacing .*\(case vs mask\)"):
+        load_mask_folders([respaced], cases, n_foreground=1)
+    with pytest.raises(DataError, match=r"moved/.*: mask geometry does not match .*: origin"):
+        load_mask_folders([moved], cases, n_foreground=1)
+    prepared = [PreparedCase(ref.id, io.read_image(ref.image)[0][None], label, geometry, geometry, ref.image)]
+    with pytest.raises(DataError, match=r"moved/.*: mask geometry does not match .*: origin"):
+        load_mask_folders([moved], prepared, n_foreground=1, role="validation")
+    assert [len(m) for m in load_mask_folders([same], prepared, n_foreground=1).values()] == [1]
+
+
 def test_validation_masks_of_real_segmenters_join_early_stopping(spec, tmp_path):
     """Real masks of the validation cases are scored exactly as `qgseg quality score` would, and
     the early-stopping criterion is the mean of the synthetic-mask and real-mask MAE."""

@@ -24,6 +24,12 @@ case's Dice and HD95 per class, the worst named) into --run-dir.
 """
 
 
+#: What to do when a prediction is not on its reference's voxel grid.
+PREDICTION_GRID_HINT = ("a prediction must lie on its reference's voxel grid: segment the reference's own "
+                        "image (qgseg predict writes on the input's grid), or resample the prediction "
+                        "onto the reference grid with nearest-neighbour interpolation")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score predictions against reference labels",
                                    description="Per-case, per-class Dice/IoU/HD95/ASD and their summary.",
@@ -108,7 +114,8 @@ def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     for index, (case_id, pred_path, ref_path) in enumerate(tqdm(pairs, desc="evaluate", disable=not ctx.show_progress)):
         pred, pred_geom = read_label(pred_path)
         ref, ref_geom = read_label(ref_path)
-        check_same_geometry(ref_geom, pred_geom, ref_path, pred_path)
+        check_same_geometry(ref_geom, pred_geom, ref_path, pred_path, roles=("reference", "prediction"),
+                            hint=PREDICTION_GRID_HINT)
         classes = sorted(set(range(1, int(max(pred.max(), ref.max())) + 1)))
         result = evaluate_case(pred, ref, tuple(reversed(ref_geom.spacing)), classes or [1])
         row = {"case": case_id, **_flatten(result)}

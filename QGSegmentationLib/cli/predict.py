@@ -98,6 +98,33 @@ def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
     return out
 
 
+def planned_outputs(case_ids: List[str], out_dir: Path, png: bool, scoring: bool,
+                    review_sheet: bool) -> List[Path]:
+    """Every file `predict_body` will write under `out_dir` for these cases and options."""
+    from ..inference import prediction_paths
+
+    paths = [p for case_id in case_ids for p in prediction_paths(out_dir, case_id).values()]
+    if png:
+        paths += [out_dir / f"{case_id}.png" for case_id in case_ids]
+    if scoring:
+        paths.append(out_dir / "scores.csv")
+        if review_sheet:
+            paths.append(out_dir / "review.png")
+    return paths
+
+
+def check_outputs(cases: List[Tuple[str, Path]], args: argparse.Namespace) -> None:
+    """DataError, before any inference, when --output is an existing file (or lies under one) or
+    when an output file would be one of the input images (e.g. --output is the input folder
+    of .nrrd images): the images would be replaced by their label maps."""
+    from ..inference import check_output_folder, check_outputs_spare_inputs
+
+    out_dir = check_output_folder(args.output)
+    scoring = bool(args.quality_checkpoint or args.second_opinion)
+    outputs = planned_outputs([c for c, _ in cases], out_dir, args.png, scoring, args.review_sheet > 0)
+    check_outputs_spare_inputs([path for _, path in cases], outputs)
+
+
 def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     import torch
 
@@ -108,6 +135,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
 
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
+    check_outputs(cases, args)  # before any model is loaded: a bad --output fails at once
     segmenter = load_ensemble(args.checkpoint, args.mirror, device)
     second = load_ensemble(args.second_opinion, args.mirror, device) if args.second_opinion else None
     if second is not None and second.labels != segmenter.labels:

@@ -177,8 +177,12 @@ def _parse_entry(root: Path, entry, group: str, index: int, problems: _Problems,
 
 
 def _check_duplicates(groups: Mapping[str, Sequence[CaseRef]], problems: _Problems) -> None:
-    """Each image file once in the whole dataset; each case id once per group."""
+    """Each image file once in the whole dataset; each case id once per group, and once across
+    "training" and "validation": a split file (split.json) names those cases by id, so an id
+    shared by the two groups would be read back as the wrong image (test and unlabeled cases are
+    not addressed by id there and may reuse a labeled case's file name)."""
     seen_files: dict = {}
+    labeled_ids: dict = {}  # id -> (group, image) over SPLIT_GROUPS
     for group, cases in groups.items():
         ids: dict = {}
         for case in cases:
@@ -191,6 +195,13 @@ def _check_duplicates(groups: Mapping[str, Sequence[CaseRef]], problems: _Proble
                 problems.add(f"duplicate case id '{case.id}' in \"{group}\" "
                              f"('{ids[case.id]}' and '{case.image}')")
             ids.setdefault(case.id, case.image)
+            if group not in SPLIT_GROUPS:
+                continue
+            first_group, first_image = labeled_ids.setdefault(case.id, (group, case.image))
+            if first_group != group:
+                problems.add(f"case id '{case.id}' names two cases: '{first_image}' in \"{first_group}\" and "
+                             f"'{case.image}' in \"{group}\"; {SPLIT_FILE} addresses training and "
+                             "validation cases by id (the file name without its extension), so rename one")
 
 
 def _nnunet_training(root: Path, desc: Mapping, problems: _Problems) -> list:

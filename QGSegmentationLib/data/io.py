@@ -10,6 +10,7 @@ Arrays are in numpy order (z, y, x); `Geometry` keeps SimpleITK's (x, y, z) orde
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -82,17 +83,24 @@ class Geometry:
 
     def differences(self, other: "Geometry", tol: float = 1e-4) -> list:
         """Human-readable list of what differs; spacing/origin tolerance is `tol` times the
-        largest voxel spacing (NIfTI stores float32), direction tolerance is `tol` absolute."""
+        largest voxel spacing, direction tolerance is `tol` absolute.
+
+        NIfTI stores spacing and origin as float32: an origin far from zero (-1523.3 mm) is
+        rounded by more than `tol` x a fine spacing, so each origin coordinate may also differ by
+        FLOAT32_ORIGIN_EPS times its magnitude (a few float32 roundings) and still match the
+        same grid written to NRRD. Values are printed with enough digits to show the difference."""
         problems = []
         if self.size != other.size:
             problems.append(f"size {_fmt(self.size)} vs {_fmt(other.size)}")
         scale = tol * max(max(self.spacing), max(other.spacing), 1e-12)
         if not np.allclose(self.spacing, other.spacing, rtol=0, atol=scale):
-            problems.append(f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}")
-        if not np.allclose(self.origin, other.origin, rtol=0, atol=scale):
-            problems.append(f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}")
+            problems.append("spacing " + _fmt_pair(self.spacing, other.spacing))
+        magnitude = np.maximum(np.abs(self.origin), np.abs(other.origin))
+        origin_tol = np.maximum(scale, FLOAT32_ORIGIN_EPS * magnitude)
+        if not np.all(np.abs(np.subtract(self.origin, other.origin)) <= origin_tol):
+            problems.append("origin " + _fmt_pair(self.origin, other.origin))
         if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
-            problems.append(f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}")
+            problems.append("direction " + _fmt_pair(self.direction, other.direction))
         return problems
 
     def almost_equal(self, other: "Geometry", tol: float = 1e-4) -> bool:
@@ -112,8 +120,21 @@ class Geometry:
         return cls(data["size"], data["spacing"], data["origin"], data["direction"])
 
 
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + ")"
+#: Relative origin tolerance for float32 storage (NIfTI): 4 float32 epsilons, i.e. a few roundings.
+FLOAT32_ORIGIN_EPS = 4 * float(np.finfo(np.float32).eps)
+
+
+def _fmt(values, digits: int = 6) -> str:
+    return "(" + ", ".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in values) + ")"
+
+
+def _fmt_pair(first, second) -> str:
+    """'(a, b, c) vs (d, e, f)' with the fewest significant digits (at least 6) at which every
+    differing value prints differently, so a message never shows two identical tuples."""
+    for digits in range(6, 18):
+        if all(f"{a:.{digits}g}" != f"{b:.{digits}g}" for a, b in zip(first, second) if a != b):
+            break
+    return f"{_fmt(first, digits)} vs {_fmt(second, digits)}"
 
 
 def file_extension(path: str | os.PathLike) -> str:
@@ -179,7 +200,7 @@ def _reader(path: Path, what: str):
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DataError(f"{path}: cannot read {what} file, it is corrupt or not a valid "
-                        f"{file_extension(path) or 'image'} file ({_itk_reason(exc)})") from None
+                        f"{file_extension(path) or 'image'} file{_itk_reason(exc, path)}") from None
     dimension = reader.GetDimension()
     components = reader.GetNumberOfComponents()
     if dimension == 2:
@@ -200,25 +221,136 @@ def _reader(path: Path, what: str):
     return reader
 
 
-def _itk_reason(exc: Exception) -> str:
-    """The informative last line of an ITK exception message."""
+#: The errno text ITK appends to read failures of files that exist (a stale errno, e.g. of a
+#: truncated .mha): it would tell the user the file is missing, so it is left out.
+_STALE_ITK_REASON = "Reason: No such file or directory"
+
+
+def _itk_reason(exc: Exception, path: Path | None = None) -> str:
+    """' (<informative last line of an ITK exception message>)', or '' when that line is the
+    misleading 'No such file or directory' of a file that exists."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    reason = lines[-1] if lines else type(exc).__name__
+    if reason == _STALE_ITK_REASON and path is not None and Path(path).exists():
+        return ""
+    return f" ({reason})"
 
 
 def _execute(reader, path: Path, what: str):
+    """Decode the voxels, after checking that a NIfTI file holds all of them (ITK's NIfTI reader
+    fills the missing part of a truncated file with zeros instead of failing)."""
+    check_nifti_complete(path, what)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise DataError(f"{path}: cannot read {what} voxel data, the file is corrupt or "
-                        f"truncated ({_itk_reason(exc)})") from None
+                        f"truncated{_itk_reason(exc, path)}") from None
+
+
+# The NIfTI header fields the completeness check reads, told apart by sizeof_hdr (the first int32):
+# NIfTI-1 (348): dim int16[8] at 40, bitpix int16 at 72, vox_offset float32 at 108;
+# NIfTI-2 (540): bitpix int16 at 14, dim int64[8] at 16, vox_offset int64 at 168.
+_NIFTI1_SIZE, _NIFTI2_SIZE = 348, 540
+_GZIP_CHUNK = 1 << 20  # bytes decompressed at a time when counting a .nii.gz's payload
+
+
+def _nifti_expected_bytes(header: bytes) -> Optional[int]:
+    """vox_offset + voxels x bytes per voxel from a NIfTI-1 or -2 header (either byte order);
+    None when the header is not one this check understands (ITK then has the last word)."""
+    for endian in "<>":
+        if len(header) >= 4 and struct.unpack(endian + "i", header[:4])[0] == _NIFTI1_SIZE:
+            if len(header) < _NIFTI1_SIZE:
+                return None
+            dim = struct.unpack_from(endian + "8h", header, 40)
+            bitpix = struct.unpack_from(endian + "h", header, 72)[0]
+            offset = struct.unpack_from(endian + "f", header, 108)[0]
+            break
+        if len(header) >= 4 and struct.unpack(endian + "i", header[:4])[0] == _NIFTI2_SIZE:
+            if len(header) < _NIFTI2_SIZE:
+                return None
+            bitpix = struct.unpack_from(endian + "h", header, 14)[0]
+            dim = struct.unpack_from(endian + "8q", header, 16)
+            offset = struct.unpack_from(endian + "q", header, 168)[0]
+            break
+    else:
+        return None
+    n_dims = dim[0]
+    if not 1 <= n_dims <= 7 or bitpix <= 0 or not offset >= 0:
+        return None
+    extents = dim[1:n_dims + 1]
+    if any(d <= 0 for d in extents):
+        return None
+    return int(offset) + (int(np.prod(extents, dtype=np.int64)) * int(bitpix) + 7) // 8
+
+
+def _truncated(path: Path, what: str, have: int, expected: int) -> DataError:
+    return DataError(f"{path}: {what} file is truncated: {have} of {expected} bytes "
+                     "(header and voxel data) are present",
+                     hint="copy or download the file again; the missing voxels would read as zeros")
+
+
+def check_nifti_complete(path: str | os.PathLike, what: str = "image") -> None:
+    """DataError when a .nii / .nii.gz file holds fewer bytes than its header declares.
+
+    `.nii`: the file size against vox_offset + voxels x bytes per voxel. `.nii.gz`: the payload is
+    decompressed in chunks and counted (nothing is kept; a stream that ends early, or a broken
+    one, is truncated or corrupt). Other formats are left to ITK, whose readers fail on them."""
+    import gzip
+    import zlib
+
+    path = Path(path)
+    ext = file_extension(path)
+    if ext == ".nii":
+        with open(path, "rb") as handle:
+            expected = _nifti_expected_bytes(handle.read(_NIFTI2_SIZE))
+        size = path.stat().st_size
+        if expected is not None and size < expected:
+            raise _truncated(path, what, size, expected)
+    elif ext == ".nii.gz":
+        count = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                header = stream.read(_NIFTI2_SIZE)
+                count = len(header)
+                expected = _nifti_expected_bytes(header)
+                if expected is None:
+                    return
+                while count < expected:
+                    chunk = stream.read(min(_GZIP_CHUNK, expected - count))
+                    if not chunk:
+                        break
+                    count += len(chunk)
+        except EOFError:
+            raise _truncated(path, what, count, expected) from None
+        except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: cannot read {what} file, the compressed data is corrupt "
+                            f"({exc})") from None
+        if count < expected:
+            raise _truncated(path, what, count, expected)
+
+
+def _positive_spacing(geometry: Geometry) -> Geometry:
+    """The same grid with every spacing positive: a negative spacing (NIfTI pixdim < 0) becomes
+    its magnitude with that axis's direction column negated, as ITK's full read reports it."""
+    if all(s >= 0 for s in geometry.spacing):
+        return geometry
+    direction = list(geometry.direction)
+    for axis, step in enumerate(geometry.spacing):
+        if step < 0:
+            for row in range(3):
+                direction[3 * row + axis] = -direction[3 * row + axis]
+    return Geometry(geometry.size, tuple(abs(s) for s in geometry.spacing), geometry.origin,
+                    tuple(direction))
 
 
 def read_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
-    """Header-only read: the geometry of a 3D scalar volume, without decoding voxels."""
+    """Header-only read: the geometry of a 3D scalar volume, without decoding voxels.
+
+    Normalised like a full read (`read_image`): ITK's header-only NIfTI read reports a negative
+    pixdim as a negative spacing, the full read as a flipped direction."""
     path = Path(path)
     _check_extension(path, LABEL_EXTENSIONS, what)
-    return Geometry.from_sitk(_reader(path, what))
+    return _positive_spacing(Geometry.from_sitk(_reader(path, what)))
 
 
 def read_image(path: str | os.PathLike) -> tuple:
@@ -257,8 +389,8 @@ def read_label(path: str | os.PathLike, allowed_labels: Iterable[int] | None = N
             raise DataError(f"{path}: label map contains NaN or infinite values")
         fractional = array != np.round(array)
         if fractional.any():
-            example = float(array[fractional].flat[0])
-            raise DataError(f"{path}: label map has non-integer values (e.g. {example:g}); "
+            example = array[fractional].flat[0]  # str(): shortest round-trip form, 1.000001 not "1"
+            raise DataError(f"{path}: label map has non-integer values (e.g. {example!s}); "
                             "labels must be whole numbers 0..n_classes-1",
                             hint="this looks like an intensity image or a probability map, "
                                  "not a label map")
@@ -284,14 +416,19 @@ def present_labels(labels: np.ndarray) -> list:
 
 
 def check_same_geometry(image_geom: Geometry, label_geom: Geometry, image_path="image",
-                        label_path="label", tol: float = 1e-4) -> None:
-    """Raise a DataError describing how the label's voxel grid differs from the image's."""
+                        label_path="label", tol: float = 1e-4, roles: Sequence[str] = ("image", "label"),
+                        hint: str | None = None) -> None:
+    """Raise a DataError describing how the label's voxel grid differs from the image's.
+
+    `roles` names the two files in the message (default an image and its label; e.g. a
+    reference and a prediction); the message starts with the second file, the one to fix."""
     problems = image_geom.differences(label_geom, tol)
     if problems:
-        raise DataError(f"{label_path}: label geometry does not match image {image_path}: "
-                        + "; ".join(f"{p} (image vs label)" for p in problems),
-                        hint="resample the label onto the image grid, e.g. with Slicer's "
-                             "'Resample Scalar/Vector/DWI Volume' using nearest neighbour")
+        grid, fitted = roles
+        raise DataError(f"{label_path}: {fitted} geometry does not match {grid} {image_path}: "
+                        + "; ".join(f"{p} ({grid} vs {fitted})" for p in problems),
+                        hint=hint or f"resample the {fitted} onto the {grid} grid, e.g. with Slicer's "
+                                     "'Resample Scalar/Vector/DWI Volume' using nearest neighbour")
 
 
 def _label_image(array: np.ndarray, geometry: Geometry, path: Path):
@@ -318,7 +455,7 @@ def _write_atomic(image, path: Path) -> Path:
         try:
             sitk.WriteImage(image, str(tmp), True)
         except RuntimeError as exc:
-            raise DataError(f"{path}: cannot write file ({_itk_reason(exc)})") from None
+            raise DataError(f"{path}: cannot write file{_itk_reason(exc)}") from None
     return path
 
 

@@ -263,12 +263,14 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
     """Real-segmenter evaluation pairs: for every folder of predictions (`<case>.nrrd` on the case's
     own grid, as `qgseg predict` writes them, or NIfTI/MHA: `data.io.find_case_file`) and every
     case it holds, (image, prediction, reference). The folder name becomes the pair's category, so
-    results can be split by segmenter."""
+    results can be split by segmenter. Each prediction must lie on its case's grid
+    (`weak.check_mask_on_case_grid`: size, spacing, and origin and direction where known)."""
     from pathlib import Path
 
     from ..data.io import case_file_pattern, find_case_file, read_label
     from ..errors import DataError
     from .train import as_volume_case
+    from .weak import check_mask_on_case_grid
 
     cases = [as_volume_case(c) for c in cases]
     pairs: List[EvalPair] = []
@@ -280,10 +282,8 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
             path = find_case_file(folder, case.id)
             if path is None:
                 continue
-            mask, _ = read_label(path)
-            if mask.shape != case.label.shape:
-                raise DataError(f"{path}: prediction shape {mask.shape} differs from the reference "
-                                f"{case.label.shape}; predictions must be on the image's own grid")
+            mask, mask_geometry = read_label(path)
+            check_mask_on_case_grid(case, mask, mask_geometry, path, role="prediction")
             pairs.append(EvalPair(case.id, case.image, mask, case.label, tuple(case.spacing),
                                   "/".join(folder.parts[-4:])))
             found += 1

@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -162,12 +162,14 @@ class QualityTrainConfig:
 @dataclass
 class VolumeCase:
     """One labeled volume as g's training uses it: image (z,y,x) float32 (robustly standardised),
-    label (z,y,x) uint8, spacing in numpy order (mm)."""
+    label (z,y,x) uint8, spacing in numpy order (mm), and the file's voxel grid (`data.io.Geometry`)
+    when known, against which masks of other tools are checked."""
 
     id: str
     image: np.ndarray
     label: np.ndarray
     spacing: tuple = (1.0, 1.0, 1.0)
+    geometry: Optional[Any] = None
 
 
 def _standardise_volume(image: np.ndarray) -> np.ndarray:
@@ -189,7 +191,7 @@ def load_cases(refs: Sequence, labels: Mapping | None = None) -> List[VolumeCase
         image, geometry = io.read_image(ref.image)
         label, label_geometry = io.read_label(ref.label, allowed_labels=list(labels) if labels else None)
         io.check_same_geometry(geometry, label_geometry, ref.image, ref.label)
-        cases.append(VolumeCase(ref.id, _standardise_volume(image), label, tuple(geometry.spacing[::-1])))
+        cases.append(VolumeCase(ref.id, _standardise_volume(image), label, tuple(geometry.spacing[::-1]), geometry))
     return cases
 
 
@@ -203,7 +205,7 @@ def as_volume_case(case) -> VolumeCase:
         raise DataError(f"case '{case.id}' has no label; g is trained on labeled cases")
     geometry = getattr(case, "geometry", None)
     spacing = tuple(geometry.spacing[::-1]) if geometry is not None else (1.0,) * image.ndim
-    return VolumeCase(str(case.id), image, np.asarray(case.label, np.uint8), spacing)
+    return VolumeCase(str(case.id), image, np.asarray(case.label, np.uint8), spacing, geometry)
 
 
 # ----------------------------------------------------------------------------- VQM samples

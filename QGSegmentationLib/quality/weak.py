@@ -96,6 +96,31 @@ class WeakPool:
 
 # ------------------------------------------------------------------------ masks from other tools
 
+def check_mask_on_case_grid(case, mask, mask_geometry, path, role: str = "mask") -> None:
+    """DataError unless a mask read from `path` lies on its case's voxel grid: the same size, and
+    the same spacing, origin and direction as `Geometry.differences` compares them when a mask is
+    scored against its image (`quality.score.score_pair`). A mask of another tool with the right
+    size but, say, a flipped direction would otherwise be compared voxel by voxel with the wrong
+    anatomy. A case that carries its grid (`.geometry`: cases read by `quality.train.load_cases`, or
+    data-layer PreparedCases) is checked on all of it; one built from arrays alone, on size and
+    spacing."""
+    from ..data import io
+
+    if mask.shape != case.label.shape:
+        raise DataError(f"{path}: {role} size {mask.shape[::-1]} differs from case '{case.id}' "
+                        f"({case.label.shape[::-1]}, x y z); {role}s must be on their image's grid")
+    grid = getattr(case, "geometry", None)
+    if grid is None:
+        spacing = tuple(getattr(case, "spacing", None) or ())  # numpy (z, y, x) order
+        if len(spacing) != 3 or mask.ndim != 3:
+            return  # nothing known of the grid beyond its size
+        grid = io.Geometry(tuple(reversed(mask.shape)), tuple(reversed(spacing)),
+                           mask_geometry.origin, mask_geometry.direction)  # origin/direction unknown
+    io.check_same_geometry(grid, mask_geometry, f"'{case.id}'", path, roles=("case", role),
+                           hint=f"a {role} must lie on its case's image grid: resample it onto the image "
+                                "with nearest-neighbour interpolation")
+
+
 def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_foreground: int,
                       role: str = "training") -> Dict[str, List[np.ndarray]]:
     """{case id: [label map per folder]} of segmentations of `cases` (`role`: which cases, for
@@ -103,7 +128,7 @@ def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_f
     e.g. `qgseg predict` outputs of other, partially trained segmenters): real segmenter masks of
     known Dice, served like weak snapshots.
 
-    Each mask must lie on its case's grid (the size of the case's image) and use the declared
+    Each mask must lie on its case's grid (`check_mask_on_case_grid`) and use the declared
     labels; a folder without a mask for any training case is an error (a wrong path)."""
     from ..data import io
 
@@ -116,10 +141,8 @@ def load_mask_folders(folders: Sequence[str | os.PathLike], cases: Sequence, n_f
             path = io.find_case_file(folder, case.id)
             if path is None:
                 continue
-            mask, _ = io.read_label(path, allowed_labels=list(range(n_foreground + 1)))
-            if mask.shape != case.label.shape:
-                raise DataError(f"{path}: mask size {mask.shape[::-1]} differs from case '{case.id}' "
-                                f"({case.label.shape[::-1]}, x y z); masks must be on their image's grid")
+            mask, mask_geometry = io.read_label(path, allowed_labels=list(range(n_foreground + 1)))
+            check_mask_on_case_grid(case, mask, mask_geometry, path)
             found.setdefault(case.id, []).append(np.asarray(mask, np.uint8))
             hits += 1
         if not hits:
