@@ -142,6 +142,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refreshTimer = None
         self._askedUnresponsive = False
         self._currentReviewCase = None
+        self._stageLine = pipeline.StageLine()
         self._deviceInfo = None
         self._shortcuts = []
 
@@ -211,6 +212,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
 
@@ -260,11 +262,19 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        self.logic.detachFromScene()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
         self.logic.review.replace_rows([])
+        self.refreshCases()
+
+    @handler("Failed to read the review table of the loaded scene.")
+    def onSceneEndImport(self, caller, event):
+        """A scene (.mrb/.mrml) was loaded or added while the module is open: its review table
+        (saved with it) fills the Review section, its volumes the Cases table."""
+        self.logic.loadReviewFromScene(slicer.mrmlScene)
         self.refreshCases()
 
     def onSceneNodesChanged(self, caller, event):
@@ -286,11 +296,11 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- Cases section -------------------------------------------------------------------------------
     def refreshCases(self):
-        """Rebuild the Cases table from the scene's scalar volumes, keeping each row's choices."""
+        """Rebuild the Cases table from the scene's single-component scalar volumes, keeping each
+        row's choices."""
         table = self.ui.casesTable
         previous = {row["volume_id"]: row for row in self._caseRows()}
-        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                   if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        volumes = scene_io.case_volumes(slicer.mrmlScene)  # single-component scalar volumes only
         table.blockSignals(True)
         table.setRowCount(len(volumes))
         for row, volume in enumerate(volumes):
@@ -476,8 +486,11 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onRunEvent(self, event):
         kind = event["event"]
+        line = self._stageLine.update(event)  # "Stage k/n: <stage> - <the worker's step>"
+        if line is not None:
+            self.ui.stageLabel.text = line
         if kind == "stage":
-            self.ui.stageLabel.text = f"Stage {event['index']}/{event['total']}: {event['name']}"
+            self._appendLog(line or self._stageLine.text)
         elif kind == "progress":
             total = max(int(event["total"]), 1)
             self.ui.progressBar.maximum = total
@@ -541,7 +554,11 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshReviewTable(self):
         model = self.logic.review
-        rows = model.rows(self.ui.reviewFilterComboBox.currentText or "all")
+        shown = self.ui.reviewFilterComboBox.currentText or "all"
+        rows = model.rows(shown)
+        if self._currentReviewCase is not None and model.listed(self._currentReviewCase, shown) is None:
+            self._currentReviewCase = None  # its row is gone or filtered out: nothing to act on
+            self.ui.commentLineEdit.text = ""
         table = self.ui.reviewTable
         table.blockSignals(True)
         table.setRowCount(len(rows))
@@ -591,28 +608,30 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         case = items[0].data(qt.Qt.UserRole)
         self._currentReviewCase = case
+        self.ui.commentLineEdit.text = self.logic.review.row(case).comment  # Approve/Flag keep it
         self.logic.showCase(slicer.mrmlScene, case)
         self.updateControls()
 
     def _selectCase(self, case):
         self._currentReviewCase = case
+        self.ui.commentLineEdit.text = self.logic.review.row(case).comment if case is not None else ""
         self.refreshReviewTable()
         if case is not None:
             self.logic.showCase(slicer.mrmlScene, case)
 
     @handler("Failed to approve the case.")
     def onApprove(self, _=None):
-        if self._currentReviewCase:
-            self.logic.setReviewStatus(slicer.mrmlScene, self._currentReviewCase, "approved",
-                                       self.ui.commentLineEdit.text)
-            self.onNextUnreviewed()
+        self._decide("approved")
 
     @handler("Failed to flag the case.")
     def onFlag(self, _=None):
-        if self._currentReviewCase:
-            self.logic.setReviewStatus(slicer.mrmlScene, self._currentReviewCase, "flagged",
-                                       self.ui.commentLineEdit.text)
-            self.onNextUnreviewed()
+        self._decide("flagged")
+
+    def _decide(self, status):
+        case = self._currentReviewCase
+        if case:
+            self.logic.setReviewStatus(slicer.mrmlScene, case, status, self.ui.commentLineEdit.text)
+            self._selectNextUnreviewed(case)  # after this case, even if the filter now hides it
 
     @handler("Failed to open the Segment Editor.")
     def onEdit(self, _=None):
@@ -631,8 +650,10 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @handler("Failed to go to the next case.")
     def onNextUnreviewed(self, _=None):
-        row = self.logic.review.next_unreviewed(self._currentReviewCase)
-        self.ui.commentLineEdit.text = ""
+        self._selectNextUnreviewed(self._currentReviewCase)
+
+    def _selectNextUnreviewed(self, after):
+        row = self.logic.review.next_unreviewed(after)
         if row is None:
             self._appendLog("Every case is reviewed.")
             self._selectCase(None)
@@ -710,40 +731,34 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def ensureDependencies(self, force: bool = False) -> bool:
         """At first use: one confirmation listing what is missing, torch through PyTorchUtils
         (with a minimum version), the rest through pip. Runs in the GUI thread, never a worker
-        thread. Never installs Slicer's own numpy/vtk/SimpleITK/scipy."""
-        statuses = self.logic.requirementStatuses()
-        torch = environment.torch_status()
-        to_pip = environment.pip_requirements_to_install(statuses) if not force else [
-            f"{s.name}>={s.minimum}" for s in statuses if not s.slicer_provided]
-        broken = environment.slicer_provided_problems(statuses)
-        if broken:
+        thread. Never installs Slicer's own numpy/vtk/SimpleITK/scipy. Whether torch is there and
+        new enough comes from its metadata (environment.install_plan): never imported here."""
+        plan = environment.install_plan(self.logic.requirementStatuses(), environment.torch_status(), force)
+        if plan.broken:
             slicer.util.errorDisplay("This Slicer lacks packages it normally provides:\n"
-                                     + "\n".join(broken) + "\nPlease use a newer Slicer release.")
+                                     + "\n".join(plan.broken) + "\nPlease use a newer Slicer release.")
             return False
-        need_torch = force or not torch.ok
-        if not to_pip and not need_torch:
+        if plan.nothing_to_install:
             return True
-        listing = ([f"PyTorch {environment.TORCH_REQUIREMENT}"] if need_torch else []) + to_pip
         if not slicer.util.confirmOkCancelDisplay(
-                "QGSegmentation needs these Python packages:\n\n  " + "\n  ".join(listing)
+                "QGSegmentation needs these Python packages:\n\n  " + "\n  ".join(plan.listing())
                 + "\n\nInstall them now? This can take several minutes.",
                 windowTitle="Install dependencies"):
             return False
-        if need_torch:
+        if plan.torch:  # missing or older than TORCH_REQUIREMENT: installed or upgraded
             try:
                 import PyTorchUtils  # provided by the SlicerPyTorch extension (EXTENSION_DEPENDS)
             except ImportError:
                 slicer.util.errorDisplay("The PyTorch extension is required: install 'PyTorch' "
                                          "from the Extensions Manager and restart Slicer.")
                 return False
-            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-            if force or not torch_logic.torchInstalled():
-                if torch_logic.installTorch(askConfirmation=False,
-                                            torchVersionRequirement=environment.TORCH_REQUIREMENT) is None:
-                    slicer.util.errorDisplay("PyTorch could not be installed; see the Python console.")
-                    return False
-        if to_pip:
-            self._pipInstall(to_pip, force)
+            # not torchInstalled(): it imports torch, and is true for a torch too old for the worker
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=environment.TORCH_REQUIREMENT) is None:
+                slicer.util.errorDisplay("PyTorch could not be installed; see the Python console.")
+                return False
+        if plan.pip:
+            self._pipInstall(list(plan.pip), force)
         self.logic.invalidateRequirementCache()
         self.updateControls()
         return True
@@ -781,6 +796,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.checkpoint: Optional[str] = None         # segmenter
         self.qualityCheckpoint: Optional[str] = None  # quality predictor g
         self.secondOpinion: Optional[str] = None      # another segmenter, for each result's 2nd opinion
+        self.modelRecords = jobs.ModelRecords()       # the job.json / manifest.json Save model copies with it
+        self.detached = False  # the scene the run started from was closed: its results are not imported
         self.pipeline: Optional[pipeline.RunPipeline] = None
         self.options = jobs.TrainingOptions()
         self.cancelGraceS = DEFAULT_GRACE_S
@@ -835,6 +852,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         options.validate()
         secondOpinion = self._secondOpinionCheckpoint(options.second_opinion)
         self.state.transition(RunState.PREPARING)
+        self.detached = False
         try:
             self.options = options
             self.job, self.spec = self._writeTrainingJob(scene, cases, options, output_folder)
@@ -888,6 +906,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.checkpoint = run.checkpoint
         self.qualityCheckpoint = run.quality_checkpoint or None
         self.secondOpinion = run.second_opinion or None
+        self.modelRecords = jobs.run_model_records(run.folder)
         self.importResults(scene)
         self.message.emit(f"imported {run.folder.root}: {len(self.review)} case(s) to review")
 
@@ -898,6 +917,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         # the chosen folder's segmenter, else the model's own second opinion (trained or loaded)
         secondOpinion = self._secondOpinionCheckpoint(second_opinion) or self.secondOpinion
         self.state.transition(RunState.PREPARING)
+        self.detached = False
         try:
             label_names = self.spec.label_names if self.spec else []
             self.job = jobs.create_job_folder(output_folder, prefix="segment")
@@ -926,7 +946,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         return [c for c in self.spec.cases if c.role == "unlabeled"]
 
     def _startStage(self, stage: pipeline.Stage):
-        self.runEvent.emit({"event": "stage", "name": stage.name, "index": stage.index, "total": stage.total})
+        self.runEvent.emit({"event": pipeline.RUN_STAGE_EVENT, "name": stage.name, "index": stage.index,
+                            "total": stage.total})
         command = worker_command(self.pythonExecutable(), stage.arguments)
         env = worker_environment(os.environ, MODULE_DIR)
         self.runner = self.runner_factory(command, stage.run_dir, stage.events, env)
@@ -938,9 +959,8 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         if self.runner is None:
             return
         update = self.runner.poll()
-        for event in update.events:
-            if event["event"] != "stage":  # the panel shows its own overall stage k/n
-                self.runEvent.emit(event)
+        for event in update.events:  # the worker's `stage` events name the steps of this stage
+            self.runEvent.emit(event)
         if not update.finished:
             return
         result = update.result
@@ -970,17 +990,40 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.spec.checkpoint = run.checkpoint or ""
         self.spec.second_opinion_checkpoint = run.second_opinion or ""
         jobs.write_job_spec(self.job, self.spec)
+        if finished == pipeline.SEGMENTER:  # this run's model is now the current one
+            self.modelRecords = jobs.run_model_records(self.job)
         if following is not None:
             self._startStage(following)
             if following.name == pipeline.SEGMENT:
                 self.state.transition(RunState.PREDICTING)
         elif finished == pipeline.SEGMENT:
             self.state.transition(RunState.IMPORTING)
-            self.importResults(scene)
+            if self.detached:  # node IDs restarted in this scene: they would name other volumes
+                self.message.emit("finished, but the scene it was started from was closed: nothing was imported. "
+                                  + self._reimportAdvice())
+            else:
+                self.importResults(scene)
             self.state.transition(RunState.IDLE)
         else:
             self.message.emit("trained; no unlabeled volume to segment")
             self.state.transition(RunState.IDLE)
+
+    def detachFromScene(self):
+        """The scene the run started from is being closed: node IDs start again in the next one,
+        so the run's results must not be imported there (the run itself goes on)."""
+        if self.running and not self.detached:
+            self.detached = True
+            self.message.emit("the scene was closed during the run: the run goes on, but its results will not be "
+                              "imported into another scene. " + self._reimportAdvice())
+
+    def _reimportAdvice(self) -> str:
+        if self.job is None:
+            return ""
+        if self.spec is not None and self.spec.kind == "predict":  # Import finished run takes Train runs
+            return (f"Its segmentations and scores are in {self.job.predictions_dir}; load that scene again "
+                    "and Segment selected to have them in the Review table.")
+        return (f"Once it has finished, load that scene again and choose {self.job.root} in "
+                "'Import finished run'.")
 
     def cancel(self):
         if self.runner is not None and self.state.request_cancel():
@@ -1023,9 +1066,9 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
             if not path.exists():
                 self.message.emit(f"warning: no prediction for {case.case} ({path})")
                 continue
-            volume = scene.GetNodeByID(case.volume_id)
+            volume, why = scene_io.case_volume(scene, case)  # by node ID and name: IDs restart in a new scene
             if volume is None:
-                self.message.emit(f"warning: volume of {case.case} was removed; skipped")
+                self.message.emit(f"warning: {why}")
                 continue
             segmentation = scene_io.import_prediction(scene, path, volume, self.spec.label_names or None,
                                                       case=case.case, run_id=self.spec.run_id)
@@ -1078,20 +1121,22 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         training manifest into `folder`."""
         if not self.checkpoint:
             raise ValueError("no model to save: train one first")
-        job_json, manifest = ((self.job.job_json, self.job.run_dir / "manifest.json") if self.job else (None, None))
+        # the records of the run that trained the current model, or of the folder it was loaded from
         jobs.save_model_folder(folder, self.checkpoint, self.qualityCheckpoint, self.secondOpinion,
-                               job_json if job_json and job_json.exists() else None,
-                               manifest if manifest and manifest.exists() else None)
+                               *self.modelRecords.existing())
 
     def loadModel(self, folder: str):
+        if self.running:
+            raise ValueError("a run is in progress: wait for it or cancel it first")
         model = jobs.read_model_folder(folder)
+        spec = model.spec()  # before changing anything: a broken job.json leaves the current model
         self.checkpoint = str(model.segmenter)
         self.qualityCheckpoint = str(model.quality) if model.quality else None
         self.secondOpinion = str(model.second_opinion) if model.second_opinion else None
+        self.modelRecords = model.records
+        self.job, self.spec, self.pipeline = None, spec, None  # an earlier run's are not this model's
         if self.qualityCheckpoint is None:
             self.message.emit(f"{folder} has no {jobs.MODEL_QUALITY_FILE}: segmentations will have no quality scores")
-        if model.job_json:
-            self.spec = jobs.read_job_spec(model.job_json)
 
     @staticmethod
     def _versions():

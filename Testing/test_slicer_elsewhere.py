@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pytest
 
 from QGSegmentationLib.data.phantom import make_phantom_dataset
+from QGSegmentationLib.engine.cancel import request_cancel
 from QGSegmentationLib.engine.events import read_events
 from QGSegmentationLib.slicer import jobs
 from QGSegmentationLib.slicer.elsewhere import bundle_second_opinion, finished_run, in_folder, stage_outputs
@@ -70,9 +71,11 @@ def test_a_job_runs_on_another_machine_and_is_read_back_where_it_was_prepared(tm
     (back / "predict-events.jsonl").unlink()
     shutil.rmtree(back / "predictions")
     run.folder.train_events.write_text("".join(run.folder.train_events.read_text().splitlines(True)[:3]))  # cut off
+    request_cancel(run.folder.run_dir)  # left by the panel's Cancel (or Slicer closing mid-run): no reason to stop
     again = run_cli("job", "run", str(back), "--device", "cpu")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == 1  # g; the segmenter resumed from its last.pt
+    assert "left by the cancelled run" in again.stdout and not (run.folder.run_dir / "CANCEL").exists()
     assert any(e["event"] == "warning" and "resuming from" in e["message"]
                for e in read_events(run.folder.train_events))
     assert stage_outputs(back / "predict-events.jsonl") is not None

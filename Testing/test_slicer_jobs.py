@@ -169,6 +169,37 @@ def test_model_folder_round_trip_with_second_opinion(tmp_path):
         read_model_folder(run)
 
 
+def test_a_loaded_model_saved_again_keeps_its_job_spec_and_manifest(tmp_path):
+    """Save model after Load model: the records go with the model (they were those of whatever
+    run the panel had last, or nothing, and the save removed the folder's job.json and manifest)."""
+    from QGSegmentationLib.slicer.jobs import read_model_folder, run_model_records, save_model_folder
+
+    run = create_job_folder(tmp_path / "runs")
+    write_job_spec(run, JobSpec(kind="train", run_id=run.run_id, label_names=["liver"]))
+    (run.run_dir / "checkpoints").mkdir()
+    (run.run_dir / "checkpoints" / "best.pt").write_bytes(b"w")
+    (run.quality_dir / "best.pt").write_bytes(b"g")
+    (run.run_dir / "manifest.json").write_text('{"device": "cpu"}')
+    records = run_model_records(run)  # what a finished (or imported) Train run hands to Save model
+    assert (records.job_json, records.manifest) == (run.job_json, run.run_dir / "manifest.json")
+    saved = save_model_folder(tmp_path / "model X", run.run_dir / "checkpoints" / "best.pt",
+                              run.quality_dir / "best.pt", None, *records)
+    assert saved.manifest.read_text() == '{"device": "cpu"}' and saved.spec().label_names == ["liver"]
+
+    loaded = read_model_folder(tmp_path / "model X")  # Load model
+    for target in (tmp_path / "model X", tmp_path / "copy"):  # saved again in place, and elsewhere
+        again = save_model_folder(target, loaded.segmenter, loaded.quality, loaded.second_opinion,
+                                  *loaded.records.existing())
+        files = sorted(p.name for p in target.iterdir())
+        assert files == ["job.json", "manifest.json", "quality.pt", "segmenter.pt"]
+        assert again.manifest.read_text() == '{"device": "cpu"}' and again.spec().label_names == ["liver"]
+
+    bare = save_model_folder(tmp_path / "bare", loaded.segmenter)  # a model without records
+    assert read_model_folder(bare.segmenter.parent).spec() is None and bare.records == jobs.ModelRecords()
+    segment_run = create_job_folder(tmp_path / "runs", prefix="segment")  # a Segment job trains nothing
+    assert run_model_records(segment_run) == jobs.ModelRecords()
+
+
 def test_listed_networks_and_methods_are_registered():
     networks = pytest.importorskip("QGSegmentationLib.networks")
     methods = pytest.importorskip("QGSegmentationLib.ssl.methods")
@@ -211,6 +242,36 @@ def test_versions_and_requirements():
     assert not any(r.split(">=")[0].lower() in env.SLICER_PROVIDED for r in to_install)
     assert any("numpy" in p for p in env.slicer_provided_problems(statuses))
     assert env.torch_status(lookup=lookup).installed is None
+
+
+def test_a_too_old_torch_is_upgraded_and_judged_without_importing_it():
+    """The panel asked PyTorchUtils' torchInstalled(), which imports torch into Slicer and is
+    true for a torch older than the worker needs, so a too-old torch was never upgraded."""
+    installed = {"monai": "1.5.0", "pyyaml": "6.0.1", "tqdm": "4.66", "matplotlib": "3.8", "numpy": "1.26",
+                 "scipy": "1.11", "SimpleITK": "2.3.1", "einops": "0.7"}
+
+    def lookup_with(torch=None):
+        def lookup(name):
+            if name == "torch" and torch:
+                return torch
+            if name in installed:
+                return installed[name]
+            raise metadata.PackageNotFoundError(name)
+        return lookup
+
+    statuses = env.check_requirements(lookup=lookup_with())
+    old = env.install_plan(statuses, env.torch_status(lookup=lookup_with("2.2.2+cpu")))
+    assert old.torch and old.pip == () and old.broken == () and not old.nothing_to_install
+    assert old.listing() == [f"PyTorch {env.TORCH_REQUIREMENT}"]
+    assert env.install_plan(statuses, env.torch_status(lookup=lookup_with(None))).torch  # missing
+    new = env.install_plan(statuses, env.torch_status(lookup=lookup_with("2.5.1+cu121")))
+    assert new.nothing_to_install and new.listing() == []
+    forced = env.install_plan(statuses, env.torch_status(lookup=lookup_with("2.5.1")), force=True)
+    assert not forced.torch and "monai>=1.5" in forced.pip  # Reinstall: the pip packages again
+    assert not any(r.split(">=")[0].lower() in env.SLICER_PROVIDED for r in forced.pip)
+    installed["numpy"] = "1.20"
+    assert env.install_plan(env.check_requirements(lookup=lookup_with()),
+                            env.torch_status(lookup=lookup_with("2.5.1"))).broken
 
 
 def declared_floors() -> dict:

@@ -70,6 +70,43 @@ def run_worker(stage: pipeline.Stage, timeout_s: float = 300) -> dict:
     return result.outputs
 
 
+RECORDED = REPO / "QGSegmentation" / "Testing" / "Python" / "events"  # streams of a real tiny run
+
+
+def test_the_stage_line_names_the_workers_step(tmp_path):
+    """Between the weak segmenters and g the bar goes from 100% to 0: the line says why."""
+    from QGSegmentationLib.engine.events import EventWriter, MemberEvents, read_events
+
+    line = pipeline.StageLine()
+    assert line.update({"event": pipeline.RUN_STAGE_EVENT, "name": pipeline.QUALITY, "index": 1,
+                        "total": 3}) == "Stage 1/3: quality predictor"
+    shown = [text for text in map(line.update, read_events(RECORDED / "quality-events.jsonl")) if text]
+    assert shown == ["Stage 1/3: quality predictor - loading cases (1/4)",
+                     "Stage 1/3: quality predictor - weak segmenter snapshots (2/4)",
+                     "Stage 1/3: quality predictor - quality predictor (3/4)",
+                     "Stage 1/3: quality predictor - calibration (4/4)"]
+    assert line.update({"event": "metric", "name": "dice", "value": 0.5}) is None
+
+    writer = EventWriter.open(tmp_path / "events.jsonl", run_id="q")  # g trained with two seeds
+    for k, seed in enumerate((3, 4)):
+        member = MemberEvents(writer, f"seed {seed} ({k + 1} of 2): ", share=(k, 2))
+        member.stage("weak segmenter snapshots", 2, 4)
+        member.progress(1, 10, stage="weak segmenter")
+    writer.close()
+    shown = [text for text in map(line.update, read_events(tmp_path / "events.jsonl")) if text]
+    assert shown == ["Stage 1/3: quality predictor - seed 3 (1 of 2): weak segmenter snapshots (2/4)",
+                     "Stage 1/3: quality predictor - seed 4 (2 of 2): weak segmenter snapshots (2/4)"]
+
+    line.update({"event": pipeline.RUN_STAGE_EVENT, "name": pipeline.SEGMENT, "index": 3, "total": 3})
+    assert line.text == "Stage 3/3: segment and score"  # the last stage's step is not this one's
+    shown = [text for text in map(line.update, read_events(RECORDED / "predict-events.jsonl")) if text]
+    assert shown == ["Stage 3/3: segment and score - segment"]
+    only_progress = pipeline.StageLine()  # a worker naming its step only in its progress events
+    only_progress.update({"event": pipeline.RUN_STAGE_EVENT, "name": pipeline.SEGMENTER, "index": 2, "total": 3})
+    assert only_progress.update({"event": "progress", "step": 1, "total": 6, "stage": "train"}) == \
+        "Stage 2/3: segmenter - train"
+
+
 def test_train_click_with_a_trained_second_opinion_end_to_end(tmp_path):
     """g (two seeds) -> segmenter (two seeds) -> second-opinion segmenter -> segment and score, with
     real workers: g's ensemble guides both segmenter members and scores the results of their

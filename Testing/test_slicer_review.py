@@ -170,3 +170,18 @@ def test_order_by_quality_second_opinion_the_lower_or_the_mean_of_both():
         model.order = "best"
     with pytest.raises(ValueError, match="order must be one of"):
         ReviewModel(order="random")
+
+
+def test_the_current_case_stays_only_while_listed():
+    """The panel's current case after a filter change, a decision or a closed scene: Approve
+    must never act on a row that is not highlighted (or raise KeyError for one that is gone)."""
+    m = model()
+    m.flag("a", "boundary leaks")
+    assert m.listed("a") == "a" and m.listed("a", "flagged") == "a"
+    assert m.listed("a", "unreviewed") is None and m.listed("a", "approved") is None
+    assert m.listed(None) is None and m.listed("zzz") is None
+    assert m.row("a").comment == "boundary leaks"  # what selecting the row puts back in the comment field
+    m.replace_rows([])  # the scene was closed
+    assert m.listed("a") is None
+    with pytest.raises(ValueError, match="filter"):
+        model().listed("a", "everything")

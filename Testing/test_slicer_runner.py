@@ -14,8 +14,10 @@ import pytest
 
 from QGSegmentationLib.engine.events import validate_stream
 from QGSegmentationLib.slicer import runner as runner_mod
-from QGSegmentationLib.slicer.runner import (WorkerRunner, advice_for, python_slicer_executable,
-                                             worker_command, worker_environment)
+from QGSegmentationLib.engine.cancel import request_cancel
+from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner, advice_for, clear_stale_cancel,
+                                             no_console_window, python_slicer_executable, worker_command,
+                                             worker_environment, worker_popen_options)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,3 +221,74 @@ def test_advice_per_kind():
     assert "images/a.nrrd" in advice_for("data", "images/a.nrrd: not a 3D image")
     assert "worker.log" in advice_for("something new", "boom")
     assert set(runner_mod.ERROR_ADVICE) >= {"oom", "cuda_unavailable", "data", "other", "cancelled"}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_cancel_file_left_by_a_cancelled_worker_does_not_stop_the_next_one(tmp_path):
+    request_cancel(tmp_path / "run")  # what Cancel (or Slicer closing during the run) left behind
+    r = make_runner(tmp_path, "cooperative").start()
+    assert not (tmp_path / "run" / "CANCEL").exists()
+    deadline = time.monotonic() + 10
+    while sum(e["event"] == "progress" for e in r.events) < 3:  # it keeps going: not cancelled at once
+        assert not r.poll().finished, r.result()
+        assert time.monotonic() < deadline, "worker produced no progress"
+        time.sleep(0.05)
+    r.cancel(grace_s=10)
+    result = r.wait(timeout_s=10)
+    assert result.status == "cancelled" and result.exit_code == 3 and not result.killed
+    assert clear_stale_cancel(tmp_path / "run") and not clear_stale_cancel(tmp_path / "run")
+
+
+def test_the_cancel_grace_outlasts_a_validation_pass():
+    """A CPU validation pass takes tens of seconds; killing before the worker's own checkpoint
+    would lose the work since the last one."""
+    assert DEFAULT_GRACE_S >= 60
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups")
+def test_a_tree_that_outlives_the_kill_is_polled_again_not_left_cancelling(tmp_path, monkeypatch):
+    """The first kill does not take (a slow taskkill, a process in uninterruptible I/O): poll()
+    must not raise TimeoutExpired (the panel's timer would stop, stuck at "Cancelling"); a later
+    poll kills again and finishes."""
+    r = make_runner(tmp_path, "stubborn").start()
+    pid_file = tmp_path / "run" / "grandchild.pid"
+    deadline = time.monotonic() + 15
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "stubborn worker did not start its child"
+        time.sleep(0.05)
+    real_kill, kills = runner_mod.kill_process_tree, []
+
+    def first_kill_does_not_take(process):  # stands in for a tree slower to die than KILL_WAIT_S
+        kills.append(process.pid)
+        if len(kills) > 1:
+            real_kill(process)
+
+    monkeypatch.setattr(runner_mod, "kill_process_tree", first_kill_does_not_take)
+    monkeypatch.setattr(runner_mod, "KILL_WAIT_S", 0.2)
+    r.cancel(grace_s=0)
+    update = r.poll()  # raised subprocess.TimeoutExpired before
+    assert not update.finished and len(kills) == 1
+    result = r.wait(timeout_s=10)
+    assert len(kills) == 2 and result.status == "cancelled" and result.killed
+    real_kill_grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while not _dead(real_kill_grandchild):
+        assert time.monotonic() < deadline, "grandchild survived the tree kill"
+        time.sleep(0.05)
+
+
+def test_workers_open_no_console_window_on_windows():
+    create_no_window = 0x08000000
+    assert no_console_window("nt") == {"creationflags": create_no_window}
+    assert no_console_window("posix") == {}
+    windows = worker_popen_options("nt")
+    assert windows["creationflags"] & create_no_window and windows["creationflags"] & 0x00000200  # + own group
+    assert "start_new_session" not in windows
+    assert worker_popen_options("posix") == {"start_new_session": True}
+
+
+def test_a_failure_names_the_stage_log(tmp_path):
+    crash = make_runner(tmp_path, "crash").start().wait(timeout_s=30)
+    log = tmp_path / "run" / "worker.log"
+    assert crash.error.log == str(log) and str(log) in crash.error.advice
+    assert "in its folder inside the run folder" in advice_for("other", "boom")

@@ -399,3 +399,53 @@ def test_the_panels_plan_from_scene_volumes_equals_the_workers_from_exported_fil
     assert hint.startswith("auto on the CPU: spacing") and "x".join(map(str, cpu.patch_size)) in hint
     assert "from 2 labeled volumes" in hint
     assert scene_io.volumes_fingerprint(scene, []) is None
+
+
+def add_multicomponent_volume(scene, name, array, cls):
+    """A volume whose voxels have array.shape[-1] components (z, y, x, c), e.g. an RGB image."""
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass(cls, name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    values = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).reshape(-1, array.shape[-1]), deep=True)
+    image.GetPointData().SetScalars(values)
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def test_cases_are_single_component_scalar_volumes(headless, masks):
+    """An RGB (vector) volume is a vtkMRMLScalarVolumeNode too: listed, it failed Train."""
+    scene = headless.scene
+    image, organ, _ = masks
+    matrix, _ = oblique_ijk_to_ras()
+    ct = add_volume(scene, "CT", image, matrix)
+    add_volume(scene, "reference", organ, matrix, cls="vtkMRMLLabelMapVolumeNode")
+    rgb = add_multicomponent_volume(scene, "photo", np.stack([organ] * 3, axis=-1), "vtkMRMLVectorVolumeNode")
+    assert rgb.IsA("vtkMRMLScalarVolumeNode") and rgb.GetImageData().GetNumberOfScalarComponents() == 3
+    three = add_multicomponent_volume(scene, "three components", np.stack([image] * 3, axis=-1),
+                                      "vtkMRMLScalarVolumeNode")  # a plain scalar node, all the same
+    assert three.GetImageData().GetNumberOfScalarComponents() == 3
+    pending = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "still loading")  # no image yet: listed
+    for cls in ("vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode"):
+        scene.AddNewNodeByClass(cls, f"a {cls} not loaded yet")  # never one component per voxel
+    assert [n.GetName() for n in scene_io.case_volumes(scene)] == ["CT", "still loading"]
+    assert scene_io.case_volumes(scene)[0] is ct and pending.GetImageData() is None
+
+
+def test_a_case_is_found_by_node_id_and_name_not_in_another_scene(headless, masks):
+    """Node IDs start again after the scene is closed: the run's volume ID names another volume."""
+    scene = headless.scene
+    image, _, _ = masks
+    matrix, _ = oblique_ijk_to_ras()
+    ct = add_volume(scene, "CT chest", image, matrix)
+    case = CaseEntry("CT_chest", ct.GetID(), "CT chest", "unlabeled")
+    assert scene_io.case_volume(scene, case) == (ct, "")
+    scene.Clear(0)
+    other = add_volume(scene, "MR knee", image, matrix)
+    assert other.GetID() == case.volume_id  # the same ID, another volume
+    node, why = scene_io.case_volume(scene, case)
+    assert node is None and "'MR knee', not the run's volume 'CT chest'" in why and "Import finished run" in why
+    scene.RemoveNode(other)
+    node, why = scene_io.case_volume(scene, case)
+    assert node is None and "is not in the scene" in why

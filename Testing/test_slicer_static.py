@@ -279,3 +279,62 @@ def test_the_plan_hint_loads_no_deep_learning_stack():
     assert out.returncode == 0, out.stderr
     hint, loaded = out.stdout.strip().splitlines()
     assert hint.startswith("auto on the CPU") and loaded == "[]"
+
+
+def test_docs_state_what_the_code_does():
+    """The cancel grace, the torch minimum and where worker.log is, as the code has them."""
+    from QGSegmentationLib.slicer.environment import TORCH_REQUIREMENT
+    from QGSegmentationLib.slicer.runner import DEFAULT_GRACE_S
+
+    readme = (REPO / "README.md").read_text()
+    panel = (REPO / "docs" / "slicer-panel.md").read_text()
+    grace = f"{DEFAULT_GRACE_S:.0f} s"
+    assert grace in panel and grace in readme, grace
+    assert "killed after 10 s" not in readme and "10 s later" not in panel
+    assert f"`{TORCH_REQUIREMENT}`" in panel and ">=2.2`" not in panel
+    for text in (readme, panel):
+        assert "`worker.log` in the run folder" not in text  # it is in each stage's folder
+    assert "worker.log` in each stage's folder" in panel
+
+
+def _subprocess_calls(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+                and node.func.attr in ("run", "Popen", "call", "check_call", "check_output")):
+            yield node
+
+
+def test_children_started_from_the_panel_open_no_console_window():
+    """On Windows a console program started from Slicer's GUI opens a visible console window
+    unless created with CREATE_NO_WINDOW (runner.no_console_window / worker_popen_options)."""
+    calls = 0
+    for path in (REPO / "QGSegmentationLib" / "slicer").glob("*.py"):
+        for call in _subprocess_calls(path):
+            calls += 1
+            spread = [k.value for k in call.keywords if k.arg is None]
+            assert any(isinstance(v, ast.Call) and getattr(v.func, "id", "") in (
+                "no_console_window", "worker_popen_options") for v in spread), f"{path.name}:{call.lineno}"
+    assert calls >= 3  # the worker, taskkill, the torch probe
+
+
+def test_slicer_never_imports_torch_to_decide_what_to_install():
+    """PyTorchUtils' torchInstalled() imports torch (and is true for a too-old one): the panel
+    decides from metadata (environment.install_plan) instead."""
+    tree = ast.parse(MODULE_PY.read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    importing = {"torchInstalled", "importTorch", "getDevice", "torchVersionInformation"}  # PyTorchUtilsLogic's
+    assert not used & importing, used & importing
+    assert "install_plan" in used
+
+
+def test_the_panel_follows_scene_close_and_load():
+    """Closing the scene detaches a running run (node IDs restart in the next scene); loading one
+    fills the Review and Cases sections from it."""
+    tree = ast.parse(MODULE_PY.read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "QGSegmentationWidget")
+    methods = {fn.name: ast.unparse(fn) for fn in widget.body if isinstance(fn, ast.FunctionDef)}
+    assert "self.onSceneEndImport" in methods["setup"] and "EndImportEvent" in methods["setup"]
+    assert "loadReviewFromScene" in methods["onSceneEndImport"] and "refreshCases" in methods["onSceneEndImport"]
+    assert "detachFromScene" in methods["onSceneStartClose"]
+    assert "scene_io.case_volumes" in methods["refreshCases"]

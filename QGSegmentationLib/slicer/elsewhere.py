@@ -4,7 +4,8 @@ The panel's *Prepare for another machine* writes a job folder (images, labels, d
 job.json) without starting anything. Copied to a machine with the backend installed,
 `qgseg job run FOLDER` runs the stages a Train click would (`pipeline.RunPipeline`), with paths
 taken from where the folder is now; rerunning it skips finished stages and resumes an interrupted
-one from its checkpoint. Copied back, the panel's *Import finished run* reads it with
+one from its checkpoint (a CANCEL file the panel's Cancel, or Slicer closing during the run, left
+in that stage's folder is removed first). Copied back, the panel's *Import finished run* reads it with
 `finished_run`, which finds every checkpoint inside the folder wherever it was run.
 
 Pure Python (no Qt, no torch at import), like the rest of QGSegmentationLib.slicer.
@@ -22,6 +23,7 @@ from ..engine.events import ProtocolError, read_events
 from ..errors import DataError
 from ..fileio import atomic_path
 from . import jobs, pipeline
+from .runner import clear_stale_cancel
 
 StageRunner = Callable[[List[str]], int]  # `qgseg` arguments -> exit code
 
@@ -126,6 +128,8 @@ def run_job_folder(root: str | os.PathLike, run_stage: StageRunner, device: Opti
             say(f"{title}: finished before, skipped")
         else:
             say(f"{title}\n$ qgseg {' '.join(stage.arguments)}")
+            if clear_stale_cancel(stage.run_dir):
+                say(f"removed {stage.run_dir / 'CANCEL'}, left by the cancelled run: resuming")
             code = run_stage(stage.arguments)
             outputs = stage_outputs(stage.events)
             if code != 0 or outputs is None:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .runner import no_console_window
+
 TORCH_REQUIREMENT = ">=2.4.1"
 # (distribution name, minimum version) of what the worker needs besides torch: the floors of
 # pyproject.toml (Testing/test_slicer_jobs.py keeps them equal).
@@ -112,6 +114,35 @@ def slicer_provided_problems(statuses: Sequence[RequirementStatus]) -> List[str]
     return [s.describe() for s in statuses if not s.ok and s.slicer_provided]
 
 
+@dataclass(frozen=True)
+class InstallPlan:
+    """What the panel's dependency check installs: torch through the PyTorch extension, the rest
+    with pip; `broken` lists packages Slicer itself must provide (those need a newer Slicer)."""
+
+    torch: bool
+    pip: Tuple[str, ...] = ()
+    broken: Tuple[str, ...] = ()
+
+    @property
+    def nothing_to_install(self) -> bool:
+        return not self.torch and not self.pip
+
+    def listing(self) -> List[str]:
+        """One line per install, for the confirmation."""
+        return ([f"PyTorch {TORCH_REQUIREMENT}"] if self.torch else []) + list(self.pip)
+
+
+def install_plan(statuses: Sequence[RequirementStatus], torch: RequirementStatus,
+                 force: bool = False) -> InstallPlan:
+    """torch when it is missing or older than TORCH_REQUIREMENT, judged from its installed
+    metadata (importing torch into Slicer to ask would load a possibly huge or broken library into
+    the GUI process, and "importable" says nothing of a too-old version); the missing or too-old
+    pip packages, or with `force` (Reinstall dependencies) all of them. Slicer's own packages never."""
+    pip = ([f"{s.name}>={s.minimum}" for s in statuses if not s.slicer_provided] if force
+           else pip_requirements_to_install(statuses))
+    return InstallPlan(torch=not torch.ok, pip=tuple(pip), broken=tuple(slicer_provided_problems(statuses)))
+
+
 @dataclass
 class DeviceInfo:
     python: str = ""
@@ -140,7 +171,7 @@ def probe_torch(python_executable: str = sys.executable, timeout_s: float = 120.
     Blocking (seconds): call it from a button or at first use, never from a timer tick."""
     try:
         proc = subprocess.run([python_executable, "-c", _PROBE], capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+                              timeout=timeout_s, stdin=subprocess.DEVNULL, **no_console_window())
     except (OSError, subprocess.TimeoutExpired) as exc:
         return DeviceInfo(error=f"probe failed: {exc}")
     lines = [l for l in proc.stdout.splitlines() if l.strip().startswith("{")]

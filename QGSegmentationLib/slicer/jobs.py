@@ -15,7 +15,8 @@ One run = one folder the user can open:
                             one event stream per stage
         predictions/<case>.nrrd, <case>.seg.nrrd, scores.csv
 
-Each run folder receives its own CANCEL file; worker.log holds the worker's console output.
+Each stage's folder (quality/, run/, second-opinion-run/, predict-run/) receives that stage's CANCEL
+file and worker.log, the worker's console output.
 
 Pure Python; the argument lists for `qgseg train` / `qgseg predict` are built here so they are
 tested without Slicer.
@@ -420,6 +421,33 @@ MODEL_QUALITY_FILE = "quality.pt"      # ... and, when it has one, its quality p
 MODEL_SECOND_OPINION_FILE = "second_opinion.pt"  # ... and the segmenter of its second opinion
 
 
+MODEL_MANIFEST_FILE = "manifest.json"  # the segmenter's training manifest (versions, device, config)
+
+
+@dataclass(frozen=True)
+class ModelRecords:
+    """The job.json and training manifest.json describing the current model, which *Save model*
+    copies beside its checkpoints: those of the run that trained it, or of the model folder it was
+    loaded from. None where the model has none (save_model_folder then removes that file)."""
+
+    job_json: Optional[Path] = None
+    manifest: Optional[Path] = None
+
+    def __iter__(self):  # save_model_folder(..., *records)
+        return iter((self.job_json, self.manifest))
+
+    def existing(self) -> "ModelRecords":
+        """The records still on disk."""
+        return ModelRecords(*(p if p is not None and Path(p).is_file() else None
+                              for p in (self.job_json, self.manifest)))
+
+
+def run_model_records(folder: JobFolder) -> ModelRecords:
+    """The records of the model a Train job folder produced: its job.json and the segmenter run's
+    manifest.json."""
+    return ModelRecords(folder.job_json, folder.run_dir / MODEL_MANIFEST_FILE).existing()
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     """A saved model: what `Save model` wrote and `Load model` / `Segment` use."""
@@ -428,6 +456,16 @@ class ModelFolder:
     quality: Optional[Path] = None
     second_opinion: Optional[Path] = None
     job_json: Optional[Path] = None
+    manifest: Optional[Path] = None
+
+    @property
+    def records(self) -> ModelRecords:
+        """What saving this model again copies with it (its own job.json and manifest.json)."""
+        return ModelRecords(self.job_json, self.manifest)
+
+    def spec(self) -> Optional[JobSpec]:
+        """The job spec of the run that trained it; None when the folder has no job.json."""
+        return read_job_spec(self.job_json) if self.job_json else None
 
 
 def save_model_folder(folder: str | os.PathLike, segmenter: str | os.PathLike,
@@ -444,7 +482,7 @@ def save_model_folder(folder: str | os.PathLike, segmenter: str | os.PathLike,
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"model folder {folder} exists and is not a folder")
     files = {MODEL_SEGMENTER_FILE: segmenter, MODEL_QUALITY_FILE: quality,
-             MODEL_SECOND_OPINION_FILE: second_opinion, "job.json": job_json, "manifest.json": manifest}
+             MODEL_SECOND_OPINION_FILE: second_opinion, "job.json": job_json, MODEL_MANIFEST_FILE: manifest}
     for source in files.values():
         if source and not Path(source).is_file():
             raise ValueError(f"cannot save the model: {source} does not exist")
@@ -462,9 +500,9 @@ def read_model_folder(folder: str | os.PathLike) -> ModelFolder:
     """The files of a saved model folder; ValueError naming the folder when it holds no segmenter."""
     segmenter = model_segmenter(folder)
     optional = {name: segmenter.parent / name if (segmenter.parent / name).is_file() else None
-                for name in (MODEL_QUALITY_FILE, MODEL_SECOND_OPINION_FILE, "job.json")}
+                for name in (MODEL_QUALITY_FILE, MODEL_SECOND_OPINION_FILE, "job.json", MODEL_MANIFEST_FILE)}
     return ModelFolder(segmenter, optional[MODEL_QUALITY_FILE], optional[MODEL_SECOND_OPINION_FILE],
-                       optional["job.json"])
+                       optional["job.json"], optional[MODEL_MANIFEST_FILE])
 
 
 def model_segmenter(folder: str | os.PathLike, role: str = "model folder") -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from . import jobs
 
@@ -20,6 +20,10 @@ QUALITY = "quality predictor"
 SEGMENTER = "segmenter"
 SECOND_OPINION = "second-opinion segmenter"
 SEGMENT = "segment and score"
+
+# The event the module's Logic emits when it starts a stage's worker (a worker's own `stage` events
+# name the steps inside it).
+RUN_STAGE_EVENT = "run_stage"
 
 # stage -> (its run folder in the JobFolder, the pipeline attribute its checkpoint goes to)
 _PRODUCES = {QUALITY: ("quality_dir", "quality_checkpoint"), SEGMENTER: ("run_dir", "checkpoint"),
@@ -126,3 +130,44 @@ class RunPipeline:
                                                second_opinion=self.second_opinion)
             run_dir = folder.predict_run_dir
         return arguments, run_dir, stage_events(folder, name)
+
+
+class StageLine:
+    """The Run section's stage line: which of the run's stages is going and what its worker is
+    doing in it, e.g. "Stage 1/3: quality predictor - seed 1 (2 of 2): weak segmenter snapshots (2/4)".
+
+    Workers report their own steps as `stage` events (quality training: loading cases, weak
+    segmenter snapshots, quality predictor, calibration, each prefixed with its seed in an
+    ensemble) and name the step of each `progress` event; every step's progress bar starts at 0
+    again, which the line explains. `update(event)` takes the Logic's RUN_STAGE_EVENT (a new
+    stage, its step not known yet) and the worker's events; it returns the new line when it
+    changed, else None."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[Tuple[str, int, int]] = None  # (name, k, n)
+        self.step = ""
+        self._step_from_stage_event = False
+
+    @property
+    def text(self) -> str:
+        if self.stage is None:
+            return ""
+        name, index, total = self.stage
+        line = f"Stage {index}/{total}: {name}"
+        return f"{line} - {self.step}" if self.step else line
+
+    def update(self, event: Mapping[str, Any]) -> Optional[str]:
+        before = self.text
+        kind = event.get("event")
+        if kind == RUN_STAGE_EVENT:
+            self.stage = (str(event["name"]), int(event["index"]), int(event["total"]))
+            self.step, self._step_from_stage_event = "", False
+        elif kind == "stage":
+            total = int(event.get("total") or 1)
+            self.step = str(event["name"]) + (f" ({int(event['index'])}/{total})" if total > 1 else "")
+            self._step_from_stage_event = True
+        elif kind == "progress" and event.get("stage") and not self._step_from_stage_event:
+            self.step = str(event["stage"])  # a worker that names its steps only in its progress
+        else:
+            return None
+        return self.text if self.text != before else None

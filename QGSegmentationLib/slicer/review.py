@@ -200,6 +200,16 @@ class ReviewModel:
                          else (row.quality, row.agreement))
         return first if first is not None else second
 
+    def listed(self, case: Optional[str], filter: str = "all") -> Optional[str]:
+        """`case` when the table filtered by `filter` lists it, else None. The panel keeps its
+        current case only while it is listed, so Approve and Flag never act on a row that is not
+        highlighted (or gone: the scene closed, another run replaced the rows)."""
+        if filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
+        if case is None or case not in self._rows:
+            return None
+        return case if filter == "all" or self._rows[case].status == filter else None
+
     def segment_names(self, second_opinion: bool = False) -> List[str]:
         """Segments with a g score (with a second opinion when `second_opinion`), in first-seen order."""
         names: List[str] = []

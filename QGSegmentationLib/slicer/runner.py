@@ -3,9 +3,11 @@
 The panel calls `poll()` from a timer: it returns the new JSON-lines events (read with
 `EventTail`) and, once the process has ended, its final status. `cancel()` first creates the
 run's cancel file (the worker saves a checkpoint and exits 3); if the worker is still alive
-after the grace period, the next `poll()` kills the whole process tree (PythonSlicer is a
-launcher: killing only it would leave the real worker running). `result()` carries outputs only
-for a run that finished ok, so nothing from a cancelled or failed run can be imported.
+after the grace period (DEFAULT_GRACE_S), the next `poll()` kills the whole process tree
+(PythonSlicer is a launcher: killing only it would leave the real worker running). `start()`
+removes a CANCEL file an earlier, cancelled worker left in the run folder, so it cannot stop the
+new one at once. `result()` carries outputs only for a run that finished ok, so nothing from a
+cancelled or failed run can be imported. On Windows no console window opens for the worker.
 """
 
 from __future__ import annotations
@@ -19,14 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ..engine.cancel import request_cancel
+from ..engine.cancel import cancel_path, request_cancel
 from ..engine.events import EventTail, ProtocolError
 from ..errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK,
                       EXIT_OUT_OF_MEMORY)
 
 WORKER_MODULE = "QGSegmentationLib.cli.main"
-DEFAULT_GRACE_S = 10.0
+# Seconds a worker has, after its cancel file appears, to stop by itself before its process tree
+# is killed. The worker checks the file between steps, saves a checkpoint and exits 3; a step may
+# be a whole validation pass, which takes tens of seconds on a CPU. Killed earlier, the work since
+# the last checkpoint would be lost.
+DEFAULT_GRACE_S = 60.0
 DEFAULT_UNRESPONSIVE_S = 60.0
+# Seconds one poll() waits for a killed tree to be gone; when it is not, the next poll looks again.
+KILL_WAIT_S = 1.0
+# Windows process creation flags (subprocess defines them on Windows only).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
 
 
 # --- commands (pure functions) -----------------------------------------------------------------
@@ -54,6 +65,20 @@ def worker_environment(base_env: Mapping[str, str], library_parent: str | os.Pat
     return env
 
 
+def no_console_window(os_name: str = os.name) -> Dict[str, Any]:
+    """Popen/run keyword arguments that keep a child from opening a console window: a console
+    program started from Slicer's GUI on Windows gets a visible one otherwise. {} elsewhere."""
+    return {"creationflags": CREATE_NO_WINDOW} if os_name == "nt" else {}
+
+
+def worker_popen_options(os_name: str = os.name) -> Dict[str, Any]:
+    """Popen keyword arguments for a worker: its own process group (so the whole tree can be
+    killed: a new session on POSIX, a new process group on Windows), and no console window."""
+    if os_name == "nt":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}  # own process group: killpg reaches grandchildren
+
+
 # --- error advice --------------------------------------------------------------------------------
 def _advice_oom(message: str) -> str:
     return ("The device ran out of memory. Use a smaller patch size or batch size, switch to 2D "
@@ -76,7 +101,8 @@ def _advice_cancelled(message: str) -> str:
 
 def _advice_other(message: str) -> str:
     return ("The worker failed: " + (message or "no message") +
-            ". Open the run folder's worker.log and events.jsonl for details.")
+            ". For details open the failed stage's worker.log (in its folder inside the run folder: "
+            "quality/, run/, second-opinion-run/ or predict-run/) and its events file.")
 
 
 ERROR_ADVICE: Dict[str, Callable[[str], str]] = {
@@ -101,11 +127,16 @@ class WorkerError:
     kind: str
     message: str
     hint: Optional[str] = None
+    log: Optional[str] = None  # the worker's console output (worker.log), set by the runner
 
     @property
     def advice(self) -> str:
         text = advice_for(self.kind, self.message)
-        return f"{text} ({self.hint})" if self.hint and self.kind != "cancelled" else text
+        if self.hint and self.kind != "cancelled":
+            text = f"{text} ({self.hint})"
+        if self.log and self.kind != "cancelled":
+            text = f"{text} Worker log: {self.log}"
+        return text
 
 
 @dataclass
@@ -133,7 +164,8 @@ class PollUpdate:
 
 # --- the runner -------------------------------------------------------------------------------------
 class WorkerRunner:
-    """One worker process: start, poll, cancel, kill, watchdog. Never blocks in `poll()`.
+    """One worker process: start, poll, cancel, kill, watchdog. `poll()` never blocks (at most
+    KILL_WAIT_S once the tree has been killed).
 
     stdout and stderr go to `<run_dir>/worker.log` (a file, not a pipe nobody reads, which
     would fill up and stall the child). `clock` is injectable for watchdog tests."""
@@ -187,16 +219,12 @@ class WorkerRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_cancel(self.run_dir)
         self._log_fh = open(self.log_path, "ab")
-        kwargs: Dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # own process group: killpg reaches grandchildren
         try:
             self._process = subprocess.Popen(self.command, stdout=self._log_fh,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env=self.env, cwd=self.cwd, **kwargs)
+                                             env=self.env, cwd=self.cwd, **worker_popen_options())
         except OSError as exc:
             self._log_fh.close()
             raise RuntimeError(f"could not start the worker {self.command[0]!r}: {exc}") from None
@@ -212,8 +240,11 @@ class WorkerRunner:
         new = self._read_events()
         code = self._process.poll()
         if code is None and self._cancel_deadline is not None and self._clock() >= self._cancel_deadline:
-            self.kill()
-            code = self._process.wait(timeout=10)
+            self.kill()  # again on a later poll when the tree outlived the first kill
+            try:
+                code = self._process.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                code = None  # not gone yet: the next poll looks again
         if code is None:
             return PollUpdate(new, False)
         new += self._read_events()  # lines written just before exiting
@@ -315,9 +346,24 @@ class WorkerRunner:
                 EXIT_CODE_KINDS.get(code, "other"),
                 f"the worker exited with code {code} without an error event"
                 + (" (killed by a signal: possibly out of memory)" if code < 0 else ""))
+        if error is not None:
+            error.log = str(self.log_path)
         outputs = dict(done.get("outputs") or {}) if status == "ok" else {}
         self._result = RunResult(status=status, exit_code=code, outputs=outputs, error=error,
                                  killed=self._killed, wall_s=wall)
+
+
+def clear_stale_cancel(run_dir: str | os.PathLike) -> bool:
+    """Remove the CANCEL file an earlier, cancelled worker left in `run_dir` (the panel's Cancel,
+    or its cleanup when Slicer closed during a run), so that a worker started there again is not
+    stopped at its first step. Returns whether there was one. Call it only before starting a
+    worker, never while one runs in `run_dir`."""
+    path = cancel_path(run_dir)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:
@@ -325,7 +371,8 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     in its own session), `taskkill /T /F` on Windows."""
     if os.name == "nt":
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                       **no_console_window())
         return
     try:
         os.killpg(process.pid, signal.SIGKILL)

@@ -169,6 +169,44 @@ def volumes_fingerprint(scene, volume_ids: Iterable[str]):
     return Fingerprint(tuple(sizes), tuple(spacings)) if sizes else None
 
 
+# --- cases ---------------------------------------------------------------------------------------
+# Scalar volume subclasses that hold several components per voxel (vtkMRMLVectorVolumeNode, e.g.
+# an RGB image, derives from vtkMRMLTensorVolumeNode) or are references, not images to segment.
+_NOT_CASES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLTensorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode")
+
+
+def case_volumes(scene) -> list:
+    """The scene's volumes the Cases table lists, in scene order: single-component scalar volumes.
+    Label maps are references, and RGB/vector, tensor and diffusion-weighted volumes (which are
+    vtkMRMLScalarVolumeNodes too) have several components per voxel, which the worker's one-channel
+    networks cannot train on. A volume whose image is not loaded yet is listed."""
+    volumes = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if any(node.IsA(name) for name in _NOT_CASES):
+            continue
+        image = node.GetImageData()
+        if image is not None and image.GetNumberOfScalarComponents() != 1:
+            continue
+        volumes.append(node)
+    return volumes
+
+
+def case_volume(scene, case: CaseEntry):
+    """(the volume node a job's case was exported from, "") or (None, why it is not in the scene).
+    Node IDs start again when a scene is closed, so a node with the case's ID in another scene may
+    be another volume: it counts only when its name is still the case's recorded volume name."""
+    node = scene.GetNodeByID(case.volume_id) if case.volume_id else None
+    if node is None:
+        return None, (f"case {case.case}: its volume {case.volume_name!r} ({case.volume_id}) is not in the "
+                      "scene; skipped")
+    if case.volume_name and node.GetName() != case.volume_name:
+        return None, (f"case {case.case}: node {case.volume_id} is {node.GetName()!r}, not the run's volume "
+                      f"{case.volume_name!r} (another scene, or renamed); skipped. Load the scene the run "
+                      "was started from and import the run folder again ('Import finished run').")
+    return node, ""
+
+
 def export_labelmap(scene, segmentation_node, reference_volume, path: str | os.PathLike,
                     label_names: Sequence[str]) -> Path:
     """Write `segmentation_node` as a label map on `reference_volume`'s exact grid: a segment
