@@ -154,17 +154,91 @@ def test_injected_out_of_memory_exits_4_with_kind_oom(phantom_3d, tmp_path):
     assert events[-1]["exit_code"] == 4
 
 
-def test_cancel_file_before_start_exits_3(phantom_3d, tmp_path):
-    run_dir = tmp_path / "r"
-    run_dir.mkdir()
+def test_a_cancel_file_stops_the_run_and_one_left_behind_does_not_stop_the_rerun(phantom_3d, tmp_path):
+    """CANCEL written during a run: exit 3, last.pt saved, a message saying how to go on. The same
+    command again, with that file still there (older than the new process), removes it, says so on
+    the terminal (not only in the event stream), and resumes to the end."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from QGSegmentationLib.engine.checkpoint import load_checkpoint
+    from conftest import REPO
+
+    run_dir, events = tmp_path / "r", tmp_path / "ev.jsonl"
+    args = ["train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "400",
+            "--val-every", "400", "--run-dir", str(run_dir), "--events", str(events), "--quiet",
+            "--set", "network_options={channels: [4, 8, 16]}", "--set", "checkpoint_every=1000"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "QGSegmentationLib.cli.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (events.exists() and any(e["event"] == "progress" for e in read_events(events))):
+        time.sleep(0.05)
     (run_dir / "CANCEL").write_text("stop")
-    res = run_cli("train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "5",
-                  "--run-dir", str(run_dir), "--events", str(tmp_path / "ev.jsonl"), "--quiet",
-                  "--set", "network_options={channels: [4, 8, 16]}")
-    assert res.returncode == 3, res.stderr
-    events = read_events(tmp_path / "ev.jsonl")
-    assert events[-1]["status"] == "cancelled"
-    assert (run_dir / "checkpoints" / "last.pt").exists()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stderr
+    assert f"qgseg: cancelled: stopped by the cancel file {run_dir / 'CANCEL'}" in stderr
+    assert "run the same command again to resume" in stderr
+    assert read_events(events)[-1]["status"] == "cancelled"
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"]
+    assert 0 < stopped_at < 400
+
+    os.utime(run_dir / "CANCEL", (time.time() - 5, time.time() - 5))  # as the stopped run left it
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert f"warning: removed {run_dir / 'CANCEL'}, left by an earlier cancelled run" in res.stderr
+    assert f"warning: resuming from {run_dir / 'checkpoints' / 'last.pt'} at iteration {stopped_at}" in res.stderr
+    assert not (run_dir / "CANCEL").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_next_step_and_exits_3(phantom_3d, tmp_path):
+    """The first Ctrl-C (SIGINT) in a training loop works like the cancel file: the step running
+    finishes, last.pt is saved at the iteration reached (not the last periodic checkpoint), and the
+    command exits 3 saying how to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from QGSegmentationLib.engine.checkpoint import load_checkpoint
+    from conftest import REPO
+
+    run_dir, events = tmp_path / "r", tmp_path / "ev.jsonl"
+    args = ["train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "400",
+            "--val-every", "400", "--run-dir", str(run_dir), "--events", str(events), "--quiet",
+            "--set", "network_options={channels: [4, 8, 16]}", "--set", "checkpoint_every=1000"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "QGSegmentationLib.cli.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (events.exists() and any(e["event"] == "progress" for e in read_events(events))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stderr
+    assert "Ctrl-C: stopping after this step" in stderr and "qgseg: cancelled: stopped by Ctrl-C" in stderr
+    assert read_events(events)[-1]["status"] == "cancelled"
+    assert 10 <= load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] < 400
+
+
+def test_resuming_a_run_folder_with_another_network_method_or_labels_exits_2(phantom_3d, phantom_multiclass, tmp_path):
+    """A rerun into a run folder whose last.pt holds another model is refused before any data is
+    read, naming what differs; the same options resume as before."""
+    run_dir = tmp_path / "r"
+    common = ["--patch", "16", "32", "32", "--iterations", "2", "--val-every", "2", "--quiet",
+              "--run-dir", str(run_dir), "--set", "network_options={channels: [4, 8, 16]}"]
+    first = run_cli("train", "--dataset", str(phantom_3d), *common)
+    assert first.returncode == 0, first.stderr
+    for changed, what in ((["--dataset", str(phantom_3d), "--network", "basicunet"], "network 'unet' there, 'basicunet' now"),
+                          (["--dataset", str(phantom_3d), "--method", "cps"], "method 'sup' there, 'cps' now"),
+                          (["--dataset", str(phantom_multiclass)], "labels ")):
+        res = run_cli("ssl", "train", *changed, *common)
+        assert res.returncode == 2, res.stderr
+        assert "holds a training of another model" in res.stderr and what in res.stderr, res.stderr
+        assert "choose another --run-dir" in res.stderr
+    again = run_cli("train", "--dataset", str(phantom_3d), *common[:-2], "--iterations", "3", *common[-2:])
+    assert again.returncode == 0, again.stderr
 
 
 def tiny_segmenter_checkpoint(path):
@@ -235,3 +309,26 @@ def test_predict_to_an_existing_file_exits_2_before_inference(nrrd_images, tmp_p
         events = read_events(tmp_path / "ev.jsonl")
         assert not [e for e in events if e["event"] == "case_done"]  # failed before the first case
     assert taken.read_text() == "not a folder"
+
+
+def test_a_quality_predictor_of_other_classes_is_refused_before_anything_is_segmented_or_trained(
+        nrrd_images, phantom_3d, tmp_path):
+    """g trained for two foreground classes cannot score a binary segmenter's masks, nor guide a
+    binary training: exit 2 at once, naming both, instead of wrong scores or a crash hours later
+    when QAR switches on."""
+    from QGSegmentationLib.quality.predictor import QualityPredictor, predictor_config, save_predictor
+
+    folder, checkpoint = nrrd_images
+    g = save_predictor(tmp_path / "g2.pt", QualityPredictor(predictor_config(
+        n_foreground=2, grid_size=(16, 16, 16), class_names=["liver", "tumour"])).eval())
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(tmp_path / "p"),
+                  "--quality-checkpoint", str(g), "--no-mirror", "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert f"{g}: this quality predictor scores 2 foreground class(es), but --checkpoint has 1" in res.stderr
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    res = run_cli("ssl", "train", "--dataset", str(phantom_3d), "--method", "mt", "--guidance", "qar,qw",
+                  "--quality-checkpoint", str(g), "--patch", "16", "32", "32", "--iterations", "2",
+                  "--run-dir", str(tmp_path / "t"), "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert "scores 2 foreground class(es), but the dataset has 1" in res.stderr
+    assert not (tmp_path / "t" / "checkpoints").exists()

@@ -128,13 +128,15 @@ def test_score_cli_round_trip_in_a_subprocess(files, tmp_path):
 def test_scores_written_into_another_runs_folder_keep_its_manifest(files, tmp_path):
     import json
 
-    training = json.dumps({"command": ["qgseg", "train"], "status": "ok"})
-    (tmp_path / "manifest.json").write_text(training)
     out = tmp_path / "scores.csv"
     args = ["quality", "score", "--checkpoint", str(files["checkpoint"]), "--images", str(files["image"]),
             "--masks", str(files["mask"]), "--output", str(out), "--quiet"]
-    assert main(args) == 0 and out.exists()
-    assert (tmp_path / "manifest.json").read_text() == training
+    for command in (["qgseg", "train"], ["qgseg", "quality", "train"]):  # g's own training folder too
+        training = json.dumps({"command": command, "status": "ok"})
+        (tmp_path / "manifest.json").write_text(training)
+        os.utime(tmp_path / "manifest.json", (time.time() - 60, time.time() - 60))
+        assert main(args) == 0 and out.exists()
+        assert (tmp_path / "manifest.json").read_text() == training
     alone = tmp_path / "alone"
     assert main(args[:-2] + [str(alone / "scores.csv"), "--quiet"]) == 0
     assert json.loads((alone / "manifest.json").read_text())["status"] == "ok"

@@ -92,7 +92,7 @@ def evaluate_checkpoint(checkpoint: str | Path, test_set: TestSet, device, overl
         if out_dir is not None:
             write_prediction(label, geometry, out_dir, ref.id, segmenter.foreground_names)
         reference, ref_geometry = read_label(ref.label)
-        check_same_geometry(ref_geometry, geometry, ref.label, ref.image)
+        check_same_geometry(geometry, ref_geometry, ref.image, ref.label)  # the image (= prediction) grid vs its label
         spacing_zyx = tuple(reversed(ref_geometry.spacing))
         row: Dict[str, Any] = {"case": ref.id, **evaluate_case(label, reference, spacing_zyx, classes),
                                "segment_s": round(segment_s, 4)}

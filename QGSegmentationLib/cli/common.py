@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from ..engine import distributed
+from ..engine.cancel import remove_stale_cancel
 from ..engine.events import EventWriter
 from ..errors import (EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY, CancelledError,
                       ConfigError, OutOfMemoryError, QGSegError)
+
+#: When this process started (near enough: when the CLI was imported). A run folder's CANCEL file
+#: older than this was left by an earlier, cancelled run; one written since asks this run to stop.
+PROCESS_STARTED = time.time()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -144,7 +149,17 @@ def make_context(args: argparse.Namespace, command: str) -> RunContext:
                      show_progress=launch.is_main and not (args.json or args.quiet))
     ctx._json = bool(args.json)
     ctx.is_main = launch.is_main
+    if launch.is_main:
+        events.echo = show_on_terminal
     return ctx
+
+
+def show_on_terminal(text: str) -> None:
+    """A line for the person at the terminal, on stderr (stdout may carry JSON events), printed
+    above any progress bar instead of through it."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunContext], Dict[str, Any]]) -> int:
@@ -154,13 +169,19 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
         return print_error(exc)
     ctx.events.emit("start", command=command, argv=command_line(args)[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
     ctx.events.heartbeat_thread()
+    if args.run_dir and ctx.is_main:
+        stale = remove_stale_cancel(ctx.run_dir, PROCESS_STARTED)
+        if stale is not None:
+            ctx.events.warning(f"removed {stale}, left by an earlier cancelled run")
     code, status = EXIT_OK, "ok"
     try:
         outputs = body(ctx) or {}
         ctx.outputs.update({k: str(v) for k, v in outputs.items()})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         code, status = EXIT_CANCELLED, "cancelled"
         ctx.events.emit("error", kind="cancelled", message="interrupted", hint=None)
+        print_error(CancelledError("interrupted by Ctrl-C", hint="rerun the same command to resume "
+                                   "from the last checkpoint, if the run had saved one"), "cancelled")
     except BaseException as exc:  # noqa: BLE001 - every failure must end the stream properly
         code, status = _report_failure(ctx, exc)
     finally:
@@ -190,8 +211,9 @@ def _ensure_manifest(ctx: RunContext, args: argparse.Namespace, status: str) -> 
             previous = json.loads(path.read_text()).get("command", [])
         except (OSError, ValueError, AttributeError):
             previous = []
-        if previous[:2] != ["qgseg", ctx.command.split()[0]]:
-            return
+        words = ctx.command.replace("-", " ").split()  # "quality score" -> qgseg quality score ...
+        if previous[:1 + len(words)] != ["qgseg", *words]:
+            return  # another command's record (say, the training of the g that scores here)
     options = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else
                    [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
                for k, v in vars(args).items() if not callable(v) and k != "argv"}
@@ -200,7 +222,7 @@ def _ensure_manifest(ctx: RunContext, args: argparse.Namespace, status: str) -> 
                        device=str(getattr(args, "device", "")), seed=getattr(args, "seed", None),
                        started=ctx.started, status=status)
     except OSError as exc:  # a run that failed for want of disk space still ends its event stream
-        ctx.events.emit("warning", message=f"could not write {path}: {exc}")
+        ctx.events.warning(f"could not write {path}: {exc}")
 
 
 def _report_failure(ctx: RunContext, exc: BaseException):

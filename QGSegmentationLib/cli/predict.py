@@ -148,7 +148,13 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     if args.quality_checkpoint:
         from ..quality.score import load_scorer
 
+        from ..quality.predictor import check_scores_labels
+
         scorer = load_scorer(args.quality_checkpoint, device=device)
+        mismatch = check_scores_labels(scorer.model, segmenter.labels, " ".join(args.quality_checkpoint),
+                                       "--checkpoint")
+        if mismatch:
+            ctx.events.warning(mismatch)
     out_dir = Path(args.output)
     cancel = CancelToken(ctx.run_dir)
     scoring = bool(scorer or second)

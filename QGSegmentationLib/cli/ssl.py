@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     train = sub.add_parser("train", help="train a segmenter with an SSL method",
                            description="Same options as `qgseg train`; --method defaults to mt.",
                            epilog=EXAMPLES, formatter_class=HelpFormatter)
-    add_train_options(train)
+    add_train_options(train, default_method="mt")
     add_run_options(train)
     train.set_defaults(func=run_train)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])

@@ -36,7 +36,8 @@ FLAG_FIELDS = {
 }
 
 
-def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True,
+                      default_method: str = "sup") -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="dataset.json (Decathlon / nnU-Net layout: training, unlabeled, "
                                         "optional validation/test)")
@@ -70,7 +71,7 @@ def add_train_options(parser: argparse.ArgumentParser, with_method: bool = True)
     model.add_argument("--threads", type=int, help="CPU threads for torch")
     if with_method:
         ssl = parser.add_argument_group("semi-supervised learning")
-        ssl.add_argument("--method", help="training method (see `qgseg ssl methods`) [sup]")
+        ssl.add_argument("--method", help=f"training method (see `qgseg ssl methods`) [{default_method}]")
         ssl.add_argument("--guidance", default=None,
                          help="quality guidance: none, qar, qw or qar,qw (needs --quality-checkpoint)")
         ssl.add_argument("--quality-checkpoint", help="trained quality predictor (qgseg quality train)")
@@ -153,6 +154,9 @@ def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.manifest import recorded_run
 
     cfg = build_config(args)
+    if cfg.quality_checkpoint and not (cfg.ssl.get("guidance_qar") or cfg.ssl.get("guidance_qw")):
+        ctx.events.warning(f"--quality-checkpoint {cfg.quality_checkpoint} is not used: quality guidance is "
+                           "off (add --guidance qar, qw or qar,qw to train with it)")
     train = _train_one if args.seeds == 1 else _train_members
     with recorded_run(ctx.run_dir, command=command_line(args), config=cfg, device=cfg.device,
                       seed=cfg.seed, started=ctx.started, extra={"seeds": args.seeds} if args.seeds != 1 else None,

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 PROTOCOL_VERSION = 1
 HEARTBEAT_INTERVAL_S = 5.0
@@ -142,6 +142,9 @@ class EventWriter:
     _owned: List[IO[str]] = field(default_factory=list, repr=False)
     _thread: Optional[threading.Thread] = field(default=None, repr=False)
     done_written: bool = False
+    #: Also shows each warning to the person at the terminal (the CLI sets it): a warning only in
+    #: the event stream would reach the Slicer panel but never a user without --events.
+    echo: Optional[Callable[[str], None]] = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None, to_stdout: bool = False, run_id: str = ""):
@@ -194,6 +197,8 @@ class EventWriter:
 
     def warning(self, message: str) -> None:
         self.emit("warning", message=message)
+        if self.echo is not None:
+            self.echo(f"warning: {message}")
 
     def heartbeat_thread(self, interval: float = HEARTBEAT_INTERVAL_S) -> None:
         if self._thread is not None or not self.enabled:

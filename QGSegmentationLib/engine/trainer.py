@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..errors import CancelledError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .cancel import CancelToken
 from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
 from .config import TrainConfig
@@ -109,6 +109,8 @@ def make_optimizer(params, cfg: TrainConfig):
 
 
 READ_LOSSES_EVERY = 10  # steps between reads of the losses from the device (each read waits for it)
+# What a resumed run must share with the run that wrote its last.pt: what the networks are.
+RESUME_MUST_MATCH = ("mode", "network", "network_options", "other_network_options", "method")
 
 
 class Trainer:
@@ -170,11 +172,13 @@ class Trainer:
             plan = plan_for_spec(self.spec, cfg.mode, self.device.type, spacing=cfg.target_spacing)
             if self.dist.is_main:
                 write_json_atomic(self.run_dir / PLAN_FILE, plan.to_dict())
+        given = [name for name, value in (("spacing", cfg.target_spacing), ("patch", cfg.patch_size)) if value != "auto"]
         cfg.apply_plan(plan)
         spacing = "each volume's own" if cfg.target_spacing is None else spacing_text(cfg.target_spacing)
+        origin = f"planned for {plan.device} from {plan.fingerprint['cases']} labeled cases"
+        origin = f"{' and '.join(given)} as given, the rest {origin}" if given else origin
         self.note(f"spacing {spacing} mm, patch {patch_text(cfg.patch_size)} "
-                  f"({'z y x' if cfg.mode == '3d' else 'y x'}): planned for {plan.device} from "
-                  f"{plan.fingerprint['cases']} labeled cases (written to {PLAN_FILE}; "
+                  f"({'z y x' if cfg.mode == '3d' else 'y x'}): {origin} (the plan is in {PLAN_FILE}; "
                   "--spacing and --patch override it)")
 
     def note(self, message: str) -> None:
@@ -264,10 +268,13 @@ class Trainer:
         if not self.cfg.quality_checkpoint:
             raise ConfigError("quality guidance (qar/qw) needs a trained quality predictor: pass "
                               "--quality-checkpoint (train one with `qgseg quality train`)")
-        from ..quality.predictor import load_predictor
+        from ..quality.predictor import check_scores_labels, load_predictor
         from ..ssl.guidance import QualityGuidance
 
         predictor = load_predictor(self.cfg.quality_checkpoint, device=self.device)
+        mismatch = check_scores_labels(predictor, self.spec.labels, self.cfg.quality_checkpoint, "the dataset")
+        if mismatch:
+            self.events.warning(mismatch)
         return QualityGuidance(predictor, self.ssl_config)
 
     def ssl_config_flag(self, name: str) -> bool:
@@ -353,6 +360,22 @@ class Trainer:
         self.history = list(state["history"])
         return int(state["iteration"])
 
+    def refuse_another_model(self, state: Dict[str, Any], path: Path) -> None:
+        """ConfigError when last.pt was written by a run of other networks or labels: its weights
+        would not load (or, for a method's extra network, would silently start afresh)."""
+        from ..data.dataset import load_dataset
+
+        saved, asked = state.get("config", {}), self.cfg.to_dict()
+        differ = [f"{key} {saved[key]!r} there, {asked[key]!r} now" for key in RESUME_MUST_MATCH
+                  if key in saved and saved[key] != asked[key]]
+        labels = {str(k): v for k, v in load_dataset(self.cfg.dataset).labels.items()} if self.cfg.dataset else None
+        if labels is not None and state.get("labels", labels) != labels:
+            differ.append(f"labels {state['labels']} there, {labels} now")
+        if differ:
+            raise ConfigError(f"{path}: the run folder holds a training of another model ({'; '.join(differ)}), "
+                              "which this one cannot resume",
+                              hint=f"choose another --run-dir, or delete {path.parent} to start over there")
+
     def keep_recorded_label_resampling(self, recorded: Dict[str, Any]) -> None:
         """A resumed run goes on with the labels it started with: the checkpoint's setting, or
         nearest neighbour where the checkpoint predates the option (and linear as the default)."""
@@ -396,6 +419,7 @@ class Trainer:
             state = self.dist.call_on_main(lambda: load_checkpoint(last_path) if last_path.exists() else None)
             if state is not None:
                 refuse_ensemble_resume(state, last_path)
+                self.refuse_another_model(state, last_path)
                 self.keep_recorded_label_resampling(state["config"])
         self.prepare_data()
         self.build()
@@ -408,7 +432,8 @@ class Trainer:
             start = self.load_state(state)
             self.events.warning(f"resuming from {last_path} at iteration {start}")
         self.events.emit("stage", name=f"train ({cfg.method})", index=2, total=2)
-        self.train_loop(start)
+        with self.cancel.catching_interrupts():  # Ctrl-C: save last.pt at the next step, then stop
+            self.train_loop(start)
         last = self.save("last.pt", cfg.iterations)
         best = checkpoint_dir(self.run_dir) / "best.pt"
         if not best.exists():
@@ -432,7 +457,7 @@ class Trainer:
                 self.read_losses(pending, first_iteration=it - len(pending))  # no NaN weights saved
                 self.save("last.pt", it)
                 bar.close()
-                raise CancelledError("cancelled: the run's cancel file was found", hint=str(self.cancel.path))
+                raise self.cancel.error()
             with translate_oom(f"training iteration {it}"):
                 maybe_inject_fault(it)
                 pending.append(self.step(StepInfo(it, cfg.iterations, cfg.iterations_per_epoch)))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -354,6 +354,25 @@ def check_compatible(models: Sequence[QualityPredictor], sources: Sequence) -> N
         if key(model) != key(models[0]):
             raise ConfigError(f"{source}: cannot be averaged with {sources[0]}: mode/grid/classes "
                               f"{key(model)} differ from {key(models[0])}")
+
+
+def check_scores_labels(model, labels: Mapping[Any, str], source, scored: str) -> Optional[str]:
+    """g (`model`, from `source`) must score the foreground classes of `labels` (a segmenter's or
+    a dataset's label values -> names, background included): ConfigError when it was trained for
+    another number of classes, before anything is segmented or trained. Returns a warning when the
+    class names differ (another dataset, or names spelled differently), else None."""
+    foreground = [name for value, name in sorted(((int(k), v) for k, v in labels.items())) if value != 0]
+    if model.n_foreground != len(foreground):
+        raise ConfigError(f"{source}: this quality predictor scores {model.n_foreground} foreground class(es), "
+                          f"but {scored} has {len(foreground)} ({', '.join(foreground)})",
+                          hint="use a quality predictor trained on the same labels (qgseg quality train "
+                               "on the segmenter's dataset)")
+    names = list(model.config.get("class_names") or [])
+    unnamed = all(name == f"label_{i + 1}" for i, name in enumerate(names))
+    if names and not unnamed and names != foreground:
+        return (f"{source}: the quality predictor's classes are named {names}, {scored}'s {foreground}; "
+                "scores are matched by label value")
+    return None
 
 
 def save_ensemble(path: str | os.PathLike, models: Sequence[QualityPredictor],

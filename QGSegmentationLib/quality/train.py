@@ -45,6 +45,7 @@ and read from its cache by the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..engine.device import autocast, autocast_dtype
-from ..errors import CancelledError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
 
@@ -560,13 +561,15 @@ def _loader(dataset, batch_size, shuffle, workers, seed, drop_last=False, rank=0
     import torch
     from torch.utils.data import DataLoader
 
+    from ..engine.cancel import ignore_interrupts
+
     generator = torch.Generator().manual_seed(int(seed))
+    common = {"num_workers": workers, "collate_fn": collate, "generator": generator,
+              "worker_init_fn": ignore_interrupts if workers else None}
     if world_size > 1 and shuffle:
         sampler = RankBatchSampler(len(dataset), batch_size, rank, world_size, generator, drop_last)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                          generator=generator)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, generator=generator, drop_last=drop_last)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
 
 
 def segmentation_loss(logits, reference):
@@ -982,8 +985,9 @@ def train_quality_predictor(source, config: QualityTrainConfig | Mapping | None 
         if bar is not None:
             bar.update(1)
 
+    interrupts = cancel.catching_interrupts() if cancel is not None else contextlib.nullcontext()
     try:
-        with translate_oom("quality predictor training"):
+        with translate_oom("quality predictor training"), interrupts:  # Ctrl-C stops at the next step
             for epoch in range(start_epoch, config.epochs):
                 if best["epoch"] >= 0 and config.patience and epoch - best["epoch"] >= config.patience:
                     stopped_early = True
@@ -1019,7 +1023,7 @@ def _train_epoch(epoch: int, batches, n_batches: int, opt: _Optimisation, config
         timing.make_s += got - tick
         timing.made += len(batch["target"])
         if dist.main_flag(cancel is not None and cancel.requested):
-            raise CancelledError("cancelled: the run's cancel file was found", hint=str(cancel.path))
+            raise cancel.error()
         loss = _training_step(opt, batch, config, dist.device)
         opt.scheduler.step(epoch + (b + 1) / n_batches)
         losses.append(loss.detach())
