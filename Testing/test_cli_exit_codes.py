@@ -332,3 +332,48 @@ def test_a_quality_predictor_of_other_classes_is_refused_before_anything_is_segm
     assert res.returncode == 2, res.stderr
     assert "scores 2 foreground class(es), but the dataset has 1" in res.stderr
     assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_training_checks_every_file_first_and_warns_of_empty_labels_and_unused_classes(tmp_path):
+    """Every file is opened before training: two bad label maps are reported together (not one per
+    run), and an all-background training label or a declared class no label map holds is a
+    warning on the terminal."""
+    import json
+
+    import numpy as np
+
+    from QGSegmentationLib.data.io import read_label, write_label
+    from QGSegmentationLib.data.phantom import make_phantom_dataset
+
+    dataset = make_phantom_dataset(tmp_path / "d", n_labeled=3, n_unlabeled=0, shape=(16, 32, 32), seed=2)
+    description = json.loads(dataset.read_text())
+    description["labels"]["2"] = "lesion"
+    dataset.write_text(json.dumps(description))
+    labels = [dataset.parent / case["label"] for case in description["training"]]
+    label, geometry = read_label(labels[0])
+    write_label(labels[0], np.zeros_like(label), geometry)
+    common = ["--patch", "16", "32", "32", "--iterations", "1", "--val-every", "1", "--quiet",
+              "--set", "network_options={channels: [4, 8, 16]}"]
+    res = run_cli("train", "--dataset", str(dataset), "--run-dir", str(tmp_path / "r"), *common)
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {labels[0]}: label map is empty (background only)" in res.stderr
+    assert "warning: class 2 ('lesion') never occurs in any label map" in res.stderr
+    for path in labels[1:]:
+        write_label(path, np.full_like(label, 7), geometry)
+    res = run_cli("train", "--dataset", str(dataset), "--run-dir", str(tmp_path / "r2"), *common)
+    assert res.returncode == 2, res.stderr
+    assert all(str(path) in res.stderr for path in labels[1:]), res.stderr
+
+
+def test_predict_warns_of_scores_it_will_not_rewrite_and_evaluate_names_a_file_given_as_folder(nrrd_images, tmp_path):
+    folder, checkpoint = nrrd_images
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "scores.csv").write_text("case,segment,label,predicted_quality\ncase_0,1,foreground,0.9\n")
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                  "--no-mirror", "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {out / 'scores.csv'} is left from an earlier predict into this folder" in res.stderr
+    res = run_cli("evaluate", "--predictions", str(out / "case_0.nrrd"), "--references", str(folder),
+                  "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 2 and "case_0.nrrd: a file: pass the folder that holds the predictions" in res.stderr

@@ -35,6 +35,10 @@ def test_evaluate_on_prediction_folders(phantom_3d, tmp_path):
     assert metrics["source"] == "real-segmenter masks"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["command"][:3] == ["qgseg", "quality", "evaluate"]
+    check = metrics["image_dependence"]  # said in words, with its numbers, and where the files went
+    verdict = "passes" if check["image_dependence_ok"] else "FAILS"
+    assert f"image dependence check {verdict}: Pearson with the right image {check['pearson_real']:.3f}" in res.stdout
+    assert f"written: {out / 'quality_evaluation.json'}" in res.stdout
 
     per_source = metrics["per_source"]  # one entry per segmenter folder, together all the masks
     assert [name.split("/")[-1] for name in per_source] == ["eroded", "dilated"]

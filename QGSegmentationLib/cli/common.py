@@ -138,7 +138,8 @@ def make_context(args: argparse.Namespace, command: str) -> RunContext:
     if launch.distributed and not args.run_dir:
         raise ConfigError(f"under torchrun (WORLD_SIZE={launch.world_size}) pass --run-dir: every rank "
                           "must use the same run folder")
-    run_dir = Path(args.run_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    default = f"{command.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"  # no spaces in paths
+    run_dir = Path(args.run_dir or Path("runs") / default)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{command}-{uuid.uuid4().hex[:8]}"
     if launch.is_main:

@@ -55,7 +55,8 @@ def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str]:
 
     pred_dir = Path(args.predictions)
     if not pred_dir.is_dir():
-        raise DataError(f"{pred_dir}: predictions folder not found")
+        raise DataError(f"{pred_dir}: " + ("a file: pass the folder that holds the predictions" if pred_dir.exists()
+                                           else "predictions folder not found"))
     if args.dataset:
         from ..data.dataset import empty_group_message, load_dataset
 

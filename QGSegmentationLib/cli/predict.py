@@ -125,6 +125,13 @@ def check_outputs(cases: List[Tuple[str, Path]], args: argparse.Namespace) -> No
     check_outputs_spare_inputs([path for _, path in cases], outputs)
 
 
+def stale_scores(out_dir: Path, args: argparse.Namespace) -> List[Path]:
+    """scores.csv / review.png already in the output folder of a run that will not rewrite them."""
+    if args.quality_checkpoint or args.second_opinion:
+        return []
+    return [path for path in (out_dir / "scores.csv", out_dir / "review.png") if path.exists()]
+
+
 def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     import torch
 
@@ -136,6 +143,9 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
     check_outputs(cases, args)  # before any model is loaded: a bad --output fails at once
+    for stale in stale_scores(Path(args.output), args):
+        ctx.events.warning(f"{stale} is left from an earlier predict into this folder: this run does not "
+                           "score, so it describes other predictions (delete it, or pass --quality-checkpoint)")
     segmenter = load_ensemble(args.checkpoint, args.mirror, device)
     second = load_ensemble(args.second_opinion, args.mirror, device) if args.second_opinion else None
     if second is not None and second.labels != segmenter.labels:

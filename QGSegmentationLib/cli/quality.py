@@ -252,7 +252,7 @@ def _train_config(args) -> Dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> int:
     def body(ctx):
-        from ..data.dataset import load_dataset
+        from ..data.dataset import checked_dataset, load_dataset
         from ..engine.cancel import CancelToken
         from ..engine.manifest import recorded_run
         from ..quality.train import QualityTrainConfig
@@ -260,7 +260,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
         config = QualityTrainConfig.from_dict(_train_config(args), source=args.config or "options")
-        spec = load_dataset(args.dataset)
+        spec = checked_dataset(args.dataset, ctx.events.warning) if ctx.is_main else load_dataset(args.dataset)
         train = _train_one if args.seeds == 1 else _train_members
         with recorded_run(ctx.run_dir, command=command_line(args), config=config, device=args.device,
                           seed=config.seed, started=ctx.started,
@@ -336,8 +336,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         paths = write_evaluation(result, ctx.run_dir, title=f"{group} {source}")
         m = result["metrics"]
         ctx.say(f"{group}: n={m['n']} MAE {m['mae']:.4f} Pearson {m['pearson']:.3f} "
-                f"Spearman {m['spearman']:.3f} AUROC(Dice<0.7) {m['auroc_failure']:.3f}; "
-                f"image dependence ok: {result['image_dependence_ok']}")
+                f"Spearman {m['spearman']:.3f} AUROC(Dice<0.7) {m['auroc_failure']:.3f}")
+        if "image_dependence" in result:
+            ctx.say(image_dependence_line(result["image_dependence"]))
         if second is not None:
             o = result["second_opinion"]["metrics"]
             ctx.say(f"second opinion ({second.folder}): MAE {o['mae']:.4f} Pearson {o['pearson']:.3f} "
@@ -346,12 +347,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 ctx.say(f"{name} (g and second opinion): MAE {c['mae']:.4f} Pearson {c['pearson']:.3f} "
                         f"Spearman {c['spearman']:.3f} AUROC(Dice<0.7) {c['auroc_failure']:.3f}")
         _say_per_source(ctx, result.get("per_source", {}))
+        ctx.say(f"written: {paths['metrics']}, {paths['rows']}, {paths['calibration']}")
         for name in ("mae", "pearson", "spearman", "auroc_failure"):
             if m[name] == m[name]:  # not NaN
                 ctx.events.metric(name, m[name], split=group if group != "training" else "train")
         return paths
 
     return run_with_events(args, "quality evaluate", body)
+
+
+def image_dependence_line(check: Dict[str, Any]) -> str:
+    """The image-dependence check in words: g must lose most of its correlation with the true Dice
+    when it sees a blacked-out image or another case's image instead of the right one."""
+    verdict = "passes" if check["image_dependence_ok"] else "FAILS"
+    shuffled = check["pearson_shuffled"]
+    other = f", with another case's image {shuffled:.3f}" if shuffled is not None else ""
+    return (f"image dependence check {verdict}: Pearson with the right image {check['pearson_real']:.3f}, "
+            f"with a blacked-out image {check['pearson_black']:.3f}{other} (each must be at most "
+            f"{1 - check['min_drop']:g} x the first: g must read the image, not only the mask)")
 
 
 def _say_per_source(ctx, per_source: Dict[str, Dict[str, Dict]], most: int = 12) -> None:

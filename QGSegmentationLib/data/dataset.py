@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -391,7 +391,7 @@ def split_validation(spec: DatasetSpec, n_validation: int, seed: int = 0) -> Dat
     if spec.validation or n_validation <= 0:
         return spec
     if n_validation >= len(spec.training):
-        raise DataError(f"cannot hold out {n_validation} validation cases from "
+        raise DataError(f"cannot hold out {n_validation} validation case{'s' if n_validation != 1 else ''} from "
                         f"{len(spec.training)} labeled training cases; at least one must remain")
     order = np.random.default_rng(seed).permutation(len(spec.training))
     chosen = set(int(i) for i in order[:n_validation])
@@ -466,6 +466,16 @@ def validate_dataset(spec: DatasetSpec, check_files: bool = True) -> ValidationR
         if check_files and report.label_voxels.get(value, 0) == 0:
             report.warnings.append(f"class {value} ('{spec.labels[value]}') never occurs in any label map")
     return report
+
+
+def checked_dataset(path: str | os.PathLike, warn: Callable[[str], None]) -> DatasetSpec:
+    """`load_dataset`, then every file opened before any training starts (`validate_dataset`): all
+    problems in one DataError instead of one per run, and `warn` told of empty training labels and
+    declared classes that no label map holds."""
+    spec = load_dataset(path)
+    for warning in validate_dataset(spec).warnings:
+        warn(warning)
+    return spec
 
 
 def iter_cases(spec: DatasetSpec, groups: Iterable[str]) -> list:

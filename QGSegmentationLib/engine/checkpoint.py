@@ -47,8 +47,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format
         raise DataError(f"{path}: not a readable QGSegmentation checkpoint ({str(exc).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or (expected_format and state.get("format") != expected_format):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        hint = ("this is a quality predictor g: pass it as --quality-checkpoint, and a segmenter's "
-                "checkpoints/best.pt (from `qgseg train` or `qgseg ssl train`) as --checkpoint"
+        hint = ("this is a quality predictor g, which --quality-checkpoint takes; here a segmenter's "
+                "checkpoints/best.pt (from `qgseg train` or `qgseg ssl train`) is expected"
                 if str(found).startswith("qgseg-quality") else None)
         raise DataError(f"{path}: expected a {expected_format} checkpoint, found {found!r}", hint=hint)
     return state

@@ -137,13 +137,14 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def prepare_data(self):
         from ..data.cache import CaseStore
-        from ..data.dataset import SPLIT_FILE, load_dataset, write_split_file
+        from ..data.dataset import SPLIT_FILE, checked_dataset, load_dataset, write_split_file
         from ..data.preprocess import PreprocessConfig, Preprocessor
 
         cfg = self.cfg
         if not cfg.dataset:
             raise ConfigError("no dataset given: pass --dataset path/to/dataset.json")
-        spec = load_dataset(cfg.dataset)
+        # rank 0 opens every file first: all problems at once, and warnings (empty labels, unused classes)
+        spec = checked_dataset(cfg.dataset, self.events.warning) if self.dist.is_main else load_dataset(cfg.dataset)
         self.spec = spec = with_validation(spec, cfg)
         if self.dist.is_main:
             write_split_file(spec, self.run_dir / SPLIT_FILE, written_by="qgseg train")

@@ -276,7 +276,8 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
     pairs: List[EvalPair] = []
     for folder in map(Path, prediction_dirs):
         if not folder.is_dir():
-            raise DataError(f"{folder}: predictions folder not found")
+            raise DataError(f"{folder}: " + ("a file: pass the folder that holds the predictions" if folder.exists()
+                                             else "predictions folder not found"))
         found = 0
         for case in cases:
             path = find_case_file(folder, case.id)

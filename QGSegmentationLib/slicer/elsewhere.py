@@ -69,6 +69,8 @@ def _relative(folder: jobs.JobFolder, path: Optional[str]) -> str:
 def load_train_job(root: str | os.PathLike) -> tuple:
     """(JobFolder, JobSpec, TrainingOptions) of a Train job folder; DataError naming the problem."""
     folder = jobs.JobFolder(Path(os.path.abspath(root)))
+    if not folder.root.is_dir():
+        raise DataError(f"{folder.root}: folder not found")
     if not folder.job_json.is_file():
         raise DataError(f"{folder.root}: no job.json here; give the folder the panel's "
                         "'Prepare for another machine' wrote (it holds job.json, dataset.json, images/)")
