@@ -165,14 +165,21 @@ def _segment_names(names: Mapping[int, str] | Sequence[str] | None, n_classes: i
     return {i: str(n) for i, n in enumerate(names) if i != 0}
 
 
-def prediction_paths(out_dir: str | os.PathLike, case_id: str) -> Dict[str, Path]:
-    """Where `write_prediction` puts a case: {"label": <out_dir>/<case_id>.nrrd, "segmentation":
-    <out_dir>/<case_id>.seg.nrrd}."""
+#: File types a predicted label map can be written as (`qgseg predict --format`); the Slicer
+#: segmentation beside it is always .seg.nrrd.
+LABEL_FORMATS = (".nrrd", ".nii.gz", ".nii", ".mha")
+
+
+def prediction_paths(out_dir: str | os.PathLike, case_id: str, label_format: str = ".nrrd") -> Dict[str, Path]:
+    """Where `write_prediction` puts a case: {"label": <out_dir>/<case_id><label_format>,
+    "segmentation": <out_dir>/<case_id>.seg.nrrd}."""
     case_id = str(case_id)
     if not case_id or "/" in case_id or "\\" in case_id or case_id in (".", ".."):
         raise DataError(f"case id {case_id!r} cannot be used as a file name")
+    if label_format not in LABEL_FORMATS:
+        raise DataError(f"label maps can be written as {', '.join(LABEL_FORMATS)}, not {label_format!r}")
     out_dir = Path(out_dir)
-    return {"label": out_dir / f"{case_id}.nrrd", "segmentation": out_dir / f"{case_id}.seg.nrrd"}
+    return {"label": out_dir / f"{case_id}{label_format}", "segmentation": out_dir / f"{case_id}.seg.nrrd"}
 
 
 def check_output_folder(out_dir: str | os.PathLike) -> Path:
@@ -218,13 +225,15 @@ def check_outputs_spare_inputs(inputs: Sequence[str | os.PathLike],
 
 
 def write_prediction(label: np.ndarray, geometry: Any, out_dir: str | os.PathLike, case_id: str,
-                     names: Mapping[int, str] | Sequence[str] | None = None) -> Dict[str, str]:
-    """Atomically write `<out_dir>/<case_id>.nrrd` (label map) and `<case_id>.seg.nrrd` (Slicer
-    segmentation with segment `names`); returns {"label": path, "segmentation": path}."""
+                     names: Mapping[int, str] | Sequence[str] | None = None,
+                     label_format: str = ".nrrd") -> Dict[str, str]:
+    """Atomically write `<out_dir>/<case_id>.nrrd` (label map; or .nii.gz, .nii, .mha:
+    `label_format`) and `<case_id>.seg.nrrd` (Slicer segmentation with segment `names`); returns
+    {"label": path, "segmentation": path}."""
     from .data.io import write_label, write_segmentation
 
     case_id = str(case_id)
-    paths = prediction_paths(out_dir, case_id)
+    paths = prediction_paths(out_dir, case_id, label_format)
     label = np.asarray(label)
     if label.dtype != np.uint8:
         if label.min(initial=0) < 0 or label.max(initial=0) > 255:

@@ -377,3 +377,23 @@ def test_predict_warns_of_scores_it_will_not_rewrite_and_evaluate_names_a_file_g
     res = run_cli("evaluate", "--predictions", str(out / "case_0.nrrd"), "--references", str(folder),
                   "--run-dir", str(tmp_path / "e"), "--quiet")
     assert res.returncode == 2 and "case_0.nrrd: a file: pass the folder that holds the predictions" in res.stderr
+
+
+def test_predict_writes_nifti_label_maps_on_request_on_the_inputs_grid(nrrd_images, tmp_path):
+    """--format nii.gz: <case>.nii.gz label maps (what nnU-Net and MONAI users read) on exactly the
+    input's grid, beside the Slicer .seg.nrrd; an --output named like an image file is refused."""
+    from QGSegmentationLib.data.io import read_geometry, read_label
+
+    folder, checkpoint = nrrd_images
+    out = tmp_path / "p"
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                  "--format", "nii.gz", "--no-mirror", "--run-dir", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["case_0.nii.gz", "case_0.seg.nrrd", "case_1.nii.gz", "case_1.seg.nrrd"]
+    for case in ("case_0", "case_1"):
+        _, geometry = read_label(out / f"{case}.nii.gz")
+        assert geometry.almost_equal(read_geometry(folder / f"{case}.nrrd"), tol=1e-6)
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(tmp_path / "x.nii.gz"),
+                  "--no-mirror", "--run-dir", str(tmp_path / "r2"), "--quiet")
+    assert res.returncode == 2 and "name a folder, not an image file" in res.stderr, res.stderr
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -41,7 +41,10 @@ def register(subparsers) -> None:
                         help="image files, a folder of images, or a dataset.json")
     parser.add_argument("--split", default="test", choices=["test", "validation", "training", "unlabeled", "all"],
                         help="which list of a dataset.json to segment")
-    parser.add_argument("--output", required=True, help="folder for <case>.nrrd and <case>.seg.nrrd")
+    parser.add_argument("--output", required=True, help="folder for <case>.nrrd (--format) and <case>.seg.nrrd")
+    parser.add_argument("--format", default="nrrd", choices=["nrrd", "nii.gz", "nii", "mha"],
+                        help="file type of the label maps (nii.gz as nnU-Net and MONAI write them); the "
+                             "Slicer segmentation <case>.seg.nrrd is written beside each either way")
     parser.add_argument("--quality-checkpoint", nargs="+",
                         help="quality predictor (several: their mean): also write scores.csv")
     parser.add_argument("--second-opinion", nargs="+", metavar="CHECKPOINT",
@@ -99,11 +102,11 @@ def collect_inputs(inputs: List[str], split: str) -> List[Tuple[str, Path]]:
 
 
 def planned_outputs(case_ids: List[str], out_dir: Path, png: bool, scoring: bool,
-                    review_sheet: bool) -> List[Path]:
+                    review_sheet: bool, label_format: str = ".nrrd") -> List[Path]:
     """Every file `predict_body` will write under `out_dir` for these cases and options."""
     from ..inference import prediction_paths
 
-    paths = [p for case_id in case_ids for p in prediction_paths(out_dir, case_id).values()]
+    paths = [p for case_id in case_ids for p in prediction_paths(out_dir, case_id, label_format).values()]
     if png:
         paths += [out_dir / f"{case_id}.png" for case_id in case_ids]
     if scoring:
@@ -119,10 +122,22 @@ def check_outputs(cases: List[Tuple[str, Path]], args: argparse.Namespace) -> No
     of .nrrd images): the images would be replaced by their label maps."""
     from ..inference import check_output_folder, check_outputs_spare_inputs
 
+    from ..data.io import IMAGE_EXTENSIONS, file_extension
+    from ..errors import ConfigError
+
+    if file_extension(args.output) in IMAGE_EXTENSIONS and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: name a folder, not an image file; the label maps are "
+                          "written into it as <case>.nrrd, or as another type with --format (e.g. nii.gz)")
     out_dir = check_output_folder(args.output)
     scoring = bool(args.quality_checkpoint or args.second_opinion)
-    outputs = planned_outputs([c for c, _ in cases], out_dir, args.png, scoring, args.review_sheet > 0)
+    outputs = planned_outputs([c for c, _ in cases], out_dir, args.png, scoring, args.review_sheet > 0,
+                              label_format(args))
     check_outputs_spare_inputs([path for _, path in cases], outputs)
+
+
+def label_format(args: argparse.Namespace) -> str:
+    """--format as a file extension: nii.gz -> .nii.gz."""
+    return "." + args.format
 
 
 def stale_scores(out_dir: Path, args: argparse.Namespace) -> List[Path]:
@@ -184,7 +199,7 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
         with translate_oom(f"inference on {image_path}"), torch.no_grad():
             label, _, geometry = segment(segmenter, image_path)
             other = segment(second, image_path)[0] if second is not None else None
-        paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names)
+        paths = write_prediction(label, geometry, out_dir, case_id, segmenter.foreground_names, label_format(args))
         outputs = {k: str(v) for k, v in paths.items()}
         label_files[case_id] = (image_path, Path(paths["label"]))
         metrics = {}
