@@ -243,3 +243,22 @@ def test_dataset_from_files(phantom):
         dataset_from_files(images[:2], labels[:1])
     with pytest.raises(DataError, match="missing.nrrd' does not exist"):
         dataset_from_files([phantom.parent / "missing.nrrd"], labels[:1])
+
+
+def test_slicer_segmentations_whose_segment_names_swap_the_datasets_labels_are_refused(tmp_path):
+    """A .seg.nrrd reference names its segments; when those names are the dataset's label names
+    at other values, its classes would be learned swapped. Slicer's default names pass."""
+    root = make_phantom_dataset(tmp_path / "ds", n_labeled=2, n_unlabeled=0, shape=SHAPE, n_classes=3).parent
+    desc = json.loads((root / "dataset.json").read_text())
+    case = desc["training"][0]
+    label, geometry = io.read_label(root / case["label"])
+    seg = f"labelsTr/{case['image'].split('/')[-1].split('.')[0]}.seg.nrrd"
+    case["label"] = seg
+    desc["labels"] = {"0": "background", "1": "liver", "2": "tumor"}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    io.write_segmentation(root / seg, label, geometry, {1: "Segment_1", 2: "Segment_2"})
+    assert validate_dataset(load_dataset(root / "dataset.json")).cases["training"] == 2
+    io.write_segmentation(root / seg, label, geometry, {1: "Tumor", 2: "liver"})
+    with pytest.raises(DataError, match=r"seg.nrrd: segment label values do not match the dataset's labels: "
+                                        r"'Tumor' is 1 in the file, 2 in the dataset; 'liver' is 2 in the file, 1"):
+        validate_dataset(load_dataset(root / "dataset.json"))

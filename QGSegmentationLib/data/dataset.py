@@ -435,6 +435,7 @@ def _validate_case(case: CaseRef, group: str, spec: DatasetSpec, report: Validat
     try:
         label, label_geom = io.read_label(case.label, allowed_labels=spec.labels)
         io.check_same_geometry(image_geom, label_geom, case.image, case.label)
+        check_segment_names(case.label, spec.labels)
     except DataError as exc:
         problems.add(f"[{group}] {exc.message}")
         return
@@ -443,6 +444,22 @@ def _validate_case(case: CaseRef, group: str, spec: DatasetSpec, report: Validat
         report.label_voxels[value] = report.label_voxels.get(value, 0) + int(counts[value])
     if group == "training" and counts[1:].sum() == 0:
         report.warnings.append(f"{case.label}: label map is empty (background only)")
+
+
+def check_segment_names(path: Path, labels: Mapping[int, str]) -> None:
+    """DataError when a Slicer .seg.nrrd names its segments after the dataset's labels but with
+    other values (say "tumor" = 1 in the file, 2 in dataset.json): its classes would be learned
+    swapped. Segment names that are not label names (Slicer's "Segment_1") are not compared."""
+    if io.file_extension(path) != io.SEGMENTATION_EXTENSION:
+        return
+    value_of = {str(name).strip().lower(): int(value) for value, name in labels.items()}
+    swapped = [f"'{name}' is {value} in the file, {value_of[name.strip().lower()]} in the dataset"
+               for value, name in io.read_segmentation_names(path).items()
+               if name.strip().lower() in value_of and value_of[name.strip().lower()] != value]
+    if swapped:
+        raise DataError(f"{path}: segment label values do not match the dataset's labels: " + "; ".join(swapped),
+                        hint="give each segment the label value dataset.json gives its name (Slicer: "
+                             "Segment Editor, or export the segments in the order of the labels)")
 
 
 def validate_dataset(spec: DatasetSpec, check_files: bool = True) -> ValidationReport:
