@@ -397,3 +397,22 @@ def test_predict_writes_nifti_label_maps_on_request_on_the_inputs_grid(nrrd_imag
                   "--no-mirror", "--run-dir", str(tmp_path / "r2"), "--quiet")
     assert res.returncode == 2 and "name a folder, not an image file" in res.stderr, res.stderr
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_guided_run_too_short_for_its_schedule_says_so_with_a_schedule_that_fits(phantom_3d, tmp_path):
+    from QGSegmentationLib.quality.predictor import QualityPredictor, predictor_config, save_predictor
+
+    g = save_predictor(tmp_path / "g.pt", QualityPredictor(predictor_config(n_foreground=1, grid_size=(16, 16, 16))).eval())
+    common = ["ssl", "train", "--dataset", str(phantom_3d), "--method", "mt", "--quality-checkpoint", str(g),
+              "--patch", "16", "32", "32", "--iterations", "4", "--val-every", "4", "--iterations-per-epoch", "1",
+              "--quiet", "--set", "network_options={channels: [4, 8, 16]}"]
+    res = run_cli(*common, "--guidance", "qar,qw", "--run-dir", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr
+    assert ("warning: this run is 4 epochs of 1 iterations, shorter than the quality guidance schedule: by its end "
+            "QAR 0% of its weight, QW 0% of its weight. The QG-SSL paper's schedule scaled to this run: "
+            "--set ssl.qar_delay_epochs=0.6 --set ssl.qar_rampup_epochs=0.8 --set ssl.qw_delay_epochs=0.3 "
+            "--set ssl.qw_rampup_epochs=0.6") in res.stderr
+    fitted = ["--set", "ssl.qar_delay_epochs=0.6", "--set", "ssl.qar_rampup_epochs=0.8",
+              "--set", "ssl.qw_delay_epochs=0.3", "--set", "ssl.qw_rampup_epochs=0.6"]
+    res = run_cli(*common, "--guidance", "qar,qw", *fitted, "--run-dir", str(tmp_path / "b"))
+    assert res.returncode == 0 and "quality guidance schedule" not in res.stderr, res.stderr

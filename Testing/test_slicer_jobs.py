@@ -89,6 +89,11 @@ def test_stage_arguments(tmp_path):
     assert two_d[two_d.index("--patch") + 1: two_d.index("--patch") + 3] == ["64", "64"]
     assert two_d[two_d.index("--spacing") + 1] == "auto" and "--quality-checkpoint" not in two_d
     planned = train_arguments(folder, TrainingOptions(), quality_checkpoint="/q/best.pt")  # defaults: both planned
+    # 2000 iterations of 50 are 40 epochs: the QG-SSL paper's 200-epoch QAR / QW schedules scaled to them
+    assert [a for a in planned if a.startswith("--set=ssl.")] == [
+        "--set=ssl.qar_delay_epochs=6", "--set=ssl.qar_rampup_epochs=8",
+        "--set=ssl.qw_delay_epochs=3", "--set=ssl.qw_rampup_epochs=6"]
+    assert not any(a.startswith("--set=ssl.") for a in two_d)  # no guidance, no schedule
     assert planned[planned.index("--patch") + 1: planned.index("--patch") + 3] == ["auto", "--seed"]
     after_spacing = planned[planned.index("--spacing") + 1:]
     assert after_spacing[0] == "auto" and (len(after_spacing) == 1 or after_spacing[1].startswith("--"))

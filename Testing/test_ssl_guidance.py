@@ -216,3 +216,47 @@ def test_config_module_does_not_import_torch():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_quality_predictor_sees_training_patches_as_it_was_trained_to_see_them():
+    """QAR and QW show g each patch resized to its grid with the image standardised there, as g's
+    own training did (`present_patch`), whatever the segmenter's intensity normalisation ([0, 1],
+    volume z-score, raw values); gradients still reach the masks."""
+    from QGSegmentationLib.quality.predictor import QualityPredictor, predictor_config
+    from QGSegmentationLib.quality.presentation import present_patch
+
+    torch.manual_seed(0)
+    g = QualityPredictor(predictor_config(n_foreground=1, mode="3d", grid_size=(16, 16, 16))).eval()
+    seen = []
+    g.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0][:, 0].detach()))
+    guidance = QualityGuidance(g, SSLConfig())
+    image = torch.rand(2, 1, 20, 24, 28)
+    probs = torch.rand(2, 1, 20, 24, 28, requires_grad=True)
+    for scaled in (image, image * 800.0 - 300.0):  # [0, 1] percentiles, raw CT-like values
+        q = guidance.quality(scaled, probs)
+        image_channel = seen[-1]
+        assert image_channel.shape == (2, 16, 16, 16)
+        assert torch.allclose(image_channel.flatten(1).mean(1), torch.zeros(2), atol=1e-4)
+        assert torch.allclose(image_channel.flatten(1).std(1, unbiased=False), torch.ones(2), atol=1e-3)
+        with torch.no_grad():
+            assert torch.allclose(q, g(*present_patch(scaled, probs, g.grid_size)))
+    q.sum().backward()
+    assert probs.grad is not None and probs.grad.abs().sum() > 0
+
+
+def test_guidance_schedules_that_do_not_fit_the_run_are_measured_and_scaled_to_it():
+    """The paper's QAR / QW schedules are for 200 epochs: in a 40-epoch run QAR reaches a quarter of
+    its weight, QW five sixths. Scaled to the run, both reach full weight at the same fraction of
+    training as in the paper (QAR at 70/200, QW at 45/200)."""
+    from QGSegmentationLib.ssl.config import guidance_schedule_for
+
+    both = SSLConfig(guidance_qar=True, guidance_qw=True)
+    short = both.guidance_shortfall(40)
+    assert math.isclose(short["qar"], 0.25) and math.isclose(short["qw"], 25 / 30)
+    assert both.guidance_shortfall(200) == {} and SSLConfig().guidance_shortfall(10) == {}  # off: no shortfall
+    assert SSLConfig(guidance_qar=True).guidance_shortfall(20) == {"qar": 0.0}
+    scaled = SSLConfig(guidance_qar=True, guidance_qw=True, **guidance_schedule_for(40))
+    assert scaled.guidance_shortfall(40) == {}
+    guidance = QualityGuidance(MeanIntensityQuality(1), scaled)
+    assert guidance.lambda_qar(40 * 30 / 200) == 0.0 and math.isclose(guidance.lambda_qar(40 * 70 / 200), 0.01)
+    assert math.isclose(guidance.lambda_qw(40 * 45 / 200), 0.25)

@@ -362,3 +362,13 @@ def test_ema_teacher_leaves_float16_autocast_only(dtype, teacher_in_float32):
     with torch.autocast("cuda", dtype=dtype):
         probs = method.teacher_probs(image)
     assert probs.dtype == torch.float32 and seen == [torch.float32 if teacher_in_float32 else dtype]
+
+
+def test_teachers_decay_as_their_source_papers_say():
+    """QG-SSL's PL-QW teacher (methods.md 1.4) decays at 0.999, UA-MT's Mean Teacher at 0.99;
+    each has its own option."""
+    cfg = SSLConfig()
+    decay = lambda name, c=cfg: build_method(name, make_networks(name, 2, c), c, None).teacher.decay  # noqa: E731
+    assert [decay(n) for n in ("pl", "pl_t", "pl_c")] == [0.999] * 3
+    assert [decay(n) for n in ("mt", "uamt", "ict")] == [0.99] * 3
+    assert decay("pl", SSLConfig(pl_ema_decay=0.9)) == 0.9 and decay("mt", SSLConfig(ema_decay=0.95)) == 0.95

@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
+from ..ssl.config import guidance_schedule_for
 from .common import HelpFormatter, RunContext, add_run_options, run_with_events
+
+#: Epochs of each demo training; its quality guidance runs the paper's schedule scaled to them.
+DEMO_EPOCHS = 30
 
 
 def register(subparsers) -> None:
@@ -39,7 +43,7 @@ def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int
     # the phantom is drawn in voxels, so each case keeps its own grid (no planned resampling)
     cfg = TrainConfig(dataset=str(dataset), mode="3d", target_spacing=None, patch_size=(32, 48, 48), batch_size=2,
                       unlabeled_batch_size=2, iterations=iterations, val_every=max(1, iterations // 5),
-                      checkpoint_every=max(1, iterations // 5), iterations_per_epoch=max(1, iterations // 30),
+                      checkpoint_every=max(1, iterations // 5), iterations_per_epoch=max(1, iterations // DEMO_EPOCHS),
                       lr=3e-3, network="unet", network_options={"channels": [8, 16, 32, 64]},
                       method=method, ssl=dict(guidance or {}), quality_checkpoint=str(quality) if quality else None,
                       seed=seed, device=device)
@@ -76,7 +80,8 @@ def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     final = sup
     if not args.skip_ssl and quality_ckpt is not None:
         final = _train(ctx, f"{args.method}-qg", dataset, args.iterations, args.seed, args.device,
-                       method=args.method, guidance={"guidance_qar": True, "guidance_qw": True},
+                       method=args.method, guidance={"guidance_qar": True, "guidance_qw": True,
+                                                     **guidance_schedule_for(DEMO_EPOCHS)},
                        quality=quality_ckpt)
     outputs["segmenter_checkpoint"] = final.best_checkpoint
 

@@ -273,10 +273,30 @@ class Trainer:
         from ..ssl.guidance import QualityGuidance
 
         predictor = load_predictor(self.cfg.quality_checkpoint, device=self.device)
+        if predictor.spatial_dims != (2 if self.cfg.mode == "2d" else 3):
+            raise ConfigError(f"{self.cfg.quality_checkpoint}: a {predictor.spatial_dims}D quality predictor cannot "
+                              f"guide {self.cfg.mode} training", hint=f"train g with --mode {self.cfg.mode}")
         mismatch = check_scores_labels(predictor, self.spec.labels, self.cfg.quality_checkpoint, "the dataset")
         if mismatch:
             self.events.warning(mismatch)
+        self.warn_of_unfinished_guidance()
         return QualityGuidance(predictor, self.ssl_config)
+
+    def warn_of_unfinished_guidance(self) -> None:
+        """A QAR / QW ramp that does not finish inside the run gives the term a fraction of its
+        weight (or none): say so, with a schedule of the same shape that fits."""
+        from ..ssl.config import guidance_schedule_for
+
+        cfg = self.cfg
+        run_epochs = cfg.iterations / cfg.iterations_per_epoch
+        short = self.ssl_config.guidance_shortfall(run_epochs)
+        if not short:
+            return
+        reached = ", ".join(f"{name.upper()} {fraction:.0%} of its weight" for name, fraction in short.items())
+        fitted = " ".join(f"--set ssl.{k}={v:g}" for k, v in guidance_schedule_for(run_epochs).items())
+        self.events.warning(f"this run is {run_epochs:g} epochs of {cfg.iterations_per_epoch} iterations, shorter "
+                            f"than the quality guidance schedule: by its end {reached}. The QG-SSL paper's schedule "
+                            f"scaled to this run: {fitted}")
 
     def ssl_config_flag(self, name: str) -> bool:
         return bool(getattr(self.ssl_config, name, False))

@@ -388,6 +388,12 @@ def _segmenter_training(run_dir: Path, events: Path, folder: JobFolder, options:
     args += ["--spacing", *options.spacing()]
     if seeds > 1:
         args += ["--seeds", str(seeds)]
+    if guidance != "none":  # the QG-SSL paper's schedule, scaled to the run's length (it has 200 epochs)
+        from ..engine.config import TrainConfig
+        from ..ssl.config import guidance_schedule_for
+
+        run_epochs = options.iterations / TrainConfig.iterations_per_epoch
+        args += [f"--set=ssl.{name}={value:g}" for name, value in guidance_schedule_for(run_epochs).items()]
     return args
 
 

@@ -183,7 +183,11 @@ class TeacherStudentMethod(SSLMethod):
         super().__init__(networks, config, guidance)
         from .ema import EMATeacher
 
-        self.teacher = EMATeacher(self.networks[0], self.cfg.ema_decay)
+        self.teacher = EMATeacher(self.networks[0], self.teacher_decay())
+
+    def teacher_decay(self) -> float:
+        """The EMA teacher's decay (its source paper's): `ema_decay` unless a method says otherwise."""
+        return self.cfg.ema_decay
 
     def teacher_probs(self, image: torch.Tensor) -> torch.Tensor:
         """Teacher softmax on `image`, without gradient (in float32 under float16 autocast)."""

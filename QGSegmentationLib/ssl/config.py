@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, check_option_names
 
@@ -24,16 +24,20 @@ METHOD_NAMES: Tuple[str, ...] = (
 
 REGION_NAMES = ("UC", "US", "DC", "DS")
 
+#: Training length of the QG-SSL paper, for which its QAR / QW schedules (in epochs) were written.
+PAPER_EPOCHS = 200.0
+
 
 @dataclass
 class SSLConfig:
     """Every method hyper-parameter, with the papers' defaults."""
 
     # --- shared: EMA teacher and consistency ramp (UA-MT / MT defaults) ---
-    ema_decay: float = 0.99                 # MT/UA-MT 0.99; QG-SSL's teacher uses 0.999
+    ema_decay: float = 0.99                 # MT/UA-MT/ICT/CL teachers (UA-MT's 0.99)
     consistency_weight: float = 0.1         # MT, UA-MT, ICT: weight * sigmoid_rampup(epoch, 40)
     consistency_rampup_epochs: float = 40.0
     # --- pseudo-labelling (PL, PL-T, PL-C); schedule = QG-SSL's lambda_qw schedule ---
+    pl_ema_decay: float = 0.999             # PL, PL-T, PL-C teachers: QG-SSL's PL-QW (methods.md 1.4)
     pl_weight: float = 0.25                 # 0 for 15 epochs, then linear over 30 epochs to 0.25
     pl_delay_epochs: float = 15.0
     pl_rampup_epochs: float = 30.0
@@ -99,6 +103,18 @@ class SSLConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def guidance_shortfall(self, run_epochs: float) -> Dict[str, float]:
+        """{"qar"/"qw": the fraction of its weight the switched-on guidance term reaches by the end
+        of a run of `run_epochs` epochs} for each term whose delay + ramp does not fit in the run
+        (the QG-SSL paper's schedules are for 200 epochs; a default 2000-iteration run has 40)."""
+        terms = {"qar": (self.guidance_qar, self.qar_delay_epochs, self.qar_rampup_epochs),
+                 "qw": (self.guidance_qw, self.qw_delay_epochs, self.qw_rampup_epochs)}
+        short = {}
+        for name, (on, delay, ramp) in terms.items():
+            if on and delay + ramp > run_epochs:
+                short[name] = 0.0 if run_epochs <= delay else (run_epochs - delay) / max(ramp, 1e-9)
+        return short
+
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]], source: str = "ssl") -> "SSLConfig":
         """Build from a mapping; unknown keys raise a ConfigError that lists the valid ones."""
@@ -116,6 +132,7 @@ class SSLConfig:
                 raise ConfigError(f"ssl.{name} must be {what}, not {getattr(self, name)!r}")
 
         check("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)")
+        check("pl_ema_decay", 0.0 <= self.pl_ema_decay < 1.0, "in [0, 1)")
         for name in ("pl_t_threshold", "pl_c_threshold", "cl_threshold", "fixmatch_threshold",
                      "het_threshold_init", "qw_tau"):
             check(name, 0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
@@ -169,3 +186,12 @@ def ssl_config_of(config: Any) -> SSLConfig:
         return SSLConfig.from_dict(config)
     raise ConfigError(f"cannot find SSL options in a {type(config).__name__} "
                       "(expected an SSLConfig, a mapping, or an object with an `ssl` attribute)")
+
+
+def guidance_schedule_for(run_epochs: float, paper_epochs: float = PAPER_EPOCHS) -> Dict[str, float]:
+    """The QAR and QW delays and ramps of the QG-SSL paper (written for `paper_epochs` epochs)
+    scaled to a run of `run_epochs` epochs, keeping their shape: the same fractions of training."""
+    scale = float(run_epochs) / float(paper_epochs)
+    defaults = SSLConfig()
+    return {name: round(getattr(defaults, name) * scale, 3)
+            for name in ("qar_delay_epochs", "qar_rampup_epochs", "qw_delay_epochs", "qw_rampup_epochs")}

@@ -47,11 +47,17 @@ class QualityGuidance:
 
     # --- g -------------------------------------------------------------------------------------
     def quality(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """g(image, masks) as (B, K), with g forced to eval mode and its output shape checked."""
+        """g(image, masks) as (B, K), with g forced to eval mode and its output shape checked.
+
+        A quality predictor sees each patch as it was trained to (`quality.presentation.present_patch`):
+        resized to its grid, the image standardised there (robust z-score); the segmenter's own
+        intensity normalisation (volume z-score, [0, 1] percentiles, raw values) would be inputs g
+        never saw. A predictor that declares no grid (a plain function of image and masks) gets
+        them as they are."""
         if self.predictor.training:
             self.predictor.eval()
         try:
-            q = self.predictor(image, masks)
+            q = self.predictor(*self._presented(image, masks))
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 raise
@@ -65,6 +71,18 @@ class QualityGuidance:
                               f"{(image.shape[0], masks.shape[1])} (batch, foreground classes): was "
                               "it trained for this number of classes?")
         return q.float()
+
+    def _presented(self, image: torch.Tensor, masks: torch.Tensor):
+        """(image, masks) as g takes them: see `quality`. Shapes are checked before resizing."""
+        from ..quality.presentation import present_patch
+
+        grid = getattr(self.predictor, "grid_size", None)
+        if grid is None:
+            return image, masks
+        check = getattr(self.predictor, "check_inputs", None)
+        if check is not None:
+            check(image, masks)
+        return present_patch(image, masks, grid)
 
     def qar_loss(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """1 - mean g(x, softmax(logits)[:, 1:]); gradients reach the segmenter through g."""

@@ -20,6 +20,9 @@ class PseudoLabel(TeacherStudentMethod):
     name = "pl"
     description = "EMA-teacher pseudo-labelling"
 
+    def teacher_decay(self) -> float:
+        return self.cfg.pl_ema_decay  # QG-SSL's PL-QW teacher: 0.999
+
     def unlabeled_weight(self, epoch: float) -> float:
         if self.qw_on:
             return self.guidance.lambda_qw(epoch)
