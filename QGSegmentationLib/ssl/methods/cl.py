@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...engine.device import float32_under_float16_autocast
 from ..base import StepInfo, TeacherStudentMethod
 from ..features import (batch_index, features_and_logits, flatten_pixels, scatter_mean,
                         to_feature_grid)
@@ -66,9 +67,9 @@ class ContrastiveLearning(TeacherStudentMethod):
             logits_l = net(xl)
             feats_u, logits_u = features_and_logits(net, xu)
         self.teacher.follow_device(net)
-        with torch.no_grad():
+        with torch.no_grad(), float32_under_float16_autocast():  # as teacher_probs: fp16 overflows
             self.teacher.module.eval()
-            feats_t, logits_t = features_and_logits(self.teacher.module, xu)
+            feats_t, logits_t = features_and_logits(self.teacher.module, xu.float())
             conf, hard = torch.softmax(logits_t.float(), dim=1).max(dim=1)
         confident = conf >= self.cfg.cl_threshold
         grid = feats_u.shape[2:]
