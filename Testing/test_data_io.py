@@ -274,6 +274,11 @@ def test_truncated_nifti_check_measures_decompressed_bytes(tmp_path, geometry):
     assert_data_error(lambda: io.read_image(uncompressed), uncompressed,
                       f"truncated: {len(raw) - 40} of {len(raw)} bytes")
 
+    members = tmp_path / "members.nii.gz"  # a whole file of two gzip members (bgzip writes many):
+    members.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))  # its trailer counts the last
+    io.check_nifti_complete(members)  # ... so the payload is counted, and it is all there
+    assert np.array_equal(io.read_image(members)[0], io.read_image(whole)[0])
+
 
 def test_truncated_mha_message_has_no_misleading_reason(tmp_path, geometry):
     path = tmp_path / "short.mha"

@@ -289,12 +289,25 @@ def _truncated(path: Path, what: str, have: int, expected: int) -> DataError:
                      hint="copy or download the file again; the missing voxels would read as zeros")
 
 
+def _gzip_trailer_size(path: Path) -> Optional[int]:
+    """The uncompressed size (mod 2^32) a gzip file's last member records in its last 4 bytes.
+    A file cut short ends inside its compressed data instead, where these bytes match the expected
+    size by chance only (about 1 in 4e9); a mismatch (or a file of several gzip members) is
+    settled by counting the decompressed bytes."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", handle.read(4))[0]
+    except OSError:
+        return None
+
+
 def check_nifti_complete(path: str | os.PathLike, what: str = "image") -> None:
     """DataError when a .nii / .nii.gz file holds fewer bytes than its header declares.
 
-    `.nii`: the file size against vox_offset + voxels x bytes per voxel. `.nii.gz`: the payload is
-    decompressed in chunks and counted (nothing is kept; a stream that ends early, or a broken
-    one, is truncated or corrupt). Other formats are left to ITK, whose readers fail on them."""
+    `.nii`: the file size against vox_offset + voxels x bytes per voxel. `.nii.gz`: the size the
+    gzip trailer records, and where that does not match, the payload decompressed in chunks and
+    counted (nothing is kept; a stream that ends early, or a broken one, is truncated or corrupt). Other formats are left to ITK, whose readers fail on them."""
     import gzip
     import zlib
 
@@ -313,8 +326,8 @@ def check_nifti_complete(path: str | os.PathLike, what: str = "image") -> None:
                 header = stream.read(_NIFTI2_SIZE)
                 count = len(header)
                 expected = _nifti_expected_bytes(header)
-                if expected is None:
-                    return
+                if expected is None or _gzip_trailer_size(path) == expected % (1 << 32):
+                    return  # the stream's own record of its length: a whole file (the usual case)
                 while count < expected:
                     chunk = stream.read(min(_GZIP_CHUNK, expected - count))
                     if not chunk:
