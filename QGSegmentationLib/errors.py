@@ -39,6 +39,12 @@ class ConfigError(QGSegError):
     kind = "data"
 
 
+class RunFolderError(ConfigError):
+    """The run folder holds another run (other networks, labels, g configuration, an ensemble),
+    which this one cannot resume. Raised before anything is trained, so the folder's record of
+    that earlier run (its manifest.json) is left as it is."""
+
+
 class CancelledError(QGSegError):
     """The run saw its cancel file and stopped after saving a checkpoint."""
 

@@ -230,6 +230,7 @@ def test_resuming_a_run_folder_with_another_network_method_or_labels_exits_2(pha
               "--run-dir", str(run_dir), "--set", "network_options={channels: [4, 8, 16]}"]
     first = run_cli("train", "--dataset", str(phantom_3d), *common)
     assert first.returncode == 0, first.stderr
+    manifest = (run_dir / "manifest.json").read_text()  # the finished run's record, kept by every refusal
     for changed, what in ((["--dataset", str(phantom_3d), "--network", "basicunet"], "network 'unet' there, 'basicunet' now"),
                           (["--dataset", str(phantom_3d), "--method", "cps"], "method 'sup' there, 'cps' now"),
                           (["--dataset", str(phantom_multiclass)], "labels ")):
@@ -237,6 +238,7 @@ def test_resuming_a_run_folder_with_another_network_method_or_labels_exits_2(pha
         assert res.returncode == 2, res.stderr
         assert "holds a training of another model" in res.stderr and what in res.stderr, res.stderr
         assert "choose another --run-dir" in res.stderr
+        assert (run_dir / "manifest.json").read_text() == manifest
     again = run_cli("train", "--dataset", str(phantom_3d), *common[:-2], "--iterations", "3", *common[-2:])
     assert again.returncode == 0, again.stderr
 

@@ -74,3 +74,25 @@ def test_a_rerun_from_another_folder_finds_the_finished_members(dataset, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert train(dataset, tmp_path / "first" / "g", "--seeds", "2", "--quiet") == 0
     assert len(load_predictor(tmp_path / "first" / "g" / "checkpoints" / "best.pt").members) == 2
+
+
+def test_a_rerun_with_other_options_goes_on_training_its_members_or_refuses_another_network(dataset, tmp_path):
+    """As for the segmenter's --seeds: finished members are skipped only when they finished with
+    the options asked for now. More epochs resume them; another backbone is refused (exit 2), and
+    the ensemble's manifest still records the run the folder holds."""
+    import json
+
+    from QGSegmentationLib.quality.train import RESULT_FILE
+
+    run = tmp_path / "g"
+    assert train(dataset, run, "--seeds", "2", "--quiet") == 0
+    seed0 = run / "seed-0" / "checkpoints" / "best.pt"
+    finished = seed0.stat().st_mtime_ns
+    assert train(dataset, run, "--seeds", "2", "--quiet") == 0  # the same options: nothing trains
+    assert seed0.stat().st_mtime_ns == finished
+    assert train(dataset, run, "--seeds", "2", "--quiet", "--epochs", "2") == 0
+    for seed in (0, 1):
+        assert json.loads((run / f"seed-{seed}" / RESULT_FILE).read_text())["epochs_run"] == 2
+    manifest = (run / "manifest.json").read_text()
+    assert train(dataset, run, "--seeds", "2", "--quiet", "--epochs", "2", "--backbone", "resnet18") == 2
+    assert (run / "manifest.json").read_text() == manifest

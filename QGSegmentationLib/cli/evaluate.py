@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     ref = parser.add_mutually_exclusive_group(required=True)
     ref.add_argument("--dataset", help="dataset.json whose --split lists the references")
     ref.add_argument("--references", help="folder of reference label maps named like the predictions")
-    parser.add_argument("--split", default="test", choices=["test", "validation", "training"])
+    parser.add_argument("--split", default="test", choices=["test", "validation", "training"],
+                        help="which labeled list of --dataset to evaluate")
     add_run_options(parser)
     parser.set_defaults(func=run)
 

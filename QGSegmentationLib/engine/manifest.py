@@ -90,12 +90,18 @@ def recorded_run(run_dir: str | os.PathLike, *, command: list[str], config, devi
     """Write the run's manifest when the block ends, however it ends: status "ok", or "interrupted"
     if it raised. `config` (anything with `to_dict()`) is read then, so the values a run fills in
     (the planned spacing and patch) are recorded; the block may set the yielded dict's "device"
-    (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing."""
+    (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing, nor does a
+    RunFolderError (a refusal to resume another run) where the folder has a manifest already."""
+    from ..errors import RunFolderError
+
     facts = {"device": device}
     status = "interrupted"
     try:
         yield facts
         status = "ok"
+    except RunFolderError:  # nothing ran: the manifest of the run the folder holds stays its record
+        enabled = enabled and not (Path(run_dir) / "manifest.json").exists()
+        raise
     finally:
         if enabled:
             write_manifest(run_dir, command=command, config=config.to_dict(), device=str(facts["device"]), seed=seed,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFolderError
 from ..fileio import read_json, write_json_atomic
 from .cancel import CancelToken
 from .checkpoint import checkpoint_dir, load_checkpoint, member_dir, save_checkpoint
@@ -143,6 +143,6 @@ def refuse_ensemble_resume(state: Dict[str, Any], path: Path) -> None:
     """An ensemble's last.pt holds weights only: a plain `qgseg train` cannot go on from it."""
     if "ensemble_seeds" in state:
         n = len(state["ensemble_seeds"])
-        raise ConfigError(f"{path}: this run folder holds an ensemble of {n} seeds (`qgseg train --seeds {n}`), "
+        raise RunFolderError(f"{path}: this run folder holds an ensemble of {n} seeds (`qgseg train --seeds {n}`), "
                           "which a single training cannot resume",
                           hint=f"pass --seeds {n} to resume or extend it, or choose another --run-dir")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, RunFolderError
 from .cancel import CancelToken
 from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
 from .config import TrainConfig
@@ -393,7 +393,7 @@ class Trainer:
         if labels is not None and state.get("labels", labels) != labels:
             differ.append(f"labels {state['labels']} there, {labels} now")
         if differ:
-            raise ConfigError(f"{path}: the run folder holds a training of another model ({'; '.join(differ)}), "
+            raise RunFolderError(f"{path}: the run folder holds a training of another model ({'; '.join(differ)}), "
                               "which this one cannot resume",
                               hint=f"choose another --run-dir, or delete {path.parent} to start over there")
 

@@ -6,9 +6,11 @@ one of them (0.89; five or six members give no more; BENCHMARKS.md section 6). A
 one g cannot tell a poor draw from a good one, so `--seeds N` trades N times the training time
 for that variance; about four is enough.
 
-Each member trains in its own folder `seed-<s>/` with its own resume state. A finished member
-(its `quality_result.json` is there) is not trained again, so an interrupted or cancelled run
-resumes inside the member it stopped in. The ensemble file is written to `checkpoints/best.pt`,
+Each member trains in its own folder `seed-<s>/` with its own resume state. A member that finished
+with the options asked for now (its `quality_result.json` is there, and its last.pt records the
+same training options) is not trained again, so an interrupted or cancelled run resumes inside the
+member it stopped in; with other options it is resumed (more epochs) or, where its network no
+longer fits them, refused, as a single `qgseg quality train` in its folder would be. The ensemble file is written to `checkpoints/best.pt`,
 where a single g's best checkpoint would be, so scoring, guidance and the Slicer panel take it
 unchanged. Without a validation list in the dataset, each member holds out its own seed's
 validation cases.
@@ -48,11 +50,13 @@ def train_quality_ensemble(source, config, n_seeds: int, run_dir: str | os.PathL
     members: List[Dict[str, Any]] = []
     for k, seed in enumerate(seeds):
         folder = member_dir(run_dir, seed)
-        if (folder / RESULT_FILE).is_file():
-            members.append(read_json(folder / RESULT_FILE, "finished ensemble member"))
+        member_config = dataclasses.replace(config, seed=seed)
+        finished = finished_member(folder, member_config.to_dict())
+        if finished is not None:
+            members.append(finished)
             continue
         member_events = None if events is None else MemberEvents(events, f"seed {seed} ({k + 1} of {n_seeds}): ")
-        members.append(train_quality_predictor(source, dataclasses.replace(config, seed=seed), folder,
+        members.append(train_quality_predictor(source, member_config, folder,
                                                events=member_events, cancel=cancel, progress=progress,
                                                device=device))
     sources = [str(member_dir(run_dir, seed) / BEST_FILE) for seed in seeds]  # not the results' paths:
@@ -67,3 +71,16 @@ def train_quality_ensemble(source, config, n_seeds: int, run_dir: str | os.PathL
                            "calibration": m.get("calibration")} for seed, path, m in zip(seeds, sources, members)]}
     write_json_atomic(run_dir / RESULT_FILE, result)
     return result
+
+
+def finished_member(folder: Path, requested: Dict[str, Any]) -> Dict[str, Any] | None:
+    """A member's result if it finished training with the options `requested` (as its last.pt
+    records them); None when it has not finished, or finished with other options."""
+    from .predictor import read_predictor_file
+    from .train import LAST_FILE
+
+    if not (folder / RESULT_FILE).is_file() or not (folder / LAST_FILE).is_file():
+        return None
+    if read_predictor_file(folder / LAST_FILE).get("train_config") != requested:
+        return None
+    return read_json(folder / RESULT_FILE, "finished ensemble member")

@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..engine.device import autocast, autocast_dtype
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, RunFolderError
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
 
@@ -787,7 +787,7 @@ def _resume(last_path: Path, opt: _Optimisation, model_config: Mapping, config: 
     if saved.get("grid_size") != model_config["grid_size"] or saved.get("backbone") != model_config["backbone"] \
             or saved.get("n_foreground") != n_foreground \
             or bool(saved.get("segmentation_head")) != config.segmentation_head:
-        raise ConfigError(f"{last_path}: the run folder holds a quality predictor with another "
+        raise RunFolderError(f"{last_path}: the run folder holds a quality predictor with another "
                           "configuration; use a new --run-dir or delete that file to start over")
     opt.model.load_state_dict({"output_shift": torch.zeros(n_foreground), **state["state_dict"]})
     opt.optimizer.load_state_dict(state["optimizer"])
