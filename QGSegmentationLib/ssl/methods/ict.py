@@ -17,7 +17,9 @@ class InterpolationConsistency(TeacherStudentMethod):
     MSE(softmax(student(x_mix)), lam p_t + (1 - lam) p_t[perm]), weighted like MT.
 
     QW weight of a mixed sample = lam w_b + (1 - lam) w_perm(b) (g judges real images only). QAR is
-    applied to the student's output on the mixed images (the only unlabeled forward ICT makes).
+    applied to the student's output on the unmixed unlabeled images, as the QG-SSL paper applies it
+    (methods.md 1.3): g never saw a blend of two images. That costs one more student forward, made
+    only while QAR's weight is positive.
     """
 
     name = "ict"
@@ -41,5 +43,11 @@ class InterpolationConsistency(TeacherStudentMethod):
         w = sigmoid_weight(step.epoch, self.cfg.consistency_weight, self.cfg.consistency_rampup_epochs)
         logs = {"sup": self.supervised_loss(logits_l, labeled["label"]), "consistency": unl,
                 "consistency_weight": w}
-        loss = logs["sup"] + w * unl + self.qar_term(x_mix, logits_mix, step, logs)
+        loss = logs["sup"] + w * unl + self.qar_on_unmixed(xu, step, logs)
         return self.result(loss, logs)
+
+    def qar_on_unmixed(self, xu: torch.Tensor, step: StepInfo, logs: dict) -> torch.Tensor:
+        """QAR on the student's output for `xu` itself; its forward runs only when QAR counts."""
+        if self.qar_on and self.guidance.lambda_qar(step.epoch) > 0:
+            return self.qar_term(xu, self.networks[0](xu), step, logs)
+        return self.qar_term(xu, xu.new_zeros(()), step, logs)  # 0, with the weight logged
