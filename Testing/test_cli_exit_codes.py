@@ -154,20 +154,18 @@ def test_injected_out_of_memory_exits_4_with_kind_oom(phantom_3d, tmp_path):
     assert events[-1]["exit_code"] == 4
 
 
-def test_a_cancel_file_stops_the_run_and_one_left_behind_does_not_stop_the_rerun(phantom_3d, tmp_path):
-    """CANCEL written during a run: exit 3, last.pt saved, a message saying how to go on. The same
-    command again, with that file still there (older than the new process), removes it, says so on
-    the terminal (not only in the event stream), and resumes to the end."""
+def training_in_progress(dataset, tmp_path):
+    """A 400-iteration `qgseg train` child process, returned once it reports progress (it checks
+    its cancel file and Ctrl-C from then on), with its arguments, run folder and events file."""
     import os
     import subprocess
     import sys
     import time
 
-    from QGSegmentationLib.engine.checkpoint import load_checkpoint
     from conftest import REPO
 
     run_dir, events = tmp_path / "r", tmp_path / "ev.jsonl"
-    args = ["train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "400",
+    args = ["train", "--dataset", str(dataset), "--patch", "16", "32", "32", "--iterations", "400",
             "--val-every", "400", "--run-dir", str(run_dir), "--events", str(events), "--quiet",
             "--set", "network_options={channels: [4, 8, 16]}", "--set", "checkpoint_every=1000"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -175,6 +173,19 @@ def test_a_cancel_file_stops_the_run_and_one_left_behind_does_not_stop_the_rerun
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not (events.exists() and any(e["event"] == "progress" for e in read_events(events))):
         time.sleep(0.05)
+    return proc, args, run_dir, events
+
+
+def test_a_cancel_file_stops_the_run_and_one_left_behind_does_not_stop_the_rerun(phantom_3d, tmp_path):
+    """CANCEL written during a run: exit 3, last.pt saved, a message saying how to go on. The same
+    command again, with that file still there (older than the new process), removes it, says so on
+    the terminal (not only in the event stream), and resumes to the end."""
+    import os
+    import time
+
+    from QGSegmentationLib.engine.checkpoint import load_checkpoint
+
+    proc, args, run_dir, events = training_in_progress(phantom_3d, tmp_path)
     (run_dir / "CANCEL").write_text("stop")
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 3, stderr
@@ -196,24 +207,11 @@ def test_ctrl_c_saves_a_checkpoint_at_the_next_step_and_exits_3(phantom_3d, tmp_
     """The first Ctrl-C (SIGINT) in a training loop works like the cancel file: the step running
     finishes, last.pt is saved at the iteration reached (not the last periodic checkpoint), and the
     command exits 3 saying how to resume."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     from QGSegmentationLib.engine.checkpoint import load_checkpoint
-    from conftest import REPO
 
-    run_dir, events = tmp_path / "r", tmp_path / "ev.jsonl"
-    args = ["train", "--dataset", str(phantom_3d), "--patch", "16", "32", "32", "--iterations", "400",
-            "--val-every", "400", "--run-dir", str(run_dir), "--events", str(events), "--quiet",
-            "--set", "network_options={channels: [4, 8, 16]}", "--set", "checkpoint_every=1000"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "QGSegmentationLib.cli.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not (events.exists() and any(e["event"] == "progress" for e in read_events(events))):
-        time.sleep(0.05)
+    proc, _, run_dir, events = training_in_progress(phantom_3d, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 3, stderr

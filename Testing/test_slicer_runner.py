@@ -130,15 +130,20 @@ def test_cancel_is_honoured_with_exit_3_and_nothing_to_import(tmp_path):
     assert "nothing from it was imported" in result.error.advice
 
 
-@pytest.mark.skipif(os.name == "nt", reason="process groups")
-def test_worker_ignoring_cancel_is_killed_with_its_children(tmp_path):
+def stubborn_worker(tmp_path):
+    """A started worker that ignores its cancel file, and the pid of the child it started."""
     r = make_runner(tmp_path, "stubborn").start()
     pid_file = tmp_path / "run" / "grandchild.pid"
     deadline = time.monotonic() + 15
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline, "stubborn worker did not start its child"
         time.sleep(0.05)
-    grandchild = int(pid_file.read_text())
+    return r, int(pid_file.read_text())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups")
+def test_worker_ignoring_cancel_is_killed_with_its_children(tmp_path):
+    r, grandchild = stubborn_worker(tmp_path)
     r.cancel(grace_s=0.5)
     assert not r.poll().finished  # still inside the grace period
     result = r.wait(timeout_s=10)
@@ -250,12 +255,7 @@ def test_a_tree_that_outlives_the_kill_is_polled_again_not_left_cancelling(tmp_p
     """The first kill does not take (a slow taskkill, a process in uninterruptible I/O): poll()
     must not raise TimeoutExpired (the panel's timer would stop, stuck at "Cancelling"); a later
     poll kills again and finishes."""
-    r = make_runner(tmp_path, "stubborn").start()
-    pid_file = tmp_path / "run" / "grandchild.pid"
-    deadline = time.monotonic() + 15
-    while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() < deadline, "stubborn worker did not start its child"
-        time.sleep(0.05)
+    r, grandchild = stubborn_worker(tmp_path)
     real_kill, kills = runner_mod.kill_process_tree, []
 
     def first_kill_does_not_take(process):  # stands in for a tree slower to die than KILL_WAIT_S
@@ -270,9 +270,8 @@ def test_a_tree_that_outlives_the_kill_is_polled_again_not_left_cancelling(tmp_p
     assert not update.finished and len(kills) == 1
     result = r.wait(timeout_s=10)
     assert len(kills) == 2 and result.status == "cancelled" and result.killed
-    real_kill_grandchild = int(pid_file.read_text())
     deadline = time.monotonic() + 5
-    while not _dead(real_kill_grandchild):
+    while not _dead(grandchild):
         assert time.monotonic() < deadline, "grandchild survived the tree kill"
         time.sleep(0.05)
 
