@@ -280,13 +280,31 @@ def test_truncated_nifti_check_measures_decompressed_bytes(tmp_path, geometry):
     assert np.array_equal(io.read_image(members)[0], io.read_image(whole)[0])
 
 
-def test_truncated_mha_message_has_no_misleading_reason(tmp_path, geometry):
+@pytest.mark.parametrize("compressed", [False, True])
+def test_truncated_metaimage_is_refused_not_read_with_missing_voxels(tmp_path, geometry, compressed):
+    """SimpleITK 2.3 (Slicer 5.8's) only warns on a .mha cut short and returns it, the missing
+    voxels unset; the header says how many bytes there must be. So for a .mhd's data file."""
     path = tmp_path / "short.mha"
     image = geometry.apply(sitk.GetImageFromArray(np.ones(geometry.shape, np.float32)))
-    sitk.WriteImage(image, str(path), False)
-    path.write_bytes(path.read_bytes()[:-100])
-    message = assert_data_error(lambda: io.read_image(path), path, "corrupt or truncated")
+    sitk.WriteImage(image, str(path), compressed)
+    whole = path.stat().st_size
+    io.check_metaimage_complete(path)  # a whole file passes
+    path.write_bytes(path.read_bytes()[:-5])
+    message = assert_data_error(lambda: io.read_image(path), path, f"truncated: {whole - 5} of {whole} bytes")
     assert "No such file or directory" not in message
+    header = tmp_path / "split.mhd"
+    sitk.WriteImage(image, str(header), False)
+    raw = tmp_path / "split.raw"
+    raw.write_bytes(raw.read_bytes()[:-8])
+    assert_data_error(lambda: io.read_image(header), raw, "truncated")
+
+
+def test_itk_reasons_that_would_call_an_existing_file_missing_are_left_out(tmp_path):
+    existing = tmp_path / "here.mha"
+    existing.write_bytes(b"x")
+    stale = RuntimeError("Exception thrown in SimpleITK ImageFileReader_Execute\nReason: No such file or directory")
+    assert io._itk_reason(stale, existing) == ""
+    assert io._itk_reason(stale, tmp_path / "gone.mha") == " (Reason: No such file or directory)"
 
 
 def test_non_integer_label_example_shows_the_real_value(tmp_path, geometry):

@@ -3,9 +3,9 @@ whole-dataset check (`data.dataset.checked_dataset`) that `qgseg train` now runs
 
     python bench/bench_read_checks.py --dataset runs/la_cv/fold0/data/dataset.json --rounds 10
 
-1. One image of the dataset is written as .nii.gz (and .nii) to a temporary folder; the check
-   alone (`io.check_nifti_complete`) and a whole `read_image` (which runs it) are timed
-   alternately, `--rounds` times each.
+1. One image of the dataset is written as .nii.gz, .nii and .mha to a temporary folder; the
+   completeness check alone (`io.check_nifti_complete`, `io.check_metaimage_complete`) and a
+   whole `read_image` (which runs it) are timed alternately, `--rounds` times each.
 2. `load_dataset` alone and `checked_dataset` (load + every file opened: image headers, labels in
    full) are timed alternately, `--rounds` times each.
 Medians, min-max and the ratio are printed.
@@ -52,9 +52,10 @@ def main() -> None:
     image, geometry = io.read_image(spec.training[0].image)
     print(f"image {spec.training[0].image}: {image.shape[::-1]} voxels (x y z), {image.dtype}")
     with tempfile.TemporaryDirectory() as folder:
-        for suffix in (".nii.gz", ".nii"):
+        for suffix in (".nii.gz", ".nii", ".mha"):
             path = io.write_image(Path(folder) / f"volume{suffix}", image, geometry)
-            check, read = alternate(lambda: io.check_nifti_complete(path), lambda: io.read_image(path), args.rounds)
+            complete = io.check_metaimage_complete if suffix == ".mha" else io.check_nifti_complete
+            check, read = alternate(lambda: complete(path), lambda: io.read_image(path), args.rounds)
             print(line(f"{suffix}: the check alone", check))
             print(line(f"{suffix}: read_image, the check included", read))
             print(f"  the check's share of a read: {statistics.median(check) / statistics.median(read):.0%}")

@@ -238,8 +238,10 @@ def _itk_reason(exc: Exception, path: Path | None = None) -> str:
 
 def _execute(reader, path: Path, what: str):
     """Decode the voxels, after checking that a NIfTI file holds all of them (ITK's NIfTI reader
-    fills the missing part of a truncated file with zeros instead of failing)."""
+    fills the missing part of a truncated file with zeros instead of failing, and so does the
+    MetaImage reader of SimpleITK 2.3, which Slicer 5.8 ships)."""
     check_nifti_complete(path, what)
+    check_metaimage_complete(path, what)
     try:
         return reader.Execute()
     except RuntimeError as exc:
@@ -340,6 +342,72 @@ def check_nifti_complete(path: str | os.PathLike, what: str = "image") -> None:
                             f"({exc})") from None
         if count < expected:
             raise _truncated(path, what, count, expected)
+
+
+# Bytes per component of MetaImage element types (MetaIO's MET_ValueTypeSize); others are not checked.
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_MET_HEADER_LIMIT = 1 << 16  # a MetaImage header is text lines, far shorter than this
+
+
+def _metaimage_header(path: Path) -> tuple:
+    """({key: value} of a MetaImage header up to ElementDataFile, byte offset of the data after it);
+    ({}, 0) when the file does not start like one."""
+    with open(path, "rb") as handle:
+        head = handle.read(_MET_HEADER_LIMIT)
+    fields, offset = {}, 0
+    for raw in head.splitlines(keepends=True):
+        offset += len(raw)
+        key, equals, value = raw.decode("latin-1").partition("=")
+        if not equals:
+            return {}, 0
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            return fields, offset
+    return {}, 0
+
+
+def _metaimage_payload_bytes(fields: Mapping[str, str]) -> Optional[int]:
+    """Bytes the header says its voxel data holds (compressed: CompressedDataSize); None when the
+    header is one this check does not understand (ITK then has the last word)."""
+    if fields.get("HeaderSize", "0") not in ("0", ""):
+        return None
+    if fields.get("CompressedData", "False").lower() == "true":
+        size = fields.get("CompressedDataSize")
+        return int(size) if size and size.isdigit() else None
+    element = _MET_SIZES.get(fields.get("ElementType", ""))
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        return None
+    if element is None or not dims or min(dims) < 1:
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * channels * element
+
+
+def check_metaimage_complete(path: str | os.PathLike, what: str = "image") -> None:
+    """DataError when a .mha (or the data file of a .mhd) holds fewer bytes than its header
+    declares. SimpleITK 2.3's MetaImage reader only prints a warning for such a file and returns
+    it with the missing voxels unset; later versions raise."""
+    path = Path(path)
+    ext = file_extension(path)
+    if ext not in (".mha", ".mhd"):
+        return
+    fields, offset = _metaimage_header(path)
+    payload = _metaimage_payload_bytes(fields)
+    data_file = fields.get("ElementDataFile", "")
+    if payload is None:
+        return
+    if data_file == "LOCAL":
+        have, expected, where = path.stat().st_size, offset + payload, path
+    elif ext == ".mhd" and data_file and " " not in data_file and (path.parent / data_file).is_file():
+        where = path.parent / data_file
+        have, expected = where.stat().st_size, payload
+    else:
+        return  # a list or pattern of data files, or a missing one (ITK reports that)
+    if have < expected:
+        raise _truncated(where, what, have, expected)
 
 
 def _positive_spacing(geometry: Geometry) -> Geometry:
