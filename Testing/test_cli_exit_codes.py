@@ -265,8 +265,6 @@ def tiny_segmenter_checkpoint(path):
 @pytest.fixture
 def nrrd_images(tmp_path):
     """A folder of two small .nrrd images, and a segmenter checkpoint to run on them."""
-    import numpy as np
-
     from QGSegmentationLib.data.io import Geometry, write_image
     from QGSegmentationLib.data.phantom import make_phantom_case
 

@@ -57,8 +57,6 @@ def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int
 
 
 def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
-    import numpy as np
-
     from ..data.phantom import make_phantom_dataset
     from ..fileio import write_json_atomic
 
