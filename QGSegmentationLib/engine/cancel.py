@@ -8,6 +8,7 @@ once, as Ctrl-C normally does."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -38,10 +39,11 @@ def request_cancel(run_dir: str | os.PathLike) -> Path:
 STALE_MARGIN_S = 1.0
 
 
-def remove_stale_cancel(run_dir: str | os.PathLike, started: float) -> Optional[Path]:
+def remove_stale_cancel(run_dir: str | os.PathLike, started: float = math.inf) -> Optional[Path]:
     """Remove a cancel file older than `started` (this process's start): one left by an earlier,
     cancelled run, which would otherwise stop a rerun at its first step. A file written since is a
-    request to stop this run and stays. Returns the removed file's path, or None."""
+    request to stop this run and stays. Without `started` (before a worker is started in
+    `run_dir`) any cancel file there is stale. Returns the removed file's path, or None."""
     path = cancel_path(run_dir)
     try:
         if path.stat().st_mtime >= started - STALE_MARGIN_S:
@@ -78,10 +80,6 @@ class CancelToken:
         cause = "Ctrl-C" if self.interrupted else f"the cancel file {self.path}"
         return CancelledError(f"stopped by {cause}",
                               hint="run the same command again to resume from the last checkpoint")
-
-    def clear(self) -> None:
-        if self.path and self.path.exists():
-            self.path.unlink()
 
     @contextmanager
     def catching_interrupts(self, say: Optional[Callable[[str], None]] = None) -> Iterator[None]:

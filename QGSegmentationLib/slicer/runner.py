@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ..engine.cancel import cancel_path, request_cancel
+from ..engine.cancel import remove_stale_cancel, request_cancel
 from ..engine.events import EventTail, ProtocolError
 from ..errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK,
                       EXIT_OUT_OF_MEMORY)
@@ -358,12 +358,7 @@ def clear_stale_cancel(run_dir: str | os.PathLike) -> bool:
     or its cleanup when Slicer closed during a run), so that a worker started there again is not
     stopped at its first step. Returns whether there was one. Call it only before starting a
     worker, never while one runs in `run_dir`."""
-    path = cancel_path(run_dir)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    return remove_stale_cancel(run_dir) is not None
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:
