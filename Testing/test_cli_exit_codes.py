@@ -309,6 +309,41 @@ def test_predict_to_an_existing_file_exits_2_before_inference(nrrd_images, tmp_p
     assert taken.read_text() == "not a folder"
 
 
+def test_predict_records_its_run_in_the_output_folder_and_a_refused_command_leaves_nothing(nrrd_images, tmp_path):
+    """Without --run-dir, predict's manifest.json goes beside its segmentations (not into a new
+    runs/predict-<time>/ of the working folder), and a command refused for bad input leaves no
+    folder and no manifest behind: not runs/<command>-<time>/, not one in the user's image folder."""
+    folder, checkpoint = nrrd_images
+    work = tmp_path / "work"
+    work.mkdir()
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", "preds",
+                  "--no-mirror", "--quiet", cwd=work)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((work / "preds" / "manifest.json").read_text())
+    assert manifest["command"][:2] == ["qgseg", "predict"] and manifest["status"] == "ok"
+    assert sorted(p.name for p in work.iterdir()) == ["preds"]
+    before = sorted(p.name for p in folder.iterdir())
+    refused = [("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(folder)),
+               ("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", "x.nii.gz"),
+               ("evaluate", "--predictions", "missing", "--dataset", "missing.json"),
+               ("train", "--dataset", "missing.json"),
+               ("quality", "score", "--checkpoint", "missing.pt", "--images", "a.nrrd", "--masks", "b.nrrd",
+                "--output", "scores.csv")]
+    for command in refused:
+        res = run_cli(*command, "--quiet", cwd=work)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (command, res.stderr)
+        assert sorted(p.name for p in work.iterdir()) == ["preds"], command
+        assert sorted(p.name for p in folder.iterdir()) == before, command
+
+
+def test_a_run_folder_that_cannot_be_made_exits_2_naming_it(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    res = run_cli("train", "--dataset", str(tmp_path / "ds.json"), "--run-dir", str(taken / "r"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{taken / 'r'}: cannot create the run folder" in res.stderr
+
+
 def test_a_quality_predictor_of_other_classes_is_refused_before_anything_is_segmented_or_trained(
         nrrd_images, phantom_3d, tmp_path):
     """g trained for two foreground classes cannot score a binary segmenter's masks, nor guide a

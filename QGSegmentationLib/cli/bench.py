@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     report.add_argument("--out", "--markdown", dest="out", metavar="FILE.md",
                         help="write the markdown here (figures into FILE-figures/); default: print it")
     report.add_argument("--figures", metavar="DIR", help="folder for the report's PNG figures")
-    add_run_options(parser)
+    add_run_options(parser, run_dir_default_text="runs/bench/<config name>, -quick added with --quick")
     parser.set_defaults(func=run)
 
 
@@ -102,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qgseg: error: unexpected argument {args.results!r} (only `qgseg bench report` takes a results file)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not args.run_dir:
-        args.run_dir = default_run_dir(args)
-    return run_with_events(args, "bench", lambda ctx: bench_body(args, ctx))
+    return run_with_events(args, "bench", lambda ctx: bench_body(args, ctx), default_run_dir=default_run_dir(args))
 
 
 def study_command(args: argparse.Namespace) -> list:
@@ -120,4 +118,4 @@ def study_command(args: argparse.Namespace) -> list:
         tail.append("--no-speed")
     if args.device != "auto":
         tail += ["--device", args.device]
-    return tail + ["--run-dir", str(args.run_dir)]
+    return tail + ["--run-dir", str(args.run_dir or default_run_dir(args))]

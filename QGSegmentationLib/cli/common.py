@@ -19,13 +19,13 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..engine import distributed
 from ..engine.cancel import remove_stale_cancel
 from ..engine.events import EventWriter
-from ..errors import (EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY, CancelledError,
-                      ConfigError, OutOfMemoryError, QGSegError)
+from ..errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_OUT_OF_MEMORY,
+                      CancelledError, ConfigError, OutOfMemoryError, QGSegError)
 
 #: When this process started (near enough: when the CLI was imported). A run folder's CANCEL file
 #: older than this was left by an earlier, cancelled run; one written since asks this run to stop.
@@ -101,10 +101,12 @@ def _says_nothing(default: Any) -> bool:
     return default is None or default is False or default is argparse.SUPPRESS or default == []
 
 
-def add_run_options(parser: argparse.ArgumentParser, run_dir_default: Optional[str] = None) -> None:
+def add_run_options(parser: argparse.ArgumentParser, run_dir_default: Optional[str] = None,
+                    run_dir_default_text: str = "a new runs/<command>-<time>/ in the working folder") -> None:
     group = parser.add_argument_group("run and progress reporting")
     group.add_argument("--run-dir", default=run_dir_default,
-                       help="folder for this run's outputs, checkpoints, events and manifest.json")
+                       help="folder for this run's outputs, checkpoints, events and manifest.json"
+                            + ("" if run_dir_default else f" (default: {run_dir_default_text})"))
     group.add_argument("--events", metavar="FILE",
                        help="also write JSON-lines progress events to FILE (the Slicer panel reads these)")
     group.add_argument("--json", action="store_true",
@@ -122,6 +124,11 @@ class RunContext:
     show_progress: bool
     started: float = field(default_factory=time.time)
     outputs: Dict[str, Any] = field(default_factory=dict)
+    #: The run folder was chosen by the command, not named with --run-dir.
+    default_folder: bool = False
+    #: The folders this call created for a default run folder, the run folder first: removed again
+    #: when the command is refused for bad input, so a typo leaves nothing behind.
+    created_dirs: List[Path] = field(default_factory=list)
 
     def say(self, text: str) -> None:
         """Human-readable output: to stdout normally, to stderr when stdout carries JSON events
@@ -133,26 +140,56 @@ class RunContext:
     is_main: bool = True
 
 
-def make_context(args: argparse.Namespace, command: str) -> RunContext:
+def make_context(args: argparse.Namespace, command: str, default_run_dir: Optional[str] = None) -> RunContext:
+    """The run's context. Without --run-dir the run folder is `default_run_dir` when the command
+    has a natural one (predict: its --output), else a new runs/<command>-<time>/."""
     launch = distributed.launch_env()
     if launch.distributed and not args.run_dir:
         raise ConfigError(f"under torchrun (WORLD_SIZE={launch.world_size}) pass --run-dir: every rank "
                           "must use the same run folder")
     default = f"{command.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"  # no spaces in paths
-    run_dir = Path(args.run_dir or Path("runs") / default)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(args.run_dir or default_run_dir or Path("runs") / default)
+    created = [] if args.run_dir else _missing_folders(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file where a folder should be
+        raise ConfigError(f"{run_dir}: cannot create the run folder ({exc.strerror or exc})",
+                          hint="name a folder with --run-dir") from None
     run_id = f"{command}-{uuid.uuid4().hex[:8]}"
     if launch.is_main:
         events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
     else:  # other ranks report nothing: one event stream per run
         events = EventWriter(run_id=run_id)
     ctx = RunContext(command=command, run_dir=run_dir, events=events,
-                     show_progress=launch.is_main and not (args.json or args.quiet))
+                     show_progress=launch.is_main and not (args.json or args.quiet),
+                     default_folder=not args.run_dir, created_dirs=created)
     ctx._json = bool(args.json)
     ctx.is_main = launch.is_main
     if launch.is_main:
         events.echo = show_on_terminal
     return ctx
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_if_untouched(folders: List[Path]) -> None:
+    """Remove the folders a refused run created, deepest first, while they hold nothing but the
+    manifest of the refusal (training writes one however it ends)."""
+    if folders and [p.name for p in folders[0].iterdir()] == ["manifest.json"]:
+        (folders[0] / "manifest.json").unlink()
+    for folder in folders:
+        try:
+            folder.rmdir()  # fails, and so keeps the folder, when anything else was written into it
+        except OSError:
+            break
 
 
 def show_on_terminal(text: str) -> None:
@@ -163,14 +200,15 @@ def show_on_terminal(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunContext], Dict[str, Any]]) -> int:
+def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunContext], Dict[str, Any]],
+                    default_run_dir: Optional[str] = None) -> int:
     try:
-        ctx = make_context(args, command)
+        ctx = make_context(args, command, default_run_dir)
     except QGSegError as exc:  # no run folder or event stream yet: report on stderr only
         return print_error(exc)
     ctx.events.emit("start", command=command, argv=command_line(args)[1:], pid=os.getpid(), run_dir=str(ctx.run_dir))
     ctx.events.heartbeat_thread()
-    if args.run_dir and ctx.is_main:
+    if ctx.is_main:
         stale = remove_stale_cancel(ctx.run_dir, PROCESS_STARTED)
         if stale is not None:
             ctx.events.warning(f"removed {stale}, left by an earlier cancelled run")
@@ -187,7 +225,10 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
         code, status = _report_failure(ctx, exc)
     finally:
         if ctx.is_main:
-            _ensure_manifest(ctx, args, status)
+            if code == EXIT_BAD_INPUT and ctx.default_folder:
+                _remove_if_untouched(ctx.created_dirs)  # refused: no record in a folder nobody named
+            else:  # a folder named with --run-dir records its failures too
+                _ensure_manifest(ctx, args, status)
         ctx.events.emit("done", status=status, exit_code=code, outputs=ctx.outputs,
                         wall_s=round(time.time() - ctx.started, 2))
         ctx.events.close()

@@ -41,7 +41,9 @@ def register(subparsers) -> None:
                         help="image files, a folder of images, or a dataset.json")
     parser.add_argument("--split", default="test", choices=["test", "validation", "training", "unlabeled", "all"],
                         help="which list of a dataset.json to segment")
-    parser.add_argument("--output", required=True, help="folder for <case>.nrrd (--format) and <case>.seg.nrrd")
+    parser.add_argument("--output", required=True,
+                        help="folder for <case>.nrrd (--format) and <case>.seg.nrrd; also the run folder "
+                             "(manifest.json) unless --run-dir is given")
     parser.add_argument("--format", default="nrrd", choices=["nrrd", "nii.gz", "nii", "mha"],
                         help="file type of the label maps (nii.gz as nnU-Net and MONAI write them); the "
                              "Slicer segmentation <case>.seg.nrrd is written beside each either way")
@@ -59,7 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument("--review-sheet", type=int, default=12, metavar="N",
                         help="with scores: review.png shows the N cases scored worst, worst first, "
                              "three planes each (0: none)")
-    add_run_options(parser)
+    add_run_options(parser, run_dir_default_text="the --output folder")
     parser.set_defaults(func=run)
 
 
@@ -306,4 +308,17 @@ def _overlay(image_path: Path, label, out: Path, title: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_events(args, "predict", lambda ctx: predict_body(args, ctx))
+    return run_with_events(args, "predict", lambda ctx: predict_body(args, ctx),
+                           default_run_dir=output_as_run_folder(args.output))
+
+
+def output_as_run_folder(output: str):
+    """--output, where the segmentations' manifest.json records how they were made (as nnU-Net's
+    output folder does), unless check_outputs will refuse it by name: a file, a folder under a
+    file, or a new folder named like an image."""
+    from ..data.io import IMAGE_EXTENSIONS, file_extension
+
+    path = Path(output)
+    if any(p.is_file() for p in (path, *path.parents)):
+        return None
+    return None if file_extension(path) in IMAGE_EXTENSIONS and not path.is_dir() else output

@@ -204,7 +204,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--second-opinion", metavar="DIR",
                        help="folder of another segmenter's masks named <image case>.nrrd: adds the "
                             "column second_opinion_dice (each mask's Dice against that mask)")
-    add_run_options(score)
+    add_run_options(score, run_dir_default_text="the folder of --output")
     score.set_defaults(func=run_score)
     calibrate = sub.add_parser("calibrate", help="shift g's output to match real masks of known quality",
                                description="Calibrate a trained quality predictor on real segmentations.",
@@ -218,7 +218,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     calibrate.add_argument("--group", default="validation", choices=["validation", "test", "training"],
                            help="which labeled cases (never ones g was trained on)")
     calibrate.add_argument("--output", required=True, metavar="FILE", help="calibrated predictor file (.pt)")
-    add_run_options(calibrate)
+    add_run_options(calibrate, run_dir_default_text="the folder of --output")
     calibrate.set_defaults(func=run_calibrate)
     ensemble = sub.add_parser("ensemble", help="combine several trained g (e.g. seeds) into one file",
                               description="Write one quality predictor file that answers with the mean "
@@ -226,7 +226,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ensemble.add_argument("--checkpoint", required=True, nargs="+",
                           help="predictor files (checkpoints/best.pt of `quality train` runs, or ensembles)")
     ensemble.add_argument("--output", required=True, metavar="FILE", help="the ensemble file (.pt)")
-    add_run_options(ensemble)
+    add_run_options(ensemble, run_dir_default_text="the folder of --output")
     ensemble.set_defaults(func=run_ensemble)
     parser.set_defaults(func=run)
     return parser
@@ -386,9 +386,6 @@ def _pearson_text(metrics: Dict[str, Any]) -> str:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    if args.run_dir is None:
-        args.run_dir = str(Path(args.output).resolve().parent)
-
     def body(ctx):
         from ..engine.cancel import CancelToken
         from ..engine.device import resolve_device
@@ -415,7 +412,13 @@ def run_score(args: argparse.Namespace) -> int:
                 ctx.say(f"{row['case']}\t{row['class_name']}\t{row['predicted_quality']:.4f}{agree}")
         return {"scores": args.output}
 
-    return run_with_events(args, "quality score", body)
+    return run_with_events(args, "quality score", body, default_run_dir=beside(args.output))
+
+
+def beside(output: str) -> str:
+    """The run folder of a command that writes one file: the file's folder, so its manifest.json
+    says how the file was made."""
+    return str(Path(output).resolve().parent)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -429,13 +432,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         ctx.say(f"fitted on {result['n_masks']} masks: output shift {shift}; wrote {result['output']}")
         return {"output": Path(result["output"])}
 
-    return run_with_events(args, "quality calibrate", body)
+    return run_with_events(args, "quality calibrate", body, default_run_dir=beside(args.output))
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
-    if args.run_dir is None:
-        args.run_dir = str(Path(args.output).resolve().parent)
-
     def body(ctx):
         from ..quality.predictor import load_predictors, members_of, save_ensemble
 
@@ -444,4 +444,4 @@ def run_ensemble(args: argparse.Namespace) -> int:
         ctx.say(f"wrote {path}: the mean of {len(models)} quality predictors")
         return {"output": path}
 
-    return run_with_events(args, "quality ensemble", body)
+    return run_with_events(args, "quality ensemble", body, default_run_dir=beside(args.output))
