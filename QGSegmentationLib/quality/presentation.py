@@ -106,13 +106,39 @@ def standardize_image(x):
     flat = x.detach().flatten(1)
     step = max(1, flat.shape[1] // _MAX_STAT_SAMPLES)
     sample = flat[:, ::step]
-    q = torch.quantile(sample, torch.tensor(CLIP_PERCENTILES, device=x.device), dim=1)  # (2, B)
+    q = percentiles(sample, CLIP_PERCENTILES)  # (2, B)
     view = (-1,) + (1,) * (x.ndim - 1)
     lo, hi = q[0].view(view), q[1].view(view)
     clipped = torch.maximum(torch.minimum(x, hi), lo)
     mean = clipped.flatten(1).mean(1).view(view)
     std = clipped.flatten(1).std(1, unbiased=False).view(view)
     return (clipped - mean) / torch.clamp(std, min=1e-6) * (std > 1e-6)
+
+
+def percentiles(sample, fractions: Sequence[float]):
+    """`torch.quantile(sample, fractions, dim=1)` (linear interpolation), bit for bit, for
+    fractions near 0 or 1: each needs only the few order statistics at one end of the row, which
+    `topk` finds without sorting the whole row (7x faster on g's 48^3 grid; QAR and QW standardise
+    every training patch, so this is on the guided step's path). NaN rows take torch.quantile."""
+    import torch
+
+    q = torch.tensor(fractions, dtype=sample.dtype, device=sample.device)
+    if torch.isnan(sample).any():
+        return torch.quantile(sample, q, dim=1)
+    n = sample.shape[1]
+    ranks = q * (n - 1)  # in the sample's dtype, as torch.quantile computes them
+    below, above = ranks.long(), ranks.ceil().long()
+    out = []
+    for i, rank in enumerate(ranks):
+        lo, hi = int(below[i]), int(above[i])
+        if lo < n // 2:  # the hi + 1 smallest values, ascending
+            ends = sample.topk(hi + 1, dim=1, largest=False, sorted=True).values
+            a, b = ends[:, lo], ends[:, hi]
+        else:  # the n - lo largest values, descending
+            ends = sample.topk(n - lo, dim=1, largest=True, sorted=True).values
+            a, b = ends[:, n - 1 - lo], ends[:, n - 1 - hi]
+        out.append(torch.lerp(a, b, (rank - below[i]).expand_as(a)))
+    return torch.stack(out)
 
 
 @dataclass
