@@ -139,9 +139,18 @@ def test_clip_percentiles_equal_torch_quantile_bit_for_bit():
             expected = torch.quantile(x, torch.tensor(fractions), dim=1)
             assert torch.equal(presentation.percentiles(x, fractions), expected), (n, kind)
     with_nan = torch.randn(2, 50, generator=generator)
-    with_nan[0, 3] = float("nan")
+    with_nan[0, 3] = float("nan")  # that row gives NaN, the other its values
     expected = torch.quantile(with_nan, torch.tensor(fractions), dim=1)
-    assert torch.equal(presentation.percentiles(with_nan, fractions).isnan(), expected.isnan())
+    torch.testing.assert_close(presentation.percentiles(with_nan, fractions), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_clip_percentiles_equal_torch_quantile_on_cuda():
+    x = torch.randn(4, 110592, device="cuda") * 100
+    x[1] = x[1].round()
+    fractions = presentation.CLIP_PERCENTILES
+    expected = torch.quantile(x, torch.tensor(fractions, device="cuda"), dim=1)
+    assert torch.equal(presentation.percentiles(x, fractions), expected)
 
 
 def test_label_to_channels_and_foreground_channels():

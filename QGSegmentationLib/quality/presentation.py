@@ -118,27 +118,25 @@ def standardize_image(x):
 def percentiles(sample, fractions: Sequence[float]):
     """`torch.quantile(sample, fractions, dim=1)` (linear interpolation), bit for bit, for
     fractions near 0 or 1: each needs only the few order statistics at one end of the row, which
-    `topk` finds without sorting the whole row (7x faster on g's 48^3 grid; QAR and QW standardise
-    every training patch, so this is on the guided step's path). NaN rows take torch.quantile."""
+    `topk` finds without sorting the whole row (6-7x faster on g's 48^3 grid; QAR and QW
+    standardise every training patch, so this is on the guided step's path). Ranks are computed on
+    the host, so nothing waits for the GPU; a row holding NaN gives NaN, as torch.quantile's does."""
     import torch
 
-    q = torch.tensor(fractions, dtype=sample.dtype, device=sample.device)
-    if torch.isnan(sample).any():
-        return torch.quantile(sample, q, dim=1)
     n = sample.shape[1]
-    ranks = q * (n - 1)  # in the sample's dtype, as torch.quantile computes them
-    below, above = ranks.long(), ranks.ceil().long()
+    ranks = torch.tensor(fractions, dtype=sample.dtype) * (n - 1)  # in the sample's dtype, as torch.quantile
     out = []
-    for i, rank in enumerate(ranks):
-        lo, hi = int(below[i]), int(above[i])
+    for rank in ranks:
+        lo, hi = int(rank), int(torch.ceil(rank))
         if lo < n // 2:  # the hi + 1 smallest values, ascending
             ends = sample.topk(hi + 1, dim=1, largest=False, sorted=True).values
             a, b = ends[:, lo], ends[:, hi]
         else:  # the n - lo largest values, descending
             ends = sample.topk(n - lo, dim=1, largest=True, sorted=True).values
             a, b = ends[:, n - 1 - lo], ends[:, n - 1 - hi]
-        out.append(torch.lerp(a, b, (rank - below[i]).expand_as(a)))
-    return torch.stack(out)
+        out.append(torch.lerp(a, b, (rank - lo).to(sample.device).expand_as(a)))
+    result = torch.stack(out)
+    return torch.where(torch.isnan(sample).any(dim=1), torch.nan, result)
 
 
 @dataclass
