@@ -124,8 +124,6 @@ class RunContext:
     show_progress: bool
     started: float = field(default_factory=time.time)
     outputs: Dict[str, Any] = field(default_factory=dict)
-    #: The run folder was chosen by the command, not named with --run-dir.
-    default_folder: bool = False
     #: The folders this call created for a default run folder, the run folder first: removed again
     #: when the command is refused for bad input, so a typo leaves nothing behind.
     created_dirs: List[Path] = field(default_factory=list)
@@ -162,7 +160,7 @@ def make_context(args: argparse.Namespace, command: str, default_run_dir: Option
         events = EventWriter(run_id=run_id)
     ctx = RunContext(command=command, run_dir=run_dir, events=events,
                      show_progress=launch.is_main and not (args.json or args.quiet),
-                     default_folder=not args.run_dir, created_dirs=created)
+                     created_dirs=created)
     ctx._json = bool(args.json)
     ctx.is_main = launch.is_main
     if launch.is_main:
@@ -225,7 +223,7 @@ def run_with_events(args: argparse.Namespace, command: str, body: Callable[[RunC
         code, status = _report_failure(ctx, exc)
     finally:
         if ctx.is_main:
-            if code == EXIT_BAD_INPUT and ctx.default_folder:
+            if code == EXIT_BAD_INPUT and not args.run_dir:
                 _remove_if_untouched(ctx.created_dirs)  # refused: no record in a folder nobody named
             else:  # a folder named with --run-dir records its failures too
                 _ensure_manifest(ctx, args, status)

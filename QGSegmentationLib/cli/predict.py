@@ -122,19 +122,26 @@ def check_outputs(cases: List[Tuple[str, Path]], args: argparse.Namespace) -> No
     """DataError, before any inference, when --output is an existing file (or lies under one) or
     when an output file would be one of the input images (e.g. --output is the input folder
     of .nrrd images): the images would be replaced by their label maps."""
-    from ..inference import check_output_folder, check_outputs_spare_inputs
+    from ..inference import check_outputs_spare_inputs
 
-    from ..data.io import IMAGE_EXTENSIONS, file_extension
-    from ..errors import ConfigError
-
-    if file_extension(args.output) in IMAGE_EXTENSIONS and not Path(args.output).is_dir():
-        raise ConfigError(f"--output {args.output}: name a folder, not an image file; the label maps are "
-                          "written into it as <case>.nrrd, or as another type with --format (e.g. nii.gz)")
-    out_dir = check_output_folder(args.output)
+    out_dir = checked_output_folder(args.output)
     scoring = bool(args.quality_checkpoint or args.second_opinion)
     outputs = planned_outputs([c for c, _ in cases], out_dir, args.png, scoring, args.review_sheet > 0,
                               label_format(args))
     check_outputs_spare_inputs([path for _, path in cases], outputs)
+
+
+def checked_output_folder(output: str) -> Path:
+    """--output as a folder; ConfigError when it is named like an image file, DataError when a
+    file stands where it or a folder above it should be."""
+    from ..data.io import IMAGE_EXTENSIONS, file_extension
+    from ..errors import ConfigError
+    from ..inference import check_output_folder
+
+    if file_extension(output) in IMAGE_EXTENSIONS and not Path(output).is_dir():
+        raise ConfigError(f"--output {output}: name a folder, not an image file; the label maps are "
+                          "written into it as <case>.nrrd, or as another type with --format (e.g. nii.gz)")
+    return check_output_folder(output)
 
 
 def label_format(args: argparse.Namespace) -> str:
@@ -314,11 +321,11 @@ def run(args: argparse.Namespace) -> int:
 
 def output_as_run_folder(output: str):
     """--output, where the segmentations' manifest.json records how they were made (as nnU-Net's
-    output folder does), unless check_outputs will refuse it by name: a file, a folder under a
-    file, or a new folder named like an image."""
-    from ..data.io import IMAGE_EXTENSIONS, file_extension
+    output folder does); None when check_outputs will refuse it by name (it runs in the body)."""
+    from ..errors import QGSegError
 
-    path = Path(output)
-    if any(p.is_file() for p in (path, *path.parents)):
+    try:
+        checked_output_folder(output)
+    except QGSegError:
         return None
-    return None if file_extension(path) in IMAGE_EXTENSIONS and not path.is_dir() else output
+    return output

@@ -452,14 +452,19 @@ def check_segment_names(path: Path, labels: Mapping[int, str]) -> None:
     swapped. Segment names that are not label names (Slicer's "Segment_1") are not compared."""
     if io.file_extension(path) != io.SEGMENTATION_EXTENSION:
         return
-    value_of = {str(name).strip().lower(): int(value) for value, name in labels.items()}
-    swapped = [f"'{name}' is {value} in the file, {value_of[name.strip().lower()]} in the dataset"
+    value_of = {_name_key(name): int(value) for value, name in labels.items()}
+    swapped = [f"'{name}' is {value} in the file, {value_of[_name_key(name)]} in the dataset"
                for value, name in io.read_segmentation_names(path).items()
-               if name.strip().lower() in value_of and value_of[name.strip().lower()] != value]
+               if value_of.get(_name_key(name), value) != value]
     if swapped:
         raise DataError(f"{path}: segment label values do not match the dataset's labels: " + "; ".join(swapped),
                         hint="give each segment the label value dataset.json gives its name (Slicer: "
                              "Segment Editor, or export the segments in the order of the labels)")
+
+
+def _name_key(name) -> str:
+    """A label or segment name as compared: case and surrounding spaces ignored."""
+    return str(name).strip().lower()
 
 
 def validate_dataset(spec: DatasetSpec, check_files: bool = True) -> ValidationReport:

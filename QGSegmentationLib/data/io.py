@@ -309,7 +309,8 @@ def check_nifti_complete(path: str | os.PathLike, what: str = "image") -> None:
 
     `.nii`: the file size against vox_offset + voxels x bytes per voxel. `.nii.gz`: the size the
     gzip trailer records, and where that does not match, the payload decompressed in chunks and
-    counted (nothing is kept; a stream that ends early, or a broken one, is truncated or corrupt). Other formats are left to ITK, whose readers fail on them."""
+    counted (nothing is kept; a stream that ends early, or a broken one, is truncated or
+    corrupt). Other formats are left to ITK, whose readers fail on them."""
     import gzip
     import zlib
 

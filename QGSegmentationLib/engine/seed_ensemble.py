@@ -144,5 +144,5 @@ def refuse_ensemble_resume(state: Dict[str, Any], path: Path) -> None:
     if "ensemble_seeds" in state:
         n = len(state["ensemble_seeds"])
         raise RunFolderError(f"{path}: this run folder holds an ensemble of {n} seeds (`qgseg train --seeds {n}`), "
-                          "which a single training cannot resume",
-                          hint=f"pass --seeds {n} to resume or extend it, or choose another --run-dir")
+                             "which a single training cannot resume",
+                             hint=f"pass --seeds {n} to resume or extend it, or choose another --run-dir")

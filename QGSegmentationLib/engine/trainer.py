@@ -394,8 +394,8 @@ class Trainer:
             differ.append(f"labels {state['labels']} there, {labels} now")
         if differ:
             raise RunFolderError(f"{path}: the run folder holds a training of another model ({'; '.join(differ)}), "
-                              "which this one cannot resume",
-                              hint=f"choose another --run-dir, or delete {path.parent} to start over there")
+                                 "which this one cannot resume",
+                                 hint=f"choose another --run-dir, or delete {path.parent} to start over there")
 
     def keep_recorded_label_resampling(self, recorded: Dict[str, Any]) -> None:
         """A resumed run goes on with the labels it started with: the checkpoint's setting, or

@@ -10,9 +10,9 @@ Each member trains in its own folder `seed-<s>/` with its own resume state. A me
 with the options asked for now (its `quality_result.json` is there, and its last.pt records the
 same training options) is not trained again, so an interrupted or cancelled run resumes inside the
 member it stopped in; with other options it is resumed (more epochs) or, where its network no
-longer fits them, refused, as a single `qgseg quality train` in its folder would be. The ensemble file is written to `checkpoints/best.pt`,
-where a single g's best checkpoint would be, so scoring, guidance and the Slicer panel take it
-unchanged. Without a validation list in the dataset, each member holds out its own seed's
+longer fits them, refused, as a single `qgseg quality train` in its folder would be. The ensemble
+file is written to `checkpoints/best.pt`, where a single g's best checkpoint would be, so scoring,
+guidance and the Slicer panel take it unchanged. Without a validation list in the dataset, each member holds out its own seed's
 validation cases.
 """
 

@@ -788,7 +788,7 @@ def _resume(last_path: Path, opt: _Optimisation, model_config: Mapping, config: 
             or saved.get("n_foreground") != n_foreground \
             or bool(saved.get("segmentation_head")) != config.segmentation_head:
         raise RunFolderError(f"{last_path}: the run folder holds a quality predictor with another "
-                          "configuration; use a new --run-dir or delete that file to start over")
+                             "configuration; use a new --run-dir or delete that file to start over")
     opt.model.load_state_dict({"output_shift": torch.zeros(n_foreground), **state["state_dict"]})
     opt.optimizer.load_state_dict(state["optimizer"])
     opt.scheduler.load_state_dict(state["scheduler"])
