@@ -260,3 +260,29 @@ def test_guidance_schedules_that_do_not_fit_the_run_are_measured_and_scaled_to_i
     guidance = QualityGuidance(MeanIntensityQuality(1), scaled)
     assert guidance.lambda_qar(40 * 30 / 200) == 0.0 and math.isclose(guidance.lambda_qar(40 * 70 / 200), 0.01)
     assert math.isclose(guidance.lambda_qw(40 * 45 / 200), 0.25)
+
+
+def test_the_last_presented_image_is_remembered_until_it_changes(monkeypatch):
+    """QW and QAR judge the same unlabeled batch in one step: its standardised image is computed
+    once. A new tensor, even with equal values, or the same tensor changed in place, is presented
+    afresh, and what g sees is always `present_patch`'s image."""
+    from QGSegmentationLib.quality import presentation
+    from QGSegmentationLib.quality.predictor import QualityPredictor, predictor_config
+
+    calls = []
+    standardize = presentation.standardize_image
+    monkeypatch.setattr(presentation, "standardize_image", lambda x: calls.append(1) or standardize(x))
+    torch.manual_seed(0)
+    g = QualityPredictor(predictor_config(n_foreground=1, mode="2d", grid_size=(16, 16))).eval()
+    guidance = QualityGuidance(g, SSLConfig())
+    image = torch.rand(2, 1, 20, 24)
+    probs = torch.rand(2, 1, 20, 24)
+    first = guidance._presented(image, probs)[0]
+    assert guidance._presented(image, probs.flip(-1))[0] is first and len(calls) == 1
+    assert guidance._presented(image.clone(), probs)[0] is not first and len(calls) == 2
+    image.mul_(5.0).add_(3.0)
+    image[0, 0, 0, 0] = 40.0
+    changed = guidance._presented(image, probs)[0]
+    assert len(calls) == 3
+    assert torch.equal(changed, presentation.present_patch(image, probs, g.grid_size)[0])
+    assert not torch.equal(changed, first)

@@ -256,6 +256,28 @@ def test_guidance_adds_no_segmenter_forward_and_at_most_two_g_calls(name):
     assert calls["none"][1] == 0 and calls["qar+qw"][1] == 2
 
 
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if n != "sup"])
+def test_a_guided_step_standardises_the_unlabeled_image_for_g_once(name, monkeypatch):
+    """QW and QAR show g the same unlabeled batch: it is resized and standardised once per step
+    (cps shows both networks' outputs on one doubled batch). The dual-network method is the
+    exception: its QW judges one pseudolabel on the batch, its QAR both networks on the doubled
+    batch."""
+    from QGSegmentationLib.quality import presentation
+    from QGSegmentationLib.quality.predictor import QualityPredictor, predictor_config
+
+    calls = []
+    standardize = presentation.standardize_image
+    monkeypatch.setattr(presentation, "standardize_image", lambda x: calls.append(1) or standardize(x))
+    torch.manual_seed(3)
+    cfg = active_config(guidance_qar=True, guidance_qw=True)
+    g = QualityPredictor(predictor_config(n_foreground=N_CLASSES - 1, mode="2d", grid_size=(16, 16)))
+    method = build_method(name, make_networks(name, 2, cfg), cfg, QualityGuidance(g, cfg))
+    labeled, unlabeled = batches(2)
+    for i in range(2):
+        method.training_step(labeled, {"image": unlabeled["image"].clone()}, StepInfo(i, 4, 2))
+    assert len(calls) == 2 * (2 if name == "dualnet" else 1)
+
+
 def test_sup_qar_uses_one_forward_for_both_batches():
     cfg = active_config(guidance_qar=True)
     networks = make_networks("sup", 2, cfg)

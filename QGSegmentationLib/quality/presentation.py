@@ -194,11 +194,16 @@ def present(image, mask, spacing: Sequence[float] | None = None, grid: Sequence[
 def present_patch(image, probs, grid: Sequence[int]):
     """(image (B,1,*sp), probs (B,K,*sp)) -> both resized to `grid`, image standardised.
     The whole patch is shown; differentiable in `probs`."""
+    return present_patch_image(image, grid), resize_to_grid(probs, grid)
+
+
+def present_patch_image(image, grid: Sequence[int]):
+    """The image half of `present_patch`: (B, 1, *sp) resized to `grid` and standardised, without
+    gradient."""
     import torch
 
     with torch.no_grad():
-        image_g = standardize_image(resize_to_grid(image, grid))
-    return image_g, resize_to_grid(probs, grid)
+        return standardize_image(resize_to_grid(image, grid))
 
 
 def foreground_channels(probs):

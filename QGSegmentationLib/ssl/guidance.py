@@ -26,6 +26,7 @@ class QualityGuidance:
     def __init__(self, predictor: nn.Module, config=None):
         self.predictor = predictor
         self.cfg = ssl_config_of(config)
+        self._image_memo = None  # (image, (version, grid), presented image): see _presented_image
         self.predictor.eval()
         for p in self.predictor.parameters():
             p.requires_grad_(False)
@@ -74,7 +75,7 @@ class QualityGuidance:
 
     def _presented(self, image: torch.Tensor, masks: torch.Tensor):
         """(image, masks) as g takes them: see `quality`. Shapes are checked before resizing."""
-        from ..quality.presentation import present_patch
+        from ..quality.presentation import resize_to_grid
 
         grid = getattr(self.predictor, "grid_size", None)
         if grid is None:
@@ -82,7 +83,24 @@ class QualityGuidance:
         check = getattr(self.predictor, "check_inputs", None)
         if check is not None:
             check(image, masks)
-        return present_patch(image, masks, grid)
+        return self._presented_image(image, tuple(grid)), resize_to_grid(masks, grid)
+
+    def _presented_image(self, image: torch.Tensor, grid: tuple) -> torch.Tensor:
+        """`present_patch_image(image, grid)`, remembered for the last image: QW and QAR judge the
+        same unlabeled batch in one step, and standardising it is a few percent of a guided step.
+        The memo holds the tensor itself, so `is` cannot match a new tensor at a reused address,
+        and its version counter, so an image changed in place is presented again."""
+        from ..quality.presentation import present_patch_image
+
+        if image.is_inference():  # no version counter to check
+            return present_patch_image(image, grid)
+        key = (image._version, grid)
+        memo = self._image_memo
+        if memo is not None and memo[0] is image and memo[1] == key:
+            return memo[2]
+        shown = present_patch_image(image, grid)
+        self._image_memo = (image, key, shown)
+        return shown
 
     def qar_loss(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """1 - mean g(x, softmax(logits)[:, 1:]); gradients reach the segmenter through g."""

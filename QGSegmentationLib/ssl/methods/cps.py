@@ -39,8 +39,9 @@ class CrossPseudoSupervision(SSLMethod):
         n_classes = ua.shape[1]
         hard_a, hard_b = ua.detach().argmax(dim=1), ub.detach().argmax(dim=1)
         weights_b = weights_a = None
+        xu_twice = torch.cat([xu, xu]) if self.guidance is not None else None  # one image for QW and QAR
         if self.qw_on:  # one g call for both pseudolabels
-            both = self.quality_weights(torch.cat([xu, xu]), torch.cat([hard_b, hard_a]), n_classes)
+            both = self.quality_weights(xu_twice, torch.cat([hard_b, hard_a]), n_classes)
             weights_b, weights_a = both.chunk(2)
         logs = {"sup": self.supervised_loss(la, yl) + self.supervised_loss(lb, yl)}
         if self.het is not None:
@@ -59,7 +60,7 @@ class CrossPseudoSupervision(SSLMethod):
             lam = sigmoid_weight(step.epoch, self.cfg.cps_weight, self.cfg.consistency_rampup_epochs)
             logs.update(cps=unl, cps_weight=lam)
             unsup = lam * unl
-        qar = self.qar_term(torch.cat([xu, xu]), torch.cat([ua, ub]), step, logs)
+        qar = self.qar_term(xu_twice, torch.cat([ua, ub]), step, logs)
         return self.result(logs["sup"] + unsup + qar, logs)
 
     def eval_network(self):
