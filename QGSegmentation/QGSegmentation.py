@@ -24,14 +24,27 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+
+
+def backend_parent(module_dir: str) -> str:
+    """The folder holding the backend package QGSegmentationLib: this file's own folder in a built
+    extension (CMake ships the package next to it), the checkout's root when Slicer loads the
+    module from a source checkout (`<checkout>/QGSegmentation` as an additional module path)."""
+    for folder in (module_dir, os.path.dirname(module_dir)):
+        if os.path.isdir(os.path.join(folder, "QGSegmentationLib")):
+            return folder
+    return module_dir
+
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if MODULE_DIR not in sys.path:  # QGSegmentationLib is installed next to this file
-    sys.path.insert(0, MODULE_DIR)
+LIBRARY_PARENT = backend_parent(MODULE_DIR)
+if LIBRARY_PARENT not in sys.path:
+    sys.path.insert(0, LIBRARY_PARENT)
 
 from QGSegmentationLib.slicer import elsewhere, environment, jobs, pipeline, scene_io  # noqa: E402
 from QGSegmentationLib.slicer.review import (FILTERS, ORDERS, ReviewModel, ReviewRow, Thresholds,  # noqa: E402
                                              read_scores_and_second_opinions)
-from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner,  # noqa: E402
+from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, SHUTDOWN_GRACE_S, WorkerRunner,  # noqa: E402
                                              python_slicer_executable, worker_command,
                                              worker_environment)
 from QGSegmentationLib.slicer.signal import Signal  # noqa: E402
@@ -249,8 +262,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._pollTimer:
             self._pollTimer.stop()
-        if self.logic is not None and self.logic.running:
-            self.logic.cancel()
+        if self.logic is not None:
+            self.logic.shutdown()
 
     def enter(self):
         self.initializeParameterNode()
@@ -406,7 +419,7 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = controls.segment_enabled
         self.ui.segmentButton.toolTip = controls.segment_tooltip
         for section in (self.ui.casesCollapsibleButton, self.ui.trainingCollapsibleButton,
-                        self.ui.modelsCollapsibleButton):
+                        self.ui.modelsCollapsibleButton, self.ui.environmentCollapsibleButton):
             section.enabled = controls.inputs_enabled
         for button in (self.ui.approveButton, self.ui.flagButton, self.ui.editButton,
                        self.ui.nextUnreviewedButton):
@@ -949,7 +962,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.runEvent.emit({"event": pipeline.RUN_STAGE_EVENT, "name": stage.name, "index": stage.index,
                             "total": stage.total})
         command = worker_command(self.pythonExecutable(), stage.arguments)
-        env = worker_environment(os.environ, MODULE_DIR)
+        env = worker_environment(os.environ, LIBRARY_PARENT)
         self.runner = self.runner_factory(command, stage.run_dir, stage.events, env)
         self.runner.start()
         self.message.emit("$ " + " ".join(command))
@@ -961,13 +974,15 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         update = self.runner.poll()
         for event in update.events:  # the worker's `stage` events name the steps of this stage
             self.runEvent.emit(event)
+        for warning in update.warnings:
+            self.message.emit(f"warning: {warning}")
         if not update.finished:
             return
         result = update.result
         self.runner = None
         if self.state.state is RunState.CANCELLING or result.status == "cancelled":
             self.message.emit("cancelled: nothing from this run was imported")
-            self.state.transition(RunState.IDLE)
+            self.state.worker_cancelled()
             return
         if not result.ok:
             self.state.transition(RunState.FAILED, result.error.advice if result.error else "failed")
@@ -1029,6 +1044,16 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         if self.runner is not None and self.state.request_cancel():
             self.runner.cancel(self.cancelGraceS)
             self.message.emit("cancel requested; the worker stops after its current step")
+
+    def shutdown(self):
+        """The panel goes away (Slicer closing, the module reloaded): no signal reaches its widgets
+        any more, and a running worker is asked to stop, given a few seconds to save a checkpoint,
+        then killed with its children. Nothing of the run is imported; rerunning resumes it."""
+        for signal in (self.state.changed, self.runEvent, self.message, self.review.changed):
+            signal.disconnect()
+        if self.runner is not None:
+            self.runner.stop(SHUTDOWN_GRACE_S)
+            self.runner = None
 
     def kill(self):
         if self.runner is not None:
@@ -1234,7 +1259,7 @@ class QGSegmentationTest(ScriptedLoadableModuleTest):
         shutil.copytree(folder.root, there)
         self.delayDisplay("Running the job folder as another machine would")
         command = worker_command(logic.pythonExecutable(), ["job", "run", there])
-        self.assertEqual(subprocess.call(command, env=worker_environment(os.environ, MODULE_DIR)), 0)
+        self.assertEqual(subprocess.call(command, env=worker_environment(os.environ, LIBRARY_PARENT)), 0)
         back = os.path.join(tempfile.mkdtemp(prefix="qgseg-back-"), folder.run_id)
         shutil.copytree(there, back)
         logic.importFinishedRun(slicer.mrmlScene, back)

@@ -5,6 +5,7 @@ builders."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -14,7 +15,9 @@ import pytest
 
 from QGSegmentationLib.engine.events import validate_stream
 from QGSegmentationLib.slicer import runner as runner_mod
-from QGSegmentationLib.engine.cancel import request_cancel
+from QGSegmentationLib.engine.cancel import (PARENT_CHECK_INTERVAL_S, PARENT_PID_VARIABLE, CancelToken,
+                                             parent_pid_from_environment, request_cancel)
+from QGSegmentationLib.errors import CancelledError
 from QGSegmentationLib.slicer.runner import (DEFAULT_GRACE_S, WorkerRunner, advice_for, clear_stale_cancel,
                                              no_console_window, python_slicer_executable, worker_command,
                                              worker_environment, worker_popen_options)
@@ -58,6 +61,12 @@ CHILD = textwrap.dedent("""
         sys.exit(4)
     if mode == "silent":
         time.sleep(120)
+    if mode == "stray":  # a stray line amid good events, written in one go
+        w.stage("training", 1, 1)
+        with open(events, "ab") as fh:
+            fh.write(b"not json\\n\\xff\\xfe\\n")
+        w.emit("done", status="ok", exit_code=0, outputs={"checkpoint": "run/best.pt"}, wall_s=0.1)
+        sys.exit(0)
     if mode == "crash":
         raise SystemExit(1)
     if mode == "no_done":
@@ -65,13 +74,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def make_runner(tmp_path, mode):
+def make_runner(tmp_path, mode, parent_pid=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "fake_worker.py"
     script.write_text(CHILD)
     run_dir = tmp_path / "run"
     events = tmp_path / "events.jsonl"
-    env = worker_environment(os.environ, REPO)
+    env = worker_environment(os.environ, REPO, parent_pid)
     command = [sys.executable, str(script), mode, str(run_dir), str(events)]
     return WorkerRunner(command, run_dir, events, env=env)
 
@@ -291,3 +300,77 @@ def test_a_failure_names_the_stage_log(tmp_path):
     log = tmp_path / "run" / "worker.log"
     assert crash.error.log == str(log) and str(log) in crash.error.advice
     assert "in its folder inside the run folder" in advice_for("other", "boom")
+
+
+def _ended_pid() -> int:
+    """The pid of a process that has run and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups")
+def test_stop_gives_a_worker_seconds_to_save_then_kills_its_tree(tmp_path):
+    """When the panel goes away (Slicer closing, the module reloaded) its worker must not live on:
+    a cooperative worker stops on its cancel file; one that ignores it is killed with its children
+    once the short shutdown grace has passed, however long the panel's cancel grace is."""
+    r = make_runner(tmp_path / "cooperative", "cooperative").start()
+    deadline = time.monotonic() + 15
+    while not any(e["event"] == "progress" for e in r.events):
+        r.poll()
+        assert time.monotonic() < deadline, "worker produced no progress"
+        time.sleep(0.05)
+    result = r.stop(grace_s=10)
+    assert result.status == "cancelled" and result.exit_code == 3 and not result.killed
+    r, grandchild = stubborn_worker(tmp_path / "stubborn")
+    r.cancel(grace_s=DEFAULT_GRACE_S)  # the panel's Cancel came first: its grace is a minute
+    t0 = time.monotonic()
+    result = r.stop(grace_s=0.5)
+    assert time.monotonic() - t0 < 5
+    assert result.status == "cancelled" and result.killed
+    deadline = time.monotonic() + 5
+    while not (_dead(r.pid) and _dead(grandchild)):
+        assert time.monotonic() < deadline, "the worker's tree survived stop()"
+        time.sleep(0.05)
+    assert make_runner(tmp_path / "never", "ok").stop() is None
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_worker_whose_slicer_has_ended_stops_as_if_cancelled(tmp_path):
+    """The worker runs in its own process group, so a Slicer crash takes nothing with it: it stops
+    by itself (after saving) once the process named in its environment has ended."""
+    assert worker_environment({}, REPO)[PARENT_PID_VARIABLE] == str(os.getpid())
+    r = make_runner(tmp_path, "cooperative", parent_pid=_ended_pid()).start()
+    result = r.wait(timeout_s=20)
+    assert result.status == "cancelled" and result.exit_code == 3 and not result.killed
+    assert not (tmp_path / "run" / "CANCEL").exists()
+
+
+def test_the_cancel_token_watches_its_parent_process_at_most_every_two_seconds(tmp_path):
+    now = [0.0]
+    alive = CancelToken(tmp_path, parent_pid=os.getpid(), clock=lambda: now[0])
+    assert not alive.requested
+    ended = _ended_pid()
+    token = CancelToken(tmp_path, parent_pid=ended, clock=lambda: now[0])
+    assert token.requested and token.parent_gone
+    with pytest.raises(CancelledError, match=f"pid {ended}"):
+        token.check()
+    alive.parent_pid = ended  # now it is gone: seen at the next check, not before
+    now[0] = PARENT_CHECK_INTERVAL_S / 2
+    assert not alive.requested
+    now[0] = PARENT_CHECK_INTERVAL_S
+    assert alive.requested
+    assert parent_pid_from_environment({PARENT_PID_VARIABLE: "12"}) == 12
+    assert parent_pid_from_environment({PARENT_PID_VARIABLE: "x"}) is None
+    assert parent_pid_from_environment({}) is None
+    assert CancelToken(tmp_path, parent_pid=None).parent_pid == parent_pid_from_environment()
+
+
+def test_a_stray_line_in_the_events_is_skipped_not_the_events_around_it(tmp_path):
+    """One malformed line (a print that reached the events file, bytes that are not UTF-8) used to
+    discard every event read with it, `done` included, turning a finished run into a failure."""
+    r = make_runner(tmp_path, "stray").start()
+    result = r.wait(timeout_s=30)
+    assert result.status == "ok" and result.outputs == {"checkpoint": "run/best.pt"}
+    assert [e["event"] for e in r.events] == ["start", "stage", "done"]
+    assert len(r.protocol_warnings) == 2 and all("events.jsonl" in w for w in r.protocol_warnings)

@@ -108,3 +108,18 @@ def test_signal_connect_disconnect_and_errors():
     assert len(calls) == 1
     with pytest.raises(TypeError, match="not callable"):
         signal.connect(42)
+
+
+@pytest.mark.parametrize("state", [RunState.TRAINING, RunState.PREDICTING])
+@pytest.mark.parametrize("panel_asked", [True, False])
+def test_a_worker_that_ends_cancelled_returns_the_panel_to_ready(state, panel_asked):
+    """Whether the panel's Cancel stopped the worker or something else did (a CANCEL file made by
+    hand, Ctrl-C in its terminal), the panel goes back to Ready, also while segmenting, where
+    going straight to IDLE is not a transition."""
+    machine = PanelStateMachine()
+    machine.transition(RunState.PREPARING)
+    machine.transition(state)
+    if panel_asked:
+        machine.request_cancel()
+    machine.worker_cancelled()
+    assert machine.state is RunState.IDLE

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 import re
 import struct
 import subprocess
@@ -338,3 +339,30 @@ def test_the_panel_follows_scene_close_and_load():
     assert "loadReviewFromScene" in methods["onSceneEndImport"] and "refreshCases" in methods["onSceneEndImport"]
     assert "detachFromScene" in methods["onSceneStartClose"]
     assert "scene_io.case_volumes" in methods["refreshCases"]
+
+
+def _module_function(name: str):
+    """A pure-Python helper of the module file, compiled alone (the file imports qt and slicer)."""
+    tree = ast.parse(MODULE_PY.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(MODULE_PY), "exec"), namespace)
+    return namespace[name]
+
+
+def test_the_module_finds_the_backend_from_a_checkout_and_from_a_built_extension(tmp_path):
+    """README's install from a checkout adds `<checkout>/QGSegmentation` as a module path, where
+    QGSegmentationLib is one folder up; a built extension ships it next to the module file. The
+    module puts the right folder on sys.path and on the worker's PYTHONPATH in both layouts."""
+    backend_parent = _module_function("backend_parent")
+    assert backend_parent(str(MODULE)) == str(REPO)
+    built = tmp_path / "qt-scripted-modules"
+    (built / "QGSegmentationLib").mkdir(parents=True)
+    assert backend_parent(str(built)) == str(built)
+    checkout = tmp_path / "checkout"
+    (checkout / "QGSegmentation").mkdir(parents=True)
+    (checkout / "QGSegmentationLib").mkdir()
+    assert backend_parent(str(checkout / "QGSegmentation")) == str(checkout)
+    text = MODULE_PY.read_text()
+    assert "sys.path.insert(0, LIBRARY_PARENT)" in text
+    assert "worker_environment(os.environ, MODULE_DIR)" not in text

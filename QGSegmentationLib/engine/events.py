@@ -105,12 +105,15 @@ def validate_stream(events: List[Dict[str, Any]]) -> None:
 class EventTail:
     """Incremental reader for a growing events file (the panel polls it from a timer).
 
-    `poll()` returns the new complete events since the last call; never blocks."""
+    `poll()` returns the new complete events since the last call; never blocks. A line that is
+    not a valid event (a stray print, bytes that are not UTF-8) is skipped and described in
+    `rejected`; the events around it still arrive."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._offset = 0
         self._partial = b""
+        self.rejected: List[str] = []
 
     def poll(self) -> List[Dict[str, Any]]:
         if not self.path.exists():
@@ -123,8 +126,13 @@ class EventTail:
         *lines, self._partial = data.split(b"\n")
         out = []
         for raw in lines:
-            if raw.strip():
+            if not raw.strip():
+                continue
+            try:
                 out.append(parse_line(raw.decode("utf-8")))
+            except (ProtocolError, UnicodeDecodeError) as exc:
+                self.rejected.append(f"{self.path.name}: skipped a line that is not an event "
+                                     f"({exc}): {raw[:80]!r}")
         return out
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ..engine.cancel import remove_stale_cancel, request_cancel
-from ..engine.events import EventTail, ProtocolError
+from ..engine.cancel import PARENT_PID_VARIABLE, remove_stale_cancel, request_cancel
+from ..engine.events import EventTail
 from ..errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK,
                       EXIT_OUT_OF_MEMORY)
 
@@ -32,6 +32,7 @@ WORKER_MODULE = "QGSegmentationLib.cli.main"
 # be a whole validation pass, which takes tens of seconds on a CPU. Killed earlier, the work since
 # the last checkpoint would be lost.
 DEFAULT_GRACE_S = 60.0
+SHUTDOWN_GRACE_S = 5.0  # when the panel goes away, it waits this long before killing the worker
 DEFAULT_UNRESPONSIVE_S = 60.0
 # Seconds one poll() waits for a killed tree to be gone; when it is not, the next poll looks again.
 KILL_WAIT_S = 1.0
@@ -55,13 +56,17 @@ def worker_command(python_executable: str, arguments: Sequence[str]) -> List[str
     return [str(python_executable), "-m", WORKER_MODULE, *[str(a) for a in arguments]]
 
 
-def worker_environment(base_env: Mapping[str, str], library_parent: str | os.PathLike) -> Dict[str, str]:
+def worker_environment(base_env: Mapping[str, str], library_parent: str | os.PathLike,
+                       parent_pid: Optional[int] = None) -> Dict[str, str]:
     """A copy of `base_env` with `library_parent` (the folder holding QGSegmentationLib) first
-    on PYTHONPATH and unbuffered output, so the child imports the same backend as the panel."""
+    on PYTHONPATH and unbuffered output, so the child imports the same backend as the panel, and
+    this process's pid (or `parent_pid`) as the one the worker serves: it stops, after saving a
+    checkpoint, once that process has ended (`engine.cancel.PARENT_PID_VARIABLE`)."""
     env = dict(base_env)
     parts = [str(library_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_PID_VARIABLE] = str(parent_pid if parent_pid is not None else os.getpid())
     return env
 
 
@@ -160,6 +165,7 @@ class PollUpdate:
     events: List[Dict[str, Any]]
     finished: bool
     result: Optional[RunResult] = None
+    warnings: List[str] = field(default_factory=list)  # event lines skipped since the last poll
 
 
 # --- the runner -------------------------------------------------------------------------------------
@@ -237,6 +243,7 @@ class WorkerRunner:
             raise RuntimeError("worker not started")
         if self._result is not None:
             return PollUpdate([], True, self._result)
+        seen_warnings = len(self.protocol_warnings)
         new = self._read_events()
         code = self._process.poll()
         if code is None and self._cancel_deadline is not None and self._clock() >= self._cancel_deadline:
@@ -246,10 +253,10 @@ class WorkerRunner:
             except subprocess.TimeoutExpired:
                 code = None  # not gone yet: the next poll looks again
         if code is None:
-            return PollUpdate(new, False)
+            return PollUpdate(new, False, warnings=self.protocol_warnings[seen_warnings:])
         new += self._read_events()  # lines written just before exiting
         self._finish(code)
-        return PollUpdate(new, True, self._result)
+        return PollUpdate(new, True, self._result, self.protocol_warnings[seen_warnings:])
 
     def cancel(self, grace_s: float = DEFAULT_GRACE_S) -> None:
         """Ask the worker to stop (cancel file); `poll()` kills the tree after `grace_s`."""
@@ -258,6 +265,20 @@ class WorkerRunner:
         request_cancel(self.run_dir)
         if self._cancel_deadline is None:
             self._cancel_deadline = self._clock() + max(0.0, grace_s)
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> Optional[RunResult]:
+        """Stop the worker when its panel goes away (Slicer closing, the module reloaded): ask it
+        to stop, give it `grace_s` to save a checkpoint and exit, then kill its tree. Returns its
+        result, or None when it had not started or could not be reaped."""
+        if self._process is None:
+            return None
+        if self._result is None:
+            self.cancel(grace_s)
+            self._cancel_deadline = min(self._cancel_deadline, self._clock() + max(0.0, grace_s))
+        try:
+            return self.wait(grace_s + KILL_WAIT_S + 1.0)
+        except TimeoutError:
+            return None
 
     def kill(self) -> None:
         """Kill the worker and every process it started, now."""
@@ -308,11 +329,9 @@ class WorkerRunner:
 
     # internals ------------------------------------------------------------------------------------
     def _read_events(self) -> List[Dict[str, Any]]:
-        try:
-            new = self._tail.poll()
-        except ProtocolError as exc:  # a stray line must not take the panel down
-            self.protocol_warnings.append(str(exc))
-            new = []
+        new = self._tail.poll()  # a stray line is skipped, not the events around it
+        self.protocol_warnings += self._tail.rejected
+        self._tail.rejected.clear()
         if new:
             self._last_event_at = self._clock()
             self.events.extend(new)

@@ -85,7 +85,7 @@ class Controls:
     primary_is_cancel: bool
     segment_enabled: bool
     segment_tooltip: str
-    inputs_enabled: bool                # cases table, training options, models section
+    inputs_enabled: bool                # cases table, training options, models and environment sections
     review_enabled: bool
     progress_visible: bool
 
@@ -156,6 +156,13 @@ class PanelStateMachine:
             self.transition(RunState.CANCELLING)
             return True
         return False
+
+    def worker_cancelled(self) -> None:
+        """A worker ended as cancelled: back to IDLE, through CANCELLING when the panel did not ask
+        (a CANCEL file made by hand, Ctrl-C in its terminal): a stop while segmenting too."""
+        if self.state is not RunState.CANCELLING:
+            self.transition(RunState.CANCELLING)
+        self.transition(RunState.IDLE)
 
     def controls(self, inputs: PanelInputs) -> Controls:
         state = self.state
