@@ -1086,31 +1086,52 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                            if self.job.scores_csv.exists() else ({}, {}))
         if not scores and not seconds:
             self.message.emit(f"warning: no scores in {self.job.scores_csv}")
-        for case in self._casesToSegment():
-            path = self.job.prediction_path(case.case)
-            if not path.exists():
-                self.message.emit(f"warning: no prediction for {case.case} ({path})")
-                continue
-            volume, why = scene_io.case_volume(scene, case)  # by node ID and name: IDs restart in a new scene
-            if volume is None:
-                self.message.emit(f"warning: {why}")
-                continue
+        cases = self._casesToSegment()
+        imported = 0
+        try:
+            for case in cases:
+                why = self._importCase(scene, case, scores.get(case.case, {}), seconds.get(case.case, {}))
+                if why:  # one case that cannot be imported does not stop the others
+                    self.message.emit(f"warning: {case.case} not imported: {why}")
+                else:
+                    imported += 1
+        finally:
+            scene_io.write_review_table(scene, self.review.rows())
+            self.review.changed.emit(None)
+        self.message.emit(f"imported {imported} of {len(cases)} case(s)"
+                          + ("" if imported == len(cases) else ": see the warnings above"))
+
+    def _importCase(self, scene, case, case_scores, second_opinion) -> str:
+        """One case's prediction and scores into the scene and the review list; why not, or ""."""
+        path = self.job.prediction_path(case.case)
+        if not path.exists():
+            return f"no prediction ({path})"
+        volume, why = scene_io.case_volume(scene, case)  # by node ID and name: IDs restart in a new scene
+        if volume is None:
+            return why
+        try:
             segmentation = scene_io.import_prediction(scene, path, volume, self.spec.label_names or None,
                                                       case=case.case, run_id=self.spec.run_id)
-            case_scores = scores.get(case.case, {})
-            scene_io.apply_quality(segmentation, case_scores, self.review.thresholds, self.spec.run_id)
-            self.review.add(ReviewRow(case=case.case, volume=volume.GetName(), volume_id=volume.GetID(),
-                                      segmentation=segmentation.GetName(),
-                                      segmentation_id=segmentation.GetID(), scores=case_scores,
-                                      run_id=self.spec.run_id, second_opinion=seconds.get(case.case, {})),
-                            notify=False)
-        scene_io.write_review_table(scene, self.review.rows())
-        self.review.changed.emit(None)
+        except scene_io.SceneIOError as exc:
+            return str(exc)
+        scene_io.apply_quality(segmentation, case_scores, self.review.thresholds, self.spec.run_id)
+        self.review.add(ReviewRow(case=case.case, volume=volume.GetName(), volume_id=volume.GetID(),
+                                  segmentation=segmentation.GetName(),
+                                  segmentation_id=segmentation.GetID(), scores=case_scores,
+                                  run_id=self.spec.run_id, second_opinion=second_opinion),
+                        notify=False)
+        return ""
 
     def loadReviewFromScene(self, scene):
+        """The review list saved with the scene. A table that cannot be read (edited by hand in the
+        Tables module) leaves the list empty with a warning, not a panel that fails to open."""
         table = scene_io.find_review_table(scene)
-        if table is not None:
+        if table is None:
+            return
+        try:
             self.review.replace_rows(scene_io.read_review_table(table))
+        except ValueError as exc:  # SceneIOError, or a row ReviewRow refuses
+            self.message.emit(f"warning: the review list was not restored: {exc}")
 
     def setThresholds(self, thresholds: Thresholds):
         self.review.thresholds = thresholds

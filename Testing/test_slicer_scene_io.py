@@ -204,6 +204,29 @@ def test_import_prediction_voxels_geometry_names_and_hierarchy(headless, masks, 
     assert center is not None and all(math.isfinite(c) for c in center)
 
 
+def test_a_prediction_follows_its_volume_s_transform(headless, masks, tmp_path):
+    """The worker segments the volume's own grid; when the volume sits under a transform
+    (registered, or moved while the run went on), the segmentation follows it, and the panel jumps
+    to the transformed centre, where the views show it."""
+    scene = headless.scene
+    image, organ, lesion = masks
+    matrix, _ = oblique_ijk_to_ras()
+    vol = add_volume(scene, "CT A", image, matrix)
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 40.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(shift)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    path = tmp_path / "CT_A.nrrd"
+    write_itk_label(path, organ + 2 * lesion, matrix)
+    seg = scene_io.import_prediction(scene, path, vol, segment_names=["organ", "lesion"])
+    assert seg.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_array_equal(scene_io.segment_arrays(seg, vol)["organ"], organ)
+    untransformed = scene_io.import_prediction(scene, path, add_volume(scene, "CT B", image, matrix))
+    moved, still = scene_io.segmentation_center_ras(seg), scene_io.segmentation_center_ras(untransformed)
+    np.testing.assert_allclose(np.subtract(moved, still), (40.0, 0.0, 0.0), atol=1e-6)
+
+
 def test_import_seg_nrrd_header_names_and_grid_mismatch(headless, masks, tmp_path):
     scene = headless.scene
     image, organ, lesion = masks
@@ -299,6 +322,21 @@ def test_quality_status_table_and_scene_round_trip(headless, masks, tmp_path):
         vol2 = other.scene.GetNodeByID(rows2[0].volume_id)
         np.testing.assert_array_equal(scene_io.segment_arrays(seg2, vol2)["organ"], organ)
         np.testing.assert_allclose(scene_io.ijk_to_ras(vol2), matrix, atol=1e-4)
+
+
+def test_a_review_table_edited_by_hand_reads_back_or_names_the_bad_row(headless):
+    """The review table is an ordinary table node: a status typed in the Tables module as
+    "Approved " reads back as approved; one that is no status names its row, case and value."""
+    scene = headless.scene
+    rows = [ReviewRow(case=c, volume=f"CT {c}", volume_id="v", segmentation=f"CT {c} QGSeg",
+                      segmentation_id="s", scores={"organ": 0.8}) for c in ("A", "B")]
+    table = scene_io.write_review_table(scene, rows)
+    status = [table.GetTable().GetColumnName(c) for c in range(table.GetTable().GetNumberOfColumns())].index("status")
+    table.GetTable().SetValue(0, status, vtk.vtkVariant("Approved "))
+    assert [r.status for r in scene_io.read_review_table(table)] == ["approved", "unreviewed"]
+    table.GetTable().SetValue(1, status, vtk.vtkVariant("ok"))
+    with pytest.raises(scene_io.SceneIOError, match=r"row 2 \(case 'B'\): status 'ok' is not one of"):
+        scene_io.read_review_table(table)
 
 
 def test_an_approved_result_is_exported_as_the_reference_of_a_labeled_case(headless, masks, tmp_path):

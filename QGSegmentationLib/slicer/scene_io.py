@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .jobs import CaseEntry, JobFolder, write_dataset_json
-from .review import ReviewRow, Thresholds
+from .review import STATUSES, ReviewRow, Thresholds
 
 ATTR_PREFIX = "QGSegmentation."
 ATTR_RUN_ID = ATTR_PREFIX + "RunId"
@@ -326,7 +326,7 @@ def import_prediction(scene, path: str | os.PathLike, reference_volume,
     label value v becomes segment segment_names[v-1] (else the .seg.nrrd's own name, else
     "Label v") with colors[v-1] (else the file's or a default colour). Every named segment
     exists, empty if nothing was predicted for it, so quality rows line up. The node is
-    parented under the volume in the subject hierarchy."""
+    parented under the volume in the subject hierarchy and under the volume's transform."""
     slicer = _mrml()
     path = Path(path)
     header_segments = read_seg_nrrd_segments(path) if path.name.endswith(".seg.nrrd") else {}
@@ -364,6 +364,9 @@ def import_prediction(scene, path: str | os.PathLike, reference_volume,
         if run_id:
             segmentation_node.SetAttribute(ATTR_RUN_ID, run_id)
         parent_under(scene, segmentation_node, reference_volume)
+        # The worker predicted on the volume's own grid; a volume under a transform (registered,
+        # moved during the run) shows its segmentation only if it follows the same transform.
+        segmentation_node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
         return segmentation_node
     finally:
         scene.RemoveNode(labelmap)
@@ -457,7 +460,8 @@ def show_only_segmentation(scene, segmentation_node) -> None:
 
 
 def segmentation_center_ras(segmentation_node) -> Optional[Tuple[float, float, float]]:
-    """RAS centre of the segmentation's non-empty segments (None when all are empty)."""
+    """World RAS centre of the segmentation's non-empty segments (Slicer applies the node's parent
+    transform: the centre is where the views show it); None when all are empty."""
     centers = []
     segmentation = segmentation_node.GetSegmentation()
     for index in range(segmentation.GetNumberOfSegments()):
@@ -600,10 +604,14 @@ def read_review_table(table_node) -> List[ReviewRow]:
                       for n in names if n.startswith(prefix)}
             return {s: v for s, v in values.items() if not math.isnan(v)}
 
+        status = text("status").strip().lower() or "unreviewed"  # "Approved" typed in the Tables module
+        if status not in STATUSES:
+            raise SceneIOError(f"table {table_node.GetName()!r}, row {r + 1} (case {text('case')!r}): "
+                               f"status {text('status')!r} is not one of {', '.join(STATUSES)}")
         rows.append(ReviewRow(case=text("case"), volume=text("volume"), volume_id=text("volume_id"),
                               segmentation=text("segmentation"),
                               segmentation_id=text("segmentation_id"), scores=numbers("quality_"),
-                              status=text("status") or "unreviewed", comment=text("comment"),
+                              status=status, comment=text("comment"),
                               run_id=text("run_id"), second_opinion=numbers(SECOND_OPINION_PREFIX)))
     return rows
 
