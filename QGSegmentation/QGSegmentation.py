@@ -810,6 +810,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.qualityCheckpoint: Optional[str] = None  # quality predictor g
         self.secondOpinion: Optional[str] = None      # another segmenter, for each result's 2nd opinion
         self.modelRecords = jobs.ModelRecords()       # the job.json / manifest.json Save model copies with it
+        self.modelLabelNames: List[str] = []          # the current model's segment names
         self.detached = False  # the scene the run started from was closed: its results are not imported
         self.pipeline: Optional[pipeline.RunPipeline] = None
         self.options = jobs.TrainingOptions()
@@ -920,6 +921,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.qualityCheckpoint = run.quality_checkpoint or None
         self.secondOpinion = run.second_opinion or None
         self.modelRecords = jobs.run_model_records(run.folder)
+        self.modelLabelNames = list(run.spec.label_names)
         self.importResults(scene)
         self.message.emit(f"imported {run.folder.root}: {len(self.review)} case(s) to review")
 
@@ -932,7 +934,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.state.transition(RunState.PREPARING)
         self.detached = False
         try:
-            label_names = self.spec.label_names if self.spec else []
+            label_names = list(self.modelLabelNames)
             self.job = jobs.create_job_folder(output_folder, prefix="segment")
             for case in cases:
                 scene_io.write_volume(scene.GetNodeByID(case.volume_id), self.job.image_path(case.case))
@@ -997,16 +999,16 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
     def _afterStage(self, scene, result):
         finished = self.pipeline.current
         following = self.pipeline.finish(result.outputs)
-        run = self.pipeline  # a model loaded earlier stays until this run has produced its own
-        self.qualityCheckpoint = run.quality_checkpoint or self.qualityCheckpoint
-        self.checkpoint = run.checkpoint or self.checkpoint
-        self.secondOpinion = run.second_opinion
+        run = self.pipeline
         self.spec.quality_checkpoint = run.quality_checkpoint or ""
         self.spec.checkpoint = run.checkpoint or ""
         self.spec.second_opinion_checkpoint = run.second_opinion or ""
         jobs.write_job_spec(self.job, self.spec)
-        if finished == pipeline.SEGMENTER:  # this run's model is now the current one
+        if finished != pipeline.SEGMENT and run.trained:  # this run's whole model is now the current one
+            self.checkpoint, self.qualityCheckpoint = run.checkpoint, run.quality_checkpoint
+            self.secondOpinion = run.second_opinion
             self.modelRecords = jobs.run_model_records(self.job)
+            self.modelLabelNames = list(self.spec.label_names)
         if following is not None:
             self._startStage(following)
             if following.name == pipeline.SEGMENT:
@@ -1180,6 +1182,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         self.qualityCheckpoint = str(model.quality) if model.quality else None
         self.secondOpinion = str(model.second_opinion) if model.second_opinion else None
         self.modelRecords = model.records
+        self.modelLabelNames = list(spec.label_names)
         self.job, self.spec, self.pipeline = None, spec, None  # an earlier run's are not this model's
         if self.qualityCheckpoint is None:
             self.message.emit(f"{folder} has no {jobs.MODEL_QUALITY_FILE}: segmentations will have no quality scores")

@@ -48,6 +48,37 @@ def test_second_opinion_folder_and_training_one_are_exclusive(tmp_path):
                                  TrainingOptions(second_opinion="/o", train_second_opinion=True), segment=True)
 
 
+def test_a_run_s_model_is_whole_only_after_its_last_training_stage(tmp_path):
+    """The panel replaces its current model (g, segmenter, second opinion, segment names) only once
+    a run has trained all of it: a run cancelled while training the segmenter or the second
+    opinion leaves the old model whole. Segmenting with a model never makes a new one."""
+    folder = create_job_folder(tmp_path)
+    made = {}
+    for name in ("g.pt", "segmenter.pt", "second.pt"):
+        made[name] = tmp_path / name
+        made[name].write_bytes(b"")
+    run = RunPipeline.for_training(folder, TrainingOptions(train_second_opinion=True), segment=True)
+    run.start()
+    assert not run.trained
+    run.finish({"checkpoint": str(made["g.pt"])})
+    assert run.current == pipeline.SEGMENTER and not run.trained
+    run.finish({"checkpoint": str(made["segmenter.pt"])})
+    assert run.current == pipeline.SECOND_OPINION and not run.trained
+    run.finish({"checkpoint": str(made["second.pt"])})
+    assert run.current == pipeline.SEGMENT and run.trained
+    assert run.finish({}) is None and run.trained
+    only = RunPipeline.for_training(folder, TrainingOptions(), segment=False)
+    only.start()
+    only.finish({"checkpoint": str(made["g.pt"])})
+    assert not only.trained
+    only.finish({"checkpoint": str(made["segmenter.pt"])})
+    assert only.current is None and only.trained
+    segmenting = RunPipeline.for_segmenting(folder, TrainingOptions(), str(made["segmenter.pt"]))
+    segmenting.start()
+    segmenting.finish({})
+    assert not segmenting.trained
+
+
 def test_a_stage_that_left_no_checkpoint_stops_the_pipeline_with_its_folder(tmp_path):
     folder = create_job_folder(tmp_path)
     run = RunPipeline.for_training(folder, TrainingOptions(), segment=True)

@@ -92,6 +92,14 @@ class RunPipeline:
     def current(self) -> Optional[str]:
         return self.names[self._position] if 0 <= self._position < len(self.names) else None
 
+    @property
+    def trained(self) -> bool:
+        """Every training stage of this run has finished, so its model (g, segmenter, second
+        opinion) is whole and may replace the panel's current one. A run cancelled or failed
+        before then must leave the current model as it was, not half replaced."""
+        finished = self.names[:max(self._position, 0)]
+        return self.from_dataset and all(name in finished for name in self.names if name != SEGMENT)
+
     def start(self) -> Stage:
         if self._position != -1:
             raise RuntimeError("the pipeline has already started")
