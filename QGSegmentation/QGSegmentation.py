@@ -454,7 +454,8 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @handler("Failed to start or cancel the run.", wait_cursor=True)
     def onPrimaryButton(self, _=None):
         if self.logic.running:
-            self.logic.cancel()
+            if self.confirmCancel():  # one click too many must not end hours of training
+                self.logic.cancel()
             return
         if not self.ensureDependencies():
             return
@@ -475,6 +476,12 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    self.ui.outputFolderPathLineEdit.currentPath,
                                    mirror=self._parameterNode.mirror,
                                    second_opinion=self.ui.secondOpinionPathLineEdit.currentPath)
+
+    def confirmCancel(self) -> bool:
+        """Asks before the primary button cancels (the in-Slicer tests replace this)."""
+        return slicer.util.confirmOkCancelDisplay(
+            "Cancel this run? The worker stops after its current step; nothing from the run is "
+            "imported, and the current model stays as it was.", windowTitle="Cancel the run")
 
     def onPollTimer(self):
         with slicer.util.tryWithErrorDisplay("Failed while following the run."):

@@ -110,6 +110,12 @@ class FakeRunner:
     def kill(self):
         self._cancelled = True
 
+    def stop(self, grace_s=5.0):
+        if self._result is None:
+            self._cancelled = True
+            self.poll()
+        return self._result
+
     def keep_waiting(self):
         pass
 
@@ -218,7 +224,12 @@ class QGSegmentationWidgetTest(ScriptedLoadableModuleTest):
         logic.startTraining(slicer.mrmlScene, widget.selectedCases(), jobs.TrainingOptions(device="cpu"),
                             widget.ui.outputFolderPathLineEdit.currentPath)
         widget.onPollTimer()
-        widget.onPrimaryButton()  # the primary button is Cancel while running
+        asked = []
+        widget.confirmCancel = lambda: asked.append(True) or bool(len(asked) > 1)  # No, then Yes
+        widget.onPrimaryButton()  # the primary button is Cancel while running: asks first
+        self.assertEqual(logic.state.state, RunState.TRAINING)
+        widget.onPrimaryButton()
+        self.assertEqual(len(asked), 2)
         self.assertEqual(logic.state.state, RunState.CANCELLING)
         widget.onPollTimer()
         self.assertEqual(logic.state.state, RunState.IDLE)
