@@ -891,7 +891,7 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
                           output_folder: str):
         """(JobFolder, JobSpec) of a new Train job: exported volumes and labels, dataset.json, job.json."""
         folder = jobs.create_job_folder(output_folder)
-        _, label_names = scene_io.export_dataset(scene, cases, folder)
+        _, label_names = scene_io.export_dataset(scene, cases, folder, on_case=self._caseDone("exported"))
         spec = jobs.JobSpec(kind="train", run_id=folder.run_id, cases=list(cases), options=vars(options).copy(),
                             label_names=label_names, versions=self._versions())
         jobs.write_job_spec(folder, spec)
@@ -943,8 +943,10 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         try:
             label_names = list(self.modelLabelNames)
             self.job = jobs.create_job_folder(output_folder, prefix="segment")
-            for case in cases:
+            exported = self._caseDone("exported")
+            for index, case in enumerate(cases, 1):
                 scene_io.write_volume(scene.GetNodeByID(case.volume_id), self.job.image_path(case.case))
+                exported(index, len(cases), case.case)
             self.spec = jobs.JobSpec(kind="predict", run_id=self.job.run_id, cases=list(cases),
                                      label_names=label_names, checkpoint=self.checkpoint,
                                      quality_checkpoint=self.qualityCheckpoint or "",
@@ -1096,19 +1098,28 @@ class QGSegmentationLogic(ScriptedLoadableModuleLogic):
         if not scores and not seconds:
             self.message.emit(f"warning: no scores in {self.job.scores_csv}")
         cases = self._casesToSegment()
-        imported = 0
+        imported, progress = 0, self._caseDone("imported")
         try:
-            for case in cases:
+            for index, case in enumerate(cases, 1):
                 why = self._importCase(scene, case, scores.get(case.case, {}), seconds.get(case.case, {}))
                 if why:  # one case that cannot be imported does not stop the others
                     self.message.emit(f"warning: {case.case} not imported: {why}")
                 else:
                     imported += 1
+                    progress(index, len(cases), case.case)
         finally:
             scene_io.write_review_table(scene, self.review.rows())
             self.review.changed.emit(None)
         self.message.emit(f"imported {imported} of {len(cases)} case(s)"
                           + ("" if imported == len(cases) else ": see the warnings above"))
+
+    def _caseDone(self, verb: str) -> Callable[[int, int, str], None]:
+        """A per-case progress callback for work done in the GUI thread (exporting volumes,
+        importing results): says which case is done and lets Slicer repaint between cases."""
+        def done(index: int, total: int, case: str) -> None:
+            self.message.emit(f"{verb} {case} ({index}/{total})")
+            slicer.app.processEvents()
+        return done
 
     def _importCase(self, scene, case, case_scores, second_opinion) -> str:
         """One case's prediction and scores into the scene and the review list; why not, or ""."""

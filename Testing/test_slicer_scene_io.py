@@ -121,7 +121,9 @@ def test_export_dataset_volumes_and_labels_keep_voxels_and_geometry(headless, ma
     cases = [CaseEntry("CT_A", vol_a.GetID(), "CT A", "labeled", seg_a.GetID()),
              CaseEntry("CT_B", vol_b.GetID(), "CT B", "labeled", seg_b.GetID()),
              CaseEntry("CT_C", vol_c.GetID(), "CT C", "unlabeled")]
-    dataset_json, names = scene_io.export_dataset(scene, cases, folder)
+    done = []
+    dataset_json, names = scene_io.export_dataset(scene, cases, folder, on_case=lambda *a: done.append(a))
+    assert done == [(1, 3, "CT_A"), (2, 3, "CT_B"), (3, 3, "CT_C")]  # the panel's progress, case by case
     assert names == ["organ", "lesion"]
     desc = json.loads(dataset_json.read_text())
     assert desc["labels"] == {"0": "background", "1": "organ", "2": "lesion"}

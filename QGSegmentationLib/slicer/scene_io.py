@@ -26,7 +26,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -248,9 +248,12 @@ def export_labelmap(scene, segmentation_node, reference_volume, path: str | os.P
 
 
 def export_dataset(scene, cases: Sequence[CaseEntry], folder: JobFolder,
-                   label_names: Optional[Sequence[str]] = None) -> Tuple[Path, List[str]]:
+                   label_names: Optional[Sequence[str]] = None,
+                   on_case: Optional[Callable[[int, int, str], None]] = None) -> Tuple[Path, List[str]]:
     """Export the job's volumes (images/<case>.nrrd) and, for labeled cases, reference label
-    maps (labels/<case>.nrrd), then dataset.json. Returns (dataset.json, label names)."""
+    maps (labels/<case>.nrrd), then dataset.json. Returns (dataset.json, label names).
+    `on_case(k, n, case)` is called after each of the n exported cases (the panel shows progress
+    and keeps Slicer responsive there: dozens of large volumes take minutes)."""
     labeled = [c for c in cases if c.role == "labeled"]
     for case in labeled:
         if not case.segmentation_id:
@@ -258,15 +261,16 @@ def export_dataset(scene, cases: Sequence[CaseEntry], folder: JobFolder,
                                "reference segmentation")
     if label_names is None:
         label_names = collect_label_names(_node(scene, c.segmentation_id, c.case) for c in labeled)
-    for case in cases:
-        if case.role == "ignore":
-            continue
+    exported = [c for c in cases if c.role != "ignore"]
+    for index, case in enumerate(exported, 1):
         volume = _node(scene, case.volume_id, case.case)
         write_volume(volume, folder.image_path(case.case))
         if case.role == "labeled":
             export_labelmap(scene, _node(scene, case.segmentation_id, case.case), volume,
                             folder.label_path(case.case), label_names)
-    path = write_dataset_json(folder, [c for c in cases if c.role != "ignore"], label_names)
+        if on_case is not None:
+            on_case(index, len(exported), case.case)
+    path = write_dataset_json(folder, exported, label_names)
     return path, list(label_names)
 
 
