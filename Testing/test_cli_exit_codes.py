@@ -96,7 +96,7 @@ def test_missing_dataset_exits_2_with_clear_error(tmp_path):
     assert error["kind"] == "data"
     assert events[-1]["status"] == "failed" and events[-1]["exit_code"] == 2
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())  # failed runs say so too
-    assert manifest["status"] in ("failed", "interrupted") and manifest["config"]["dataset"] == str(missing)
+    assert manifest["status"] == "failed" and manifest["config"]["dataset"] == str(missing)
 
 
 def test_training_without_validation_cases_exits_2_before_anything_is_trained(tmp_path):
@@ -334,6 +334,18 @@ def test_predict_records_its_run_in_the_output_folder_and_a_refused_command_leav
         assert res.returncode == 2 and "Traceback" not in res.stderr, (command, res.stderr)
         assert sorted(p.name for p in work.iterdir()) == ["preds"], command
         assert sorted(p.name for p in folder.iterdir()) == before, command
+
+
+def test_guidance_without_a_quality_predictor_is_refused_before_the_run_folder_fills(phantom_3d, tmp_path):
+    """Refused before planning and case loading wrote plan.json and split.json into a new
+    runs/ssl-train-<time>/, which therefore used to stay behind."""
+    work = tmp_path / "work"
+    work.mkdir()
+    res = run_cli("ssl", "train", "--dataset", str(phantom_3d), "--method", "mt", "--guidance", "qar,qw",
+                  "--iterations", "2", "--quiet", cwd=work)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--quality-checkpoint" in res.stderr and "qgseg quality train" in res.stderr
+    assert list(work.iterdir()) == []
 
 
 def test_a_run_folder_that_cannot_be_made_exits_2_naming_it(tmp_path):

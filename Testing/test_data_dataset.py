@@ -133,8 +133,22 @@ def test_path_escaping_root(phantom):
     shutil.copy(phantom.parent / "imagesTr" / "case_000.nrrd", outside)
     desc = json.loads(phantom.read_text())
     desc["training"][0]["image"] = "../outside.nrrd"
+    desc["training"][1]["label"] = str(outside)
     rewrite(phantom, training=desc["training"])
-    expect_error(phantom, "\"training\"[0] image", "'../outside.nrrd' points outside the dataset folder")
+    with pytest.raises(DataError) as info:
+        load_dataset(phantom)
+    message = str(info.value)
+    assert "\"training\"[0] image: path '../outside.nrrd' points outside the dataset folder" in message
+    assert "\"training\"[1] label" in message
+    assert info.value.hint.count("ln -s") == 1  # one hint for both problems
+    # ... and the hint holds: data linked into the dataset's folder is read through the link
+    (phantom.parent / "linked").mkdir()
+    (phantom.parent / "linked" / "scan.nrrd").symlink_to(outside)
+    desc = json.loads(phantom.read_text())
+    desc["training"][0]["image"] = "linked/scan.nrrd"
+    desc["training"][1]["label"] = "labelsTr/case_001.nrrd"
+    rewrite(phantom, training=desc["training"])
+    assert load_dataset(phantom).training[0].image.name == "scan.nrrd"
 
 
 def test_missing_files_are_all_listed(phantom):

@@ -144,6 +144,9 @@ def test_root_cmake_metadata():
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    # the icon and screenshots the Extension Manager shows are files of this repository
+    urls = re.findall(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/(\S+?)[\s\"]", text)
+    assert len(urls) == 3 and all((REPO / url).is_file() for url in urls), urls
     for line in ("project(QGSegmentation)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                  "add_subdirectory(QGSegmentation)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                  "include(${Slicer_EXTENSION_CPACK})"):

@@ -90,12 +90,22 @@ def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     summary["final_val_dice"] = final.best_metric
     write_json_atomic(run_dir / "demo_summary.json", summary)
     ctx.events.stage("done", 5, 5)
+    if summary["test_mean_dice"] is not None:
+        ctx.say(f"\nmean Dice on the {sum(r['split'] == 'test' for r in summary['cases'])} test cases: "
+                f"{summary['test_mean_dice']:.3f} (validation Dice: supervised {sup.best_metric:.3f}, "
+                f"final {final.best_metric:.3f})")
     ctx.say(f"\noutputs in {run_dir.resolve()}:")
     ctx.say(f"  predictions (.nrrd, .seg.nrrd): {run_dir / 'predictions'}")
     ctx.say(f"  overlay picture: {summary['overlay_png']}")
     if "review_png" in summary:
         ctx.say(f"  review sheet (the cases g rates worst): {summary['review_png']}")
     ctx.say(f"  training curves: {final.run_dir / 'training_curves.png'}")
+    if quality_ckpt is not None:
+        from ..quality.train import CALIBRATION_FILE
+
+        ctx.say(f"  quality predictor's calibration plot: {run_dir / 'quality' / CALIBRATION_FILE}")
+    ctx.say(f"  every number above, per case: {run_dir / 'demo_summary.json'}; each run's record: "
+            "manifest.json in its folder")
     outputs.update({k: v for k, v in summary.items() if k.endswith("_png")})
     return outputs
 

@@ -19,11 +19,12 @@ QGSegmentation: quality-guided semi-supervised segmentation of medical images.
 Typical session:
   qgseg demo                                   # synthetic data, end to end, a few minutes on CPU
   qgseg quality train --dataset D.json --run-dir runs/g
-  qgseg ssl train --dataset D.json --method mt --guidance qar,qw \\
+  qgseg ssl train --dataset runs/g/split.json --method mt --guidance qar,qw \\
                   --quality-checkpoint runs/g/checkpoints/best.pt --run-dir runs/seg
   qgseg predict --checkpoint runs/seg/checkpoints/best.pt --input D.json --split unlabeled \\
                 --quality-checkpoint runs/g/checkpoints/best.pt --output preds/
-  qgseg evaluate --predictions preds/ --dataset D.json --split test
+  qgseg predict --checkpoint runs/seg/checkpoints/best.pt --input D.json --split test --output preds_test/
+  qgseg evaluate --predictions preds_test/ --dataset D.json --split test
   qgseg info                                   # versions, device, dependency check
 
 Exit codes: 0 ok, 1 other failure, 2 bad input, 3 cancelled, 4 out of memory.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("networks", help="list the available segmentation networks")
+    parser = subparsers.add_parser("networks", help="list the available segmentation networks",
+                                   description="List the segmentation networks `--network` takes, 2D and 3D.")
     parser.set_defaults(func=run)
 
 

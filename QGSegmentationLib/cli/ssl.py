@@ -20,7 +20,8 @@ def register(subparsers) -> None:
                                    description="Semi-supervised segmentation with optional quality guidance.",
                                    epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="ssl_command", metavar="SUBCOMMAND")
-    methods = sub.add_parser("methods", help="list the SSL methods with a one-line description each")
+    methods = sub.add_parser("methods", help="list the SSL methods with a one-line description each",
+                             description="List the semi-supervised methods `--method` takes, one line each.")
     methods.set_defaults(func=list_methods)
     train = sub.add_parser("train", help="train a segmenter with an SSL method",
                            description="Same options as `qgseg train`; --method defaults to mt.",

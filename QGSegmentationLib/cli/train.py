@@ -153,7 +153,10 @@ def patch_option(values):
 def train_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..engine.manifest import recorded_run
 
+    from ..engine.config import check_guidance_has_predictor
+
     cfg = build_config(args)
+    check_guidance_has_predictor(cfg)  # before the run folder fills: a refused run leaves nothing
     if cfg.quality_checkpoint and not (cfg.ssl.get("guidance_qar") or cfg.ssl.get("guidance_qw")):
         ctx.events.warning(f"--quality-checkpoint {cfg.quality_checkpoint} is not used: quality guidance is "
                            "off (add --guidance qar, qw or qar,qw to train with it)")

@@ -121,16 +121,26 @@ class _Problems:
     def __init__(self, where: str):
         self.where = where
         self.items: list = []
+        self.hints: list = []
 
-    def add(self, message: str) -> None:
+    def add(self, message: str, hint: str | None = None) -> None:
+        """One problem; `hint` (said once, however many problems share it) tells how to fix it."""
         self.items.append(message)
+        if hint and hint not in self.hints:
+            self.hints.append(hint)
 
     def raise_if_any(self, hint: str | None = None) -> None:
+        hint = " ".join(self.hints + ([hint] if hint else [])) or None
         if len(self.items) == 1:
             raise DataError(f"{self.where}: {self.items[0]}", hint=hint)
         if self.items:
             listing = "\n".join(f"  - {p}" for p in self.items)
             raise DataError(f"{self.where}: {len(self.items)} problems found:\n{listing}", hint=hint)
+
+
+OUTSIDE_HINT = ("paths are relative to the folder of dataset.json and stay inside it: put dataset.json "
+                "in a folder above the data, or link the data into its folder (e.g. "
+                "`ln -s /data/scans imagesTr`; links are followed)")
 
 
 def _resolve(root: Path, relative, entry_desc: str, problems: _Problems) -> Path | None:
@@ -143,7 +153,8 @@ def _resolve(root: Path, relative, entry_desc: str, problems: _Problems) -> Path
     normalised = Path(os.path.normpath(joined))
     root_norm = Path(os.path.normpath(root))
     if normalised != root_norm and root_norm not in normalised.parents:
-        problems.add(f"{entry_desc}: path '{relative}' points outside the dataset folder {root}")
+        problems.add(f"{entry_desc}: path '{relative}' points outside the dataset folder {root}",
+                     hint=OUTSIDE_HINT)
         return None
     if not normalised.is_file():
         problems.add(f"{entry_desc}: file '{relative}' does not exist")
@@ -337,6 +348,9 @@ def empty_group_message(source, group: str, cases: str = "cases") -> str:
         message += (" (when a dataset has none, training holds --n-validation of its training cases "
                     f"out and lists them in <run-dir>/{SPLIT_FILE}: pass that file instead of the "
                     f"dataset.json, e.g. runs/seg/{SPLIT_FILE})")
+    elif group == "test":
+        message += (" (to judge a model on cases it did not train on without a test list, pass the "
+                    f"run's {SPLIT_FILE} with --split validation, e.g. --dataset runs/seg/{SPLIT_FILE})")
     return message
 
 

@@ -155,6 +155,17 @@ class TrainConfig:
         return spacing
 
 
+GUIDANCE_NEEDS_PREDICTOR = ("quality guidance (qar/qw) needs a trained quality predictor: pass "
+                            "--quality-checkpoint (train one with `qgseg quality train`)")
+
+
+def check_guidance_has_predictor(cfg: TrainConfig) -> None:
+    """Quality guidance without g is refused before anything is planned, loaded or written."""
+    ssl = cfg.ssl or {}
+    if (ssl.get("guidance_qar") or ssl.get("guidance_qw")) and not cfg.quality_checkpoint:
+        raise ConfigError(GUIDANCE_NEEDS_PREDICTOR)
+
+
 def _auto_or(value, check):
     """"auto" as it is (any case), anything else through `check`."""
     if isinstance(value, str) and value.strip().lower() == "auto":

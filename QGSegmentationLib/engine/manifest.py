@@ -87,12 +87,13 @@ def write_manifest(run_dir: str | os.PathLike, *, command: list[str], config: Di
 def recorded_run(run_dir: str | os.PathLike, *, command: list[str], config, device: str,
                  seed: int | None, started: float, extra: Dict[str, Any] | None = None,
                  enabled: bool = True) -> Iterator[Dict[str, Any]]:
-    """Write the run's manifest when the block ends, however it ends: status "ok", or "interrupted"
-    if it raised. `config` (anything with `to_dict()`) is read then, so the values a run fills in
+    """Write the run's manifest when the block ends, however it ends: status "ok", "cancelled"
+    (cancel file, Ctrl-C: a rerun resumes), "failed" if it raised, "interrupted" when a second
+    Ctrl-C stopped it at once. `config` (anything with `to_dict()`) is read then, so the values a run fills in
     (the planned spacing and patch) are recorded; the block may set the yielded dict's "device"
     (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing, nor does a
     RunFolderError (a refusal to resume another run) where the folder has a manifest already."""
-    from ..errors import RunFolderError
+    from ..errors import CancelledError, RunFolderError
 
     facts = {"device": device}
     status = "interrupted"
@@ -100,7 +101,14 @@ def recorded_run(run_dir: str | os.PathLike, *, command: list[str], config, devi
         yield facts
         status = "ok"
     except RunFolderError:  # nothing ran: the manifest of the run the folder holds stays its record
+        status = "failed"
         enabled = enabled and not (Path(run_dir) / "manifest.json").exists()
+        raise
+    except CancelledError:
+        status = "cancelled"
+        raise
+    except Exception:
+        status = "failed"
         raise
     finally:
         if enabled:

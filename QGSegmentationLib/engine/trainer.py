@@ -28,7 +28,7 @@ import torch
 from ..errors import ConfigError, DataError, RunFolderError
 from .cancel import CancelToken
 from .checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, load_checkpoint, plain, save_checkpoint
-from .config import TrainConfig
+from .config import GUIDANCE_NEEDS_PREDICTOR, TrainConfig
 from .device import autocast, autocast_dtype, maybe_inject_fault, translate_oom
 from .distributed import DistributedContext, rank_seed, unwrap
 from .events import EventWriter
@@ -267,8 +267,7 @@ class Trainer:
         if not wants:
             return None
         if not self.cfg.quality_checkpoint:
-            raise ConfigError("quality guidance (qar/qw) needs a trained quality predictor: pass "
-                              "--quality-checkpoint (train one with `qgseg quality train`)")
+            raise ConfigError(GUIDANCE_NEEDS_PREDICTOR)
         from ..quality.predictor import check_scores_labels, load_predictor
         from ..ssl.guidance import QualityGuidance
 
