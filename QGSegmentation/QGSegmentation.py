@@ -497,7 +497,10 @@ class QGSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     f"The worker has reported nothing for {UNRESPONSIVE_AFTER_S:.0f} seconds.\n\n"
                     "Kill it (Yes) or keep waiting (No)?", windowTitle="Worker unresponsive")
                 if kill:
-                    self.logic.kill()
+                    runner = self.logic.runner
+                    self.logic.poll(slicer.mrmlScene)  # it may have finished while the question was open
+                    if self.logic.runner is runner and self.logic.running:  # not the next stage's worker
+                        self.logic.kill()
                 else:
                     self.logic.keepWaiting()
                     self._askedUnresponsive = False

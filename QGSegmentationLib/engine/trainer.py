@@ -450,7 +450,11 @@ class Trainer:
         start = 0
         if state is not None:
             start = self.load_state(state)
-            self.events.warning(f"resuming from {last_path} at iteration {start}")
+            if start >= cfg.iterations:  # a rerun of a finished run: nothing to train
+                self.note(f"{last_path} has finished all {cfg.iterations} iterations: nothing to train "
+                          "(--iterations N for more, --no-resume to start over)")
+            else:
+                self.events.warning(f"resuming from {last_path} at iteration {start} of {cfg.iterations}")
         self.events.emit("stage", name=f"train ({cfg.method})", index=2, total=2)
         with self.cancel.catching_interrupts():  # Ctrl-C: save last.pt at the next step, then stop
             self.train_loop(start)
