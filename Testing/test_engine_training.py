@@ -333,10 +333,10 @@ def test_labels_are_resampled_linearly_by_default_and_older_runs_keep_nearest_ne
 def test_rerunning_a_finished_run_says_there_is_nothing_to_train(phantom_3d, tmp_path):
     """A rerun of a finished run trains nothing and says so, instead of 'resuming at iteration N'
     as if it were training again; its weights stay the finished run's."""
-    first = Trainer(tiny_config(phantom_3d, iterations=2, val_every=2), tmp_path / "r", progress_bar=False).fit()
+    config = dict(iterations=2, val_every=2)
+    first = Trainer(tiny_config(phantom_3d, **config), tmp_path / "r", progress_bar=False).fit()
     said = []
-    again = Trainer(tiny_config(phantom_3d, iterations=2, val_every=2), tmp_path / "r", progress_bar=False,
-                    say=said.append).fit()
+    again = Trainer(tiny_config(phantom_3d, **config), tmp_path / "r", progress_bar=False, say=said.append).fit()
     assert any("has finished all 2 iterations: nothing to train" in line for line in said), said
     assert not any("resuming" in line for line in said)
     a, b = weights(first.last_checkpoint), weights(again.last_checkpoint)

@@ -333,7 +333,8 @@ def test_a_review_table_edited_by_hand_reads_back_or_names_the_bad_row(headless)
     rows = [ReviewRow(case=c, volume=f"CT {c}", volume_id="v", segmentation=f"CT {c} QGSeg",
                       segmentation_id="s", scores={"organ": 0.8}) for c in ("A", "B")]
     table = scene_io.write_review_table(scene, rows)
-    status = [table.GetTable().GetColumnName(c) for c in range(table.GetTable().GetNumberOfColumns())].index("status")
+    columns = table.GetTable()
+    status = [columns.GetColumnName(c) for c in range(columns.GetNumberOfColumns())].index("status")
     table.GetTable().SetValue(0, status, vtk.vtkVariant("Approved "))
     assert [r.status for r in scene_io.read_review_table(table)] == ["approved", "unreviewed"]
     table.GetTable().SetValue(1, status, vtk.vtkVariant("ok"))

@@ -89,9 +89,9 @@ def recorded_run(run_dir: str | os.PathLike, *, command: list[str], config, devi
                  enabled: bool = True) -> Iterator[Dict[str, Any]]:
     """Write the run's manifest when the block ends, however it ends: status "ok", "cancelled"
     (cancel file, Ctrl-C: a rerun resumes), "failed" if it raised, "interrupted" when a second
-    Ctrl-C stopped it at once. `config` (anything with `to_dict()`) is read then, so the values a run fills in
-    (the planned spacing and patch) are recorded; the block may set the yielded dict's "device"
-    (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing, nor does a
+    Ctrl-C stopped it at once. `config` (anything with `to_dict()`) is read then, so the values a
+    run fills in (the planned spacing and patch) are recorded; the block may set the yielded dict's
+    "device" (what "auto" became). `enabled` False (torchrun ranks other than 0) writes nothing, nor does a
     RunFolderError (a refusal to resume another run) where the folder has a manifest already."""
     from ..errors import CancelledError, RunFolderError
 

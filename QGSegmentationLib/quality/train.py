@@ -1087,8 +1087,8 @@ def _finish(result: Dict[str, Any], run_dir: Path, validation: _Validation, conf
                      "sample_making_s": round(timing.make_s + validation.make_s, 2)}
     fraction = timing_report["sample_time_fraction"]
     if events is not None and fraction and fraction > 0.7:
-        events.warning(f"making VQM samples took {fraction:.0%} of the training "
-                       "time; use more sample-making workers (--set num_workers=N, one per spare CPU core) or a "
+        events.warning(f"making VQM samples took {fraction:.0%} of the training time; use more "
+                       "sample-making workers (--set num_workers=N, one per spare CPU core) or a "
                        "machine with more cores")
     result = {**result, "curve": str(curve), "calibration": str(calibration), "timing": timing_report,
               "calibration_shift": None if shift is None else [float(v) for v in shift]}
