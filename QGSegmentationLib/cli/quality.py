@@ -34,6 +34,9 @@ What it does:
 
 Defaults: paper settings (AdamW 3e-4, cosine warm restarts, SmoothL1, early stop 25 epochs on
 validation MAE), 50 masks per case per epoch on a GPU, 8 on a CPU, backbone 'convnet'.
+The weak segmenter trains first, for its own 20 short epochs whatever --epochs says (its
+predictions are cached, so a rerun skips it); `--set weak=null --set p_weak=0` leaves it out,
+e.g. for a quick check.
 `--seeds N` trains N members (seeds --seed, --seed + 1, ...) in seed-<s>/ and writes their
 ensemble, which answers with their mean, as checkpoints/best.pt (N times the time; on LA the
 four-seed mean beat every single seed: BENCHMARKS.md section 6). Members already finished are
