@@ -76,3 +76,48 @@ def check_option_names(given, cls, source: str) -> None:
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
                           f"valid options: {', '.join(sorted(names))}")
+
+
+def check_option_types(given, cls, source: str) -> None:
+    """Raise ConfigError when a value of the mapping `given` does not have the type its field of
+    dataclass `cls` declares (a number, a whole number, true/false, text, a mapping, or None
+    where the field allows it), or is a number that is not finite: `--set lr=abc` or `ssl: 3` in a
+    config file fail here, naming the option, instead of deep inside training. Fields of other
+    types (sizes, spacings, ranges) are checked by their own validators."""
+    import dataclasses
+    import math
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in given:
+            continue
+        value, wanted = given[f.name], hints[f.name]
+        args = typing.get_args(wanted)
+        unions = (typing.Union, getattr(types, "UnionType", typing.Union))  # Optional[X], X | None
+        optional = typing.get_origin(wanted) in unions and type(None) in args
+        if optional:
+            if value is None:
+                continue
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1:
+                continue
+            wanted = rest[0]
+        origin = typing.get_origin(wanted) or wanted
+        if origin is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a finite number"
+        elif origin is int:
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif origin is bool:
+            ok, what = isinstance(value, bool), "true or false"
+        elif origin is str:
+            ok, what = isinstance(value, str), "text"
+        elif origin in (dict, typing.Dict) or origin is getattr(typing, "Mapping", None):
+            ok, what = isinstance(value, dict), "a mapping (e.g. {name: value})"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{source}: option {f.name} must be {what}{' or null' if optional else ''}, "
+                              f"not {value!r}")

@@ -17,21 +17,37 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """Yield a temporary path next to `target`; on success rename it onto `target`.
 
     The temporary name keeps the target's extension (`suffix`, default the full suffix chain,
-    e.g. `.seg.nrrd`) so writers that pick the format from the extension still work."""
+    e.g. `.seg.nrrd`) so writers that pick the format from the extension still work. A target that
+    cannot be written (a folder of that name, a folder that cannot be made or written to) is a
+    DataError naming it, raised before the writer runs where possible."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        _cannot_write(target, "a folder of that name exists: name the file to write")
     ext = suffix if suffix is not None else "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=ext + ".part" if not ext else ext,
-                               dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=ext + ".part" if not ext else ext,
+                                   dir=target.parent)
+    except OSError as exc:
+        _cannot_write(target, exc.strerror or str(exc))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, default_file_mode())  # mkstemp's 0600 would hide it from the group
-        os.replace(tmp_path, target)
+        try:
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            _cannot_write(target, exc.strerror or str(exc))
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _cannot_write(target: Path, why: str):
+    from .errors import DataError
+
+    raise DataError(f"{target}: cannot write it ({why})") from None
 
 
 def default_file_mode() -> int:

@@ -79,6 +79,21 @@ def test_a_references_folder_may_hold_more_cases_than_were_predicted(phantom_3d,
     assert res.returncode == 2 and spec.test[0].id in res.stderr and "no reference" in res.stderr
 
 
+def test_a_prediction_with_labels_the_dataset_does_not_declare_is_refused(phantom_3d, tmp_path):
+    """A label map from another tool with a value the dataset does not declare would otherwise be
+    scored as an invented class, and lower its case's mean Dice unnoticed."""
+    spec = load_dataset(phantom_3d)
+    folder = tmp_path / "other_tool"
+    eroded_predictions(spec, folder, ".nii.gz")
+    stray = folder / f"{spec.test[0].id}.nii.gz"
+    label, geometry = read_label(stray)
+    label[0, 0, 0] = 3
+    write_label(stray, label, geometry)
+    res = run_cli("evaluate", "--predictions", str(folder), "--dataset", str(phantom_3d), "--split", "test",
+                  "--run-dir", str(tmp_path / "e"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(stray) in res.stderr and "label values [3] are not declared" in res.stderr
+
 def test_quality_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):
     spec = load_dataset(phantom_3d)
     expected = eroded_predictions(spec, tmp_path / "other_tool", ".nii.gz")
@@ -90,6 +105,12 @@ def test_quality_evaluate_reads_nifti_predictions(phantom_3d, tmp_path):
     with open(tmp_path / "q" / "quality_evaluation_rows.csv", newline="") as handle:
         true_dice = {row["case"]: float(row["true_dice"]) for row in csv.DictReader(handle)}
     assert true_dice == pytest.approx(expected)
+    (tmp_path / "other_tool" / f"{spec.test[0].id}.nii.gz").unlink()  # a folder lacking a case says so
+    res = run_cli("quality", "evaluate", "--dataset", str(phantom_3d), "--checkpoint", str(g), "--group", "test",
+                  "--predictions", str(tmp_path / "other_tool"), "--run-dir", str(tmp_path / "q2"),
+                  "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert f"no prediction for 1 of the {len(spec.test)} cases, which are left out: {spec.test[0].id}" in res.stderr
 
 
 def test_predict_takes_a_folders_images_but_not_its_seg_nrrd_files(tmp_path):

@@ -203,19 +203,21 @@ def test_a_cancel_file_stops_the_run_and_one_left_behind_does_not_stop_the_rerun
     assert not (run_dir / "CANCEL").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_at_the_next_step_and_exits_3(phantom_3d, tmp_path):
+@pytest.mark.parametrize("signal_name,said", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
+def test_ctrl_c_saves_a_checkpoint_at_the_next_step_and_exits_3(phantom_3d, tmp_path, signal_name, said):
     """The first Ctrl-C (SIGINT) in a training loop works like the cancel file: the step running
     finishes, last.pt is saved at the iteration reached (not the last periodic checkpoint), and the
-    command exits 3 saying how to resume."""
+    command exits 3 saying how to resume. So does SIGTERM, which a cluster's scheduler (SLURM, at
+    the end of a job's time) and `kill` send before they kill."""
     import signal
 
     from QGSegmentationLib.engine.checkpoint import load_checkpoint
 
     proc, _, run_dir, events = training_in_progress(phantom_3d, tmp_path)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signal_name))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 3, stderr
-    assert "Ctrl-C: stopping after this step" in stderr and "qgseg: cancelled: stopped by Ctrl-C" in stderr
+    assert f"{said}: stopping after this step" in stderr and f"qgseg: cancelled: stopped by {said}" in stderr
     assert read_events(events)[-1]["status"] == "cancelled"
     assert 10 <= load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] < 400
 
@@ -293,6 +295,19 @@ def test_predict_into_its_input_folder_is_refused_before_anything_is_overwritten
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
         "case_0.nrrd", "case_0.seg.nrrd", "case_1.nrrd", "case_1.seg.nrrd"]
 
+
+def test_predict_checks_every_input_before_it_writes_anything(nrrd_images, tmp_path):
+    """A second input that is no image used to stop predict after the first case's outputs were
+    written. (Headers are checked up front; voxels that turn out unreadable still stop it later.)"""
+    folder, checkpoint = nrrd_images
+    (folder / "case_1.nrrd").write_bytes(b"NRRD0004\ntype: what\n")  # not an image
+    out = tmp_path / "existing_output"
+    out.mkdir()
+    res = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                  "--no-mirror", "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert str(folder / "case_1.nrrd") in res.stderr
+    assert list(out.iterdir()) == []
 
 def test_predict_to_an_existing_file_exits_2_before_inference(nrrd_images, tmp_path):
     folder, checkpoint = nrrd_images

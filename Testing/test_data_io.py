@@ -221,13 +221,17 @@ def test_case_id_and_extension():
     assert io.file_extension("A.NRRD") == ".nrrd"
 
 
-def test_case_files_are_found_in_any_format_nrrd_first_and_seg_nrrd_last(tmp_path):
+def test_case_files_are_found_in_any_format_and_seg_nrrd_only_alone(tmp_path):
     assert io.find_case_file(tmp_path, "la_003") is None
     (tmp_path / "la_003.seg.nrrd").write_bytes(b"")
     assert io.find_case_file(tmp_path, "la_003").name == "la_003.seg.nrrd"  # a Slicer export alone
     (tmp_path / "la_003.nii.gz").write_bytes(b"")
     assert io.find_case_file(tmp_path, "la_003").name == "la_003.nii.gz"  # e.g. nnU-Net output
-    (tmp_path / "la_003.nrrd").write_bytes(b"")
+    (tmp_path / "la_003.nrrd").write_bytes(b"")  # left by another run: which one is meant?
+    with pytest.raises(DataError, match=r"case 'la_003' has 2 files: la_003.nrrd, la_003.nii.gz") as twice:
+        io.find_case_file(tmp_path, "la_003")
+    assert "move" in twice.value.hint
+    (tmp_path / "la_003.nii.gz").unlink()
     assert io.find_case_file(tmp_path, "la_003").name == "la_003.nrrd"  # what qgseg predict writes
     assert io.find_case_file(tmp_path, "la_00") is None  # no prefix matches
     assert io.case_file_pattern("x").startswith("x.nrrd (or .nii.gz")

@@ -102,7 +102,7 @@ def test_a_single_training_refuses_an_ensembles_folder_and_seeds_below_two(phant
     err = capsys.readouterr().err
     assert "last.pt" in err and "ensemble of 2 seeds" in err and "--seeds 2" in err
     assert train(phantom_3d, tmp_path / "none", "--seeds", "0", "--quiet") == 2
-    assert "at least 2 seeds" in capsys.readouterr().err
+    assert "--seeds: give 1 (one model, the default) or 2 or more (an ensemble), not 0" in capsys.readouterr().err
     assert not (tmp_path / "none" / "checkpoints").exists()
 
 

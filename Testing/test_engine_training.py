@@ -288,6 +288,31 @@ def test_a_quality_predictor_given_as_segmenter_is_refused_with_a_hint(tmp_path)
     assert other.value.hint is None
 
 
+def test_a_file_that_is_no_checkpoint_is_named_and_described(tmp_path):
+    """Empty, cut short, not PyTorch, holding Python objects, or plain data of no known kind: each
+    is a DataError (exit 2) saying what is wrong with the file, never a traceback. An empty file
+    used to end in IndexError (torch's EOFError has no message)."""
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.quality.predictor import load_predictor
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.zeros(1000)}, whole)
+    files = {"empty.pt": b"", "cut.pt": whole.read_bytes()[:2000], "text.pt": b"hello\n",
+             "random.pt": bytes(range(256)) * 8}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    torch.save({"foo": 1}, tmp_path / "foo.pt")
+    expected = {"empty.pt": "the file is empty", "cut.pt": "cut short or damaged",
+                "text.pt": "not a PyTorch checkpoint file", "random.pt": "not a PyTorch checkpoint file",
+                "module.pt": "holds Python objects", "foo.pt": "does not say what it is"}
+    for name, why in expected.items():
+        for load in (load_checkpoint, load_predictor):
+            with pytest.raises(DataError) as refused:
+                load(tmp_path / name)
+            assert str(tmp_path / name) in str(refused.value) and why in str(refused.value), refused.value
+
+
 def test_loss_and_clip_percentiles_are_trained_with_and_kept_for_inference(phantom_3d, tmp_path):
     from QGSegmentationLib.segmenter import load_segmenter
 
@@ -341,3 +366,24 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(phantom_3d, tmp
     assert not any("resuming" in line for line in said)
     a, b = weights(first.last_checkpoint), weights(again.last_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_spacing_that_leaves_a_few_voxels_is_refused_and_a_patch_far_larger_than_the_volumes_is_warned(
+        phantom_3d, tmp_path):
+    """--spacing 1000 (metres meant as mm, say) shrank every volume to one voxel and 'trained' to a
+    validation Dice of 1.0; a patch of 160^3 on 16x32x32 volumes trained on padding, silently."""
+    from QGSegmentationLib.engine.events import EventWriter, read_events
+
+    coarse = Trainer(tiny_config(phantom_3d, target_spacing=(1000.0, 1000.0, 1000.0)), tmp_path / "coarse",
+                     progress_bar=False)
+    with pytest.raises(ConfigError, match=r"at 1000 x 1000 x 1000 mm the smallest labeled volume is only 1x1x1 "
+                                          r"voxels") as refused:
+        coarse.fit()
+    assert "--spacing" in refused.value.hint
+    events = EventWriter.open(tmp_path / "events.jsonl")
+    Trainer(tiny_config(phantom_3d, patch_size=(16, 96, 96), iterations=1, val_every=1), tmp_path / "big",
+            events=events, progress_bar=False).fit()
+    events.close()
+    warnings = [e["message"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "warning"]
+    assert any("patch 16x96x96 is more than twice the median labeled volume (" in w
+               for w in warnings), warnings

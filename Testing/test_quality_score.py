@@ -224,6 +224,16 @@ def test_pairs_csv_without_mask_column_is_rejected(tmp_path):
         read_pairs_csv(bad)
 
 
+
+def test_a_pairs_csv_that_is_not_utf8_is_named_and_one_with_a_bom_is_read(tmp_path):
+    binary = tmp_path / "pairs.csv"
+    binary.write_bytes(b"\xff\xfe\x00x")
+    with pytest.raises(DataError, match="pairs.csv: not a text file in UTF-8"):
+        read_pairs_csv(binary)
+    excel = tmp_path / "excel.csv"  # spreadsheet programs start UTF-8 CSVs with a byte order mark
+    excel.write_bytes("image,mask\r\na.nrrd,b.nrrd\r\n".encode("utf-8-sig"))
+    assert read_pairs_csv(excel) == [(tmp_path / "a.nrrd", tmp_path / "b.nrrd")]
+
 def test_scoring_an_la_sized_volume_is_fast(tmp_path):
     """~180x140x88 voxels + mask must score in <= 1 s on 2 cores; here 1 thread on a shared
     machine, so the bound is loose (the measured time is printed)."""

@@ -56,6 +56,16 @@ def test_job_spec_round_trip_and_dataset_json(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: job spec is not valid JSON"):
         read_job_spec(tmp_path / "bad.json")
+    # edited by hand: each mistake is a ValueError naming the file (job run: exit 2), not a TypeError
+    good = json.loads(folder.job_json.read_text())
+    for broken, why in (([good], "must be a JSON object"), ({**good, "cases": 5}, "must be a list of objects"),
+                        ({**good, "cases": [{"case": "A"}]}, "not a valid job spec"),
+                        ({**good, "extra": 1}, "not a valid job spec"),
+                        ({**good, "cases": [{**good["cases"][0], "role": "teacher"}]}, "role must be one of")):
+        (tmp_path / "edited.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=why) as refused:
+            read_job_spec(tmp_path / "edited.json")
+        assert "edited.json" in str(refused.value)
 
 
 def test_stage_arguments(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -147,17 +148,22 @@ def make_context(args: argparse.Namespace, command: str, default_run_dir: Option
                           "must use the same run folder")
     default = f"{command.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"  # no spaces in paths
     run_dir = Path(args.run_dir or default_run_dir or Path("runs") / default)
+    run_id = f"{command}-{uuid.uuid4().hex[:8]}"
+    if launch.is_main:  # before the run folder: a refused --events leaves nothing behind
+        try:
+            events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
+        except OSError as exc:  # a folder of that name, no permission
+            raise ConfigError(f"--events {args.events}: cannot write it ({exc.strerror or exc})",
+                              hint="name a file, e.g. --events run_events.jsonl") from None
+    else:  # other ranks report nothing: one event stream per run
+        events = EventWriter(run_id=run_id)
     created = [] if args.run_dir else _missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. a file where a folder should be
+        events.close()
         raise ConfigError(f"{run_dir}: cannot create the run folder ({exc.strerror or exc})",
                           hint="name a folder with --run-dir") from None
-    run_id = f"{command}-{uuid.uuid4().hex[:8]}"
-    if launch.is_main:
-        events = EventWriter.open(args.events, to_stdout=bool(getattr(args, "json", False)), run_id=run_id)
-    else:  # other ranks report nothing: one event stream per run
-        events = EventWriter(run_id=run_id)
     ctx = RunContext(command=command, run_dir=run_dir, events=events,
                      show_progress=launch.is_main and not (args.json or args.quiet),
                      created_dirs=created)
@@ -179,13 +185,16 @@ def _missing_folders(folder: Path) -> List[Path]:
 
 
 def _remove_if_untouched(folders: List[Path]) -> None:
-    """Remove the folders a refused run created, deepest first, while they hold nothing but the
-    manifest of the refusal (training writes one however it ends)."""
-    if folders and [p.name for p in folders[0].iterdir()] == ["manifest.json"]:
-        (folders[0] / "manifest.json").unlink()
-    for folder in folders:
+    """Remove the folders a refused run created (deepest first, the run folder itself first) with
+    what the run wrote there before it was refused: its records (manifest, split, plan), data it
+    generated, partial outputs. A run folder holding a checkpoint stays: a run refused after it
+    began training (say, one that diverged) keeps what it trained."""
+    if not folders or any(folders[0].rglob("*.pt")):
+        return
+    shutil.rmtree(folders[0], ignore_errors=True)
+    for folder in folders[1:]:
         try:
-            folder.rmdir()  # fails, and so keeps the folder, when anything else was written into it
+            folder.rmdir()  # fails, and so keeps the folder, when anything else is in it
         except OSError:
             break
 

@@ -56,10 +56,24 @@ def _train(ctx: RunContext, name: str, dataset: Path, iterations: int, seed: int
     return result
 
 
+def check_demo_options(args: argparse.Namespace) -> None:
+    """Refuse bad options before minutes of data making and training, not after them."""
+    from ..engine.device import resolve_device
+    from ..errors import ConfigError
+    from ..ssl.methods import METHODS
+
+    for flag, value in (("--iterations", args.iterations), ("--quality-epochs", args.quality_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, not {value}")
+    METHODS.get(args.method)  # an unknown name raises ConfigError listing the methods
+    resolve_device(args.device)  # --device cuda on a machine without one
+
+
 def demo_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..data.phantom import make_phantom_dataset
     from ..fileio import write_json_atomic
 
+    check_demo_options(args)
     run_dir = ctx.run_dir
     ctx.events.stage("make phantom dataset", 1, 5)
     dataset = make_phantom_dataset(run_dir / "data", n_labeled=4, n_unlabeled=12, n_validation=2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .common import HelpFormatter, RunContext, add_run_options, run_with_events
 
@@ -45,8 +45,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str]:
-    """(case, prediction, reference) triples, and a note for the user (or "").
+def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str, Optional[set]]:
+    """(case, prediction, reference) triples, a note for the user (or ""), and the label values
+    the dataset declares (None with --references: any value is a class).
 
     With --dataset every case of the split must have a prediction (none is dropped silently).
     With --references every prediction must have a reference; references of cases that were not
@@ -61,10 +62,11 @@ def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str]:
     if args.dataset:
         from ..data.dataset import empty_group_message, load_dataset
 
-        refs = [(r.id, Path(r.label)) for r in getattr(load_dataset(args.dataset), args.split) if r.label]
+        dataset = load_dataset(args.dataset)
+        refs = [(r.id, Path(r.label)) for r in getattr(dataset, args.split) if r.label]
         if not refs:
             raise DataError(empty_group_message(args.dataset, args.split, "cases with a reference label"))
-        return _pairs_for_references(pred_dir, refs), ""
+        return _pairs_for_references(pred_dir, refs), "", set(dataset.labels)
     folder = Path(args.references)
     if not folder.is_dir():
         raise DataError(f"{folder}: references folder not found")
@@ -81,7 +83,7 @@ def reference_pairs(args) -> Tuple[List[Tuple[str, Path, Path]], str]:
     n_references = len({case_id_from_path(p) for p in folder.iterdir() if file_extension(p) in IMAGE_EXTENSIONS})
     left_out = n_references - len(refs)
     note = (f"{left_out} reference(s) in {folder} have no prediction and were not evaluated" if left_out > 0 else "")
-    return _pairs_for_references(pred_dir, refs), note
+    return _pairs_for_references(pred_dir, refs), note, None
 
 
 def _pairs_for_references(pred_dir: Path, refs: List[Tuple[str, Path]]) -> List[Tuple[str, Path, Path]]:
@@ -109,12 +111,12 @@ def evaluate_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
     from ..fileio import write_json_atomic
     from ..metrics import evaluate_case, summarise
 
-    pairs, note = reference_pairs(args)
+    pairs, note, declared = reference_pairs(args)
     if note:
         ctx.say(note)
     rows: List[Dict[str, Any]] = []
     for index, (case_id, pred_path, ref_path) in enumerate(tqdm(pairs, desc="evaluate", disable=not ctx.show_progress)):
-        pred, pred_geom = read_label(pred_path)
+        pred, pred_geom = read_label(pred_path, allowed_labels=declared)  # no invented classes
         ref, ref_geom = read_label(ref_path)
         check_same_geometry(ref_geom, pred_geom, ref_path, pred_path, roles=("reference", "prediction"),
                             hint=PREDICTION_GRID_HINT)

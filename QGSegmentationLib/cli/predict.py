@@ -161,12 +161,15 @@ def predict_body(args: argparse.Namespace, ctx: RunContext) -> Dict[str, Any]:
 
     from ..engine.cancel import CancelToken
     from ..engine.device import resolve_device, translate_oom
+    from ..data.io import check_image_file
     from ..inference import predict_volume, write_prediction
     from ..quality.train import dice_per_class
 
     device = resolve_device(args.device)
     cases = collect_inputs(args.input, args.split)
     check_outputs(cases, args)  # before any model is loaded: a bad --output fails at once
+    for _, image_path in cases:  # a bad input fails before anything is written, not half-way
+        check_image_file(image_path)
     for stale in stale_scores(Path(args.output), args):
         ctx.events.warning(f"{stale} is left from an earlier predict into this folder: this run does not "
                            "score, so it describes other predictions (delete it, or pass --quality-checkpoint)")

@@ -329,7 +329,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.predictions:
             from ..quality.evaluate import prediction_pairs
 
-            pairs, source = prediction_pairs(cases, args.predictions), "real-segmenter masks"
+            pairs, source = prediction_pairs(cases, args.predictions, ctx.events.warning), "real-segmenter masks"
         else:
             pairs, source = make_vqm_pairs(cases, args.samples_per_case, args.seed, mode=mode), "VQMs"
         second = _second_opinion(args.second_opinion)

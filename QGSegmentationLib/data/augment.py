@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, check_option_names
+from ..errors import ConfigError, check_option_names, check_option_types
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class AugmentConfig:
         """Build from a mapping of overrides; unknown names raise ConfigError listing the valid ones."""
         options = dict(options or {})
         check_option_names(options, cls, source)
+        check_option_types(options, cls, source)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
     def __post_init__(self):

@@ -166,12 +166,23 @@ NNUNET_CHANNEL_SUFFIX = "_0000"
 def find_case_file(folder: str | os.PathLike, case_id: str) -> Optional[Path]:
     """`<folder>/<case_id><ext>` for the first extension of CASE_FILE_SEARCH_ORDER that exists;
     without one, the same search under the case's other nnU-Net name: `X` for an image id
-    `X_0000` (nnU-Net's segmentation of it), `X_0000` for `X` (qgseg's output for nnU-Net's image)."""
+    `X_0000` (nnU-Net's segmentation of it), `X_0000` for `X` (qgseg's output for nnU-Net's image).
+    Two label maps of one case in different formats (`X.nrrd` and `X.nii.gz`, left by two runs)
+    are a DataError: which one is meant cannot be guessed. The `.seg.nrrd` that `qgseg predict`
+    writes beside each label map is the same segmentation and is used only when it is alone."""
     folder = Path(folder)
     suffix = NNUNET_CHANNEL_SUFFIX
     names = [case_id, case_id[: -len(suffix)] if case_id.endswith(suffix) else case_id + suffix]
-    return next((folder / f"{name}{ext}" for name in names for ext in CASE_FILE_SEARCH_ORDER
-                 if (folder / f"{name}{ext}").is_file()), None)
+    for name in names:
+        found = [folder / f"{name}{ext}" for ext in CASE_FILE_SEARCH_ORDER if (folder / f"{name}{ext}").is_file()]
+        plain = [path for path in found if not path.name.endswith(SEGMENTATION_EXTENSION)]
+        if len(plain) > 1:
+            raise DataError(f"{folder}: case {case_id!r} has {len(plain)} files: "
+                            f"{', '.join(path.name for path in plain)}; which one is meant cannot be told",
+                            hint="move the ones not meant out of the folder")
+        if found:
+            return found[0]
+    return None
 
 
 def case_file_pattern(case_id: str = "<case>") -> str:
@@ -435,18 +446,35 @@ def read_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
     return _positive_spacing(Geometry.from_sitk(_reader(path, what)))
 
 
-def read_image(path: str | os.PathLike) -> tuple:
-    """Read an intensity volume: (float32 array (z, y, x), Geometry). Rejects NaN/Inf."""
+def _image_reader(path: Path):
+    """A reader of an intensity volume with its header read and checked (type, 3D scalar, real)."""
     import SimpleITK as sitk
 
-    path = Path(path)
     if file_extension(path) == SEGMENTATION_EXTENSION:
         raise DataError(f"{path}: is a Slicer segmentation (.seg.nrrd), not an intensity image")
     _check_extension(path, IMAGE_EXTENSIONS, "an image")
     reader = _reader(path, "image")
     if "complex" in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
         raise DataError(f"{path}: image has complex voxels; only real-valued volumes are supported")
-    image = _execute(reader, path, "image")
+    return reader
+
+
+def check_image_file(path: str | os.PathLike) -> Geometry:
+    """What `read_image` checks without decoding the voxels (header, type, a NIfTI or MetaImage
+    cut short): a batch job checks every input this way before it writes anything."""
+    path = Path(path)
+    reader = _image_reader(path)
+    check_nifti_complete(path, "image")
+    check_metaimage_complete(path, "image")
+    return _positive_spacing(Geometry.from_sitk(reader))
+
+
+def read_image(path: str | os.PathLike) -> tuple:
+    """Read an intensity volume: (float32 array (z, y, x), Geometry). Rejects NaN/Inf."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    image = _execute(_image_reader(path), path, "image")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         n_bad = int(array.size - np.isfinite(array).sum())

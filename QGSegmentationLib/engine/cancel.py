@@ -109,6 +109,7 @@ class CancelToken:
                  clock: Callable[[], float] = time.monotonic):
         self.path = cancel_path(run_dir) if run_dir else None
         self.interrupted = False
+        self.signal_name = "Ctrl-C"
         self.parent_pid = parent_pid if parent_pid is not None else parent_pid_from_environment()
         self.parent_gone = False
         self._clock = clock
@@ -135,7 +136,7 @@ class CancelToken:
     def error(self) -> CancelledError:
         """What the stop reports: what asked for it, and how to go on."""
         if self.interrupted:
-            cause = "Ctrl-C"
+            cause = self.signal_name
         elif self.parent_gone:
             cause = f"the end of the process that started this worker (pid {self.parent_pid}: Slicer closed?)"
         else:
@@ -145,24 +146,30 @@ class CancelToken:
 
     @contextmanager
     def catching_interrupts(self, say: Optional[Callable[[str], None]] = None) -> Iterator[None]:
-        """While inside, the first Ctrl-C (SIGINT) sets `interrupted` instead of raising at a
-        random point of a step (a half-done optimizer step cannot be saved); the loop's next check
-        saves and stops. A second Ctrl-C raises KeyboardInterrupt at once. Only the main thread
-        can handle signals: elsewhere this does nothing."""
+        """While inside, the first Ctrl-C (SIGINT) or SIGTERM (what a cluster's scheduler or
+        `kill` sends before it kills) sets `interrupted` instead of raising at a random point of a
+        step (a half-done optimizer step cannot be saved); the loop's next check saves and stops. A
+        second one raises KeyboardInterrupt at once. Only the main thread can handle signals:
+        elsewhere this does nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-        previous = signal.getsignal(signal.SIGINT)
+        names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+        previous = {signum: signal.getsignal(signum) for signum in names}
 
         def on_interrupt(signum, frame):
             if self.interrupted:
                 raise KeyboardInterrupt
             self.interrupted = True
-            say("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
+            self.signal_name = names.get(signum, "a signal")
+            say(f"\n{self.signal_name}: stopping after this step and saving a checkpoint "
+                f"({self.signal_name} again stops at once)")
 
-        signal.signal(signal.SIGINT, on_interrupt)
+        for signum in names:
+            signal.signal(signum, on_interrupt)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

@@ -35,23 +35,53 @@ def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format: str | None = FORMAT) -> Dict[str, Any]:
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", map_location="cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, or a DataError naming the file and saying what is
+    wrong with it (missing, empty, cut short, not a PyTorch file, holding Python objects)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
+        raise DataError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty, not a {what} (a copy or download that did not finish?)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
-        raise DataError(f"{path}: not a readable QGSegmentation checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable {what}: {_unreadable_why(exc)}",
+                        hint="checkpoints are the .pt files in a run's checkpoints/ folder") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format: str | None = FORMAT) -> Dict[str, Any]:
+    path = Path(path)
+    state = read_torch_file(path, map_location=map_location)
     if not isinstance(state, dict) or (expected_format and state.get("format") != expected_format):
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        found = format_of(state)
         hint = ("this is a quality predictor g, which --quality-checkpoint takes; here a segmenter's "
                 "checkpoints/best.pt (from `qgseg train` or `qgseg ssl train`) is expected"
                 if str(found).startswith("qgseg-quality") else None)
         raise DataError(f"{path}: expected a {expected_format} checkpoint, found {found!r}", hint=hint)
     return state
+
+
+def format_of(state: Any) -> str:
+    """What a loaded file says it is (its "format"), for error messages."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a checkpoint"
+    return state.get("format") or "a file that does not say what it is (not written by QGSegmentation)"
+
+
+def _unreadable_why(exc: Exception) -> str:
+    """One line on why torch.load failed, in terms of the file rather than of torch's internals."""
+    import zipfile
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "Invalid argument" in text:
+        return "it is cut short or damaged (a copy or download that did not finish?)"
+    if "Unsupported global" in text:
+        return ("it holds Python objects, not only plain data, and such files are not loaded "
+                "(weights_only=True): not a QGSegmentation checkpoint")
+    return "it is not a PyTorch checkpoint file"
 
 
 def plain(obj: Any) -> Any:

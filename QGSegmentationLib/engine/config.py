@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ..errors import ConfigError, check_option_names
+from ..errors import ConfigError, check_option_names, check_option_types
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
         check_option_names(data, cls, source)
+        check_option_types(data, cls, source)
         cfg = cls(**data)
         cfg.validate()
         return cfg
@@ -91,6 +93,8 @@ class TrainConfig:
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ConfigError(f"lr must be a positive number, not {self.lr!r}")
         from ..data.preprocess import PreprocessConfig
         from ..ssl.losses import SUPERVISED_LOSSES
 
@@ -149,7 +153,7 @@ class TrainConfig:
             spacing = tuple(float(s) for s in value)
         except (TypeError, ValueError):
             spacing = ()
-        if len(spacing) != 3 or min(spacing) <= 0:
+        if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
             raise ConfigError(f"target_spacing must be auto, null (keep) or three positive numbers "
                               f"(x y z mm), not {value!r}")
         return spacing

@@ -34,7 +34,7 @@ SHARED_FIELDS = ("mode", "n_classes", "labels", "preprocess", "patch_size")
 
 def member_seeds(first_seed: int, n_seeds: int) -> List[int]:
     if n_seeds < 2:
-        raise ConfigError(f"--seeds: an ensemble needs at least 2 seeds, got {n_seeds}")
+        raise ConfigError(f"--seeds: give 1 (one model, the default) or 2 or more (an ensemble), not {n_seeds}")
     return [first_seed + k for k in range(n_seeds)]
 
 

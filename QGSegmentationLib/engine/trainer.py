@@ -36,6 +36,10 @@ from .manifest import package_versions
 from .seed_ensemble import refuse_ensemble_resume
 
 
+#: Fewest voxels along an axis a resampled labeled volume may keep (see check_patch_fits_the_volumes).
+MIN_VOLUME_VOXELS = 4
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -156,9 +160,32 @@ class Trainer:
             label_resampling=cfg.label_resampling))
         store = CaseStore(self.preprocessor, cache_dir=cfg.cache_dir, allowed_labels=sorted(spec.labels))
         self.store = store
-        self.labeled = store.load_many(spec.training, progress=self.progress_bar)
-        self.validation = store.load_many(spec.validation, progress=self.progress_bar)
+        self.labeled = store.load_many(spec.training, progress=self.progress_bar, desc="loading labeled cases")
+        self.validation = store.load_many(spec.validation, progress=self.progress_bar,
+                                          desc="loading validation cases")
         self.n_classes = spec.n_classes
+        self.check_patch_fits_the_volumes()
+
+    def check_patch_fits_the_volumes(self) -> None:
+        """Volumes resampled to a few voxels (a spacing in the wrong unit, say 1000) are refused:
+        nothing can be learnt from them. A patch much larger than the volumes is warned about:
+        each patch would be mostly padding, and every step slow."""
+        from ..data.planning import patch_text, spacing_text
+
+        cfg = self.cfg
+        in_plane = 2 if cfg.mode == "2d" else 3  # 2D patches are y x: a volume may have few slices
+        shapes = np.array([case.image.shape[-in_plane:] for case in self.labeled])
+        smallest = shapes.min(axis=0)
+        if smallest.min() < MIN_VOLUME_VOXELS:
+            spacing = "their own spacing" if cfg.target_spacing is None else f"{spacing_text(cfg.target_spacing)} mm"
+            raise ConfigError(f"at {spacing} the smallest labeled volume is only {patch_text(smallest)} voxels "
+                              f"({'y x' if in_plane == 2 else 'z y x'}): too few to learn from",
+                              hint="choose a finer --spacing (in mm, x y z), or --spacing auto")
+        median = np.median(shapes, axis=0)
+        if any(p > 2 * m for p, m in zip(cfg.patch_size, median)):
+            self.events.warning(f"patch {patch_text(cfg.patch_size)} is more than twice the median labeled volume "
+                                f"({patch_text(np.round(median))} voxels): each patch is mostly padding and "
+                                "every step slower than it need be; --patch auto plans one that fits")
 
     def apply_plan(self) -> None:
         """Replace "auto" spacing / patch size by the plan for these labeled cases on this device
@@ -198,7 +225,7 @@ class Trainer:
         if not refs:
             raise DataError(f"{cfg.dataset}: method '{cfg.method}' needs unlabeled images, but the dataset "
                             "lists none under \"unlabeled\"")
-        self.unlabeled = self.store.load_many(refs, progress=self.progress_bar)
+        self.unlabeled = self.store.load_many(refs, progress=self.progress_bar, desc="loading unlabeled cases")
 
     def make_samplers(self):
         from ..data.augment import AugmentConfig, Augmenter

@@ -20,7 +20,7 @@ All metrics are computed with numpy/scipy only (no scikit-learn).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -259,12 +259,14 @@ def make_vqm_pairs(cases: Sequence, per_case: int = 5, seed: int = 0, vqm: Dict 
     return pairs
 
 
-def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPair]:
+def prediction_pairs(cases: Sequence, prediction_dirs: Sequence,
+                     warn: Optional[Callable[[str], None]] = None) -> List[EvalPair]:
     """Real-segmenter evaluation pairs: for every folder of predictions (`<case>.nrrd` on the case's
     own grid, as `qgseg predict` writes them, or NIfTI/MHA: `data.io.find_case_file`) and every
     case it holds, (image, prediction, reference). The folder name becomes the pair's category, so
     results can be split by segmenter. Each prediction must lie on its case's grid
-    (`weak.check_mask_on_case_grid`: size, spacing, and origin and direction where known)."""
+    (`weak.check_mask_on_case_grid`: size, spacing, and origin and direction where known). A folder
+    that lacks some of the cases is evaluated on those it holds, and `warn` says which it lacks."""
     from pathlib import Path
 
     from ..data.io import case_file_pattern, find_case_file, read_label
@@ -278,10 +280,11 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
         if not folder.is_dir():
             raise DataError(f"{folder}: " + ("a file: pass the folder that holds the predictions" if folder.exists()
                                              else "predictions folder not found"))
-        found = 0
+        found, missing = 0, []
         for case in cases:
             path = find_case_file(folder, case.id)
             if path is None:
+                missing.append(case.id)
                 continue
             mask, mask_geometry = read_label(path)
             check_mask_on_case_grid(case, mask, mask_geometry, path, role="prediction")
@@ -290,6 +293,9 @@ def prediction_pairs(cases: Sequence, prediction_dirs: Sequence) -> List[EvalPai
             found += 1
         if not found:
             raise DataError(f"{folder}: holds no {case_file_pattern()} for any of the {len(cases)} evaluated cases")
+        if missing and warn is not None:
+            warn(f"{folder}: no prediction for {len(missing)} of the {len(cases)} cases, which are left out: "
+                 f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     return pairs
 
 

@@ -269,17 +269,12 @@ def save_predictor(path: str | os.PathLike, model: QualityPredictor, meta: Mappi
 
 def read_predictor_file(path: str | os.PathLike) -> Dict[str, Any]:
     """The raw dict of a predictor file or of a training state file (which also holds one)."""
+    from ..engine.checkpoint import format_of, read_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: quality predictor checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
-        raise DataError(f"{path}: not a readable quality predictor checkpoint "
-                        f"({str(exc).splitlines()[0][:160]})") from None
+    state = read_torch_file(path, "quality predictor checkpoint")
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, TRAIN_FORMAT, ENSEMBLE_FORMAT):
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise DataError(f"{path}: expected a quality predictor checkpoint ({FORMAT}), found {found!r}",
+        raise DataError(f"{path}: expected a quality predictor checkpoint ({FORMAT}), found {format_of(state)!r}",
                         hint="pass checkpoints/best.pt of a `qgseg quality train` run folder")
     return state
 

@@ -180,7 +180,12 @@ def read_pairs_csv(path: str | os.PathLike) -> List[Tuple[Path, Path]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: pairs CSV not found")
-    with open(path, newline="", encoding="utf-8") as fh:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as spreadsheet programs write, is fine
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})",
+                        hint="save the CSV as UTF-8 text") from None
+    with _io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "image" not in fields or "mask" not in fields:

@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..engine.device import autocast, autocast_dtype
-from ..errors import ConfigError, DataError, RunFolderError
+from ..errors import ConfigError, DataError, RunFolderError, check_option_types
 from ..fileio import write_json_atomic
 from .presentation import MIN_MARGIN_MM, crop_box, label_to_channels, present
 
@@ -122,6 +122,7 @@ class QualityTrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown quality training option(s) {unknown}; "
                               f"known: {', '.join(sorted(names))}")
+        check_option_types(data, cls, source)
         config = cls(**dict(data))
         config.validate(source)
         return config
@@ -151,6 +152,10 @@ class QualityTrainConfig:
             bad("lr must be > 0 and weight_decay >= 0")
         if float(self.segmentation_weight) < 0:
             bad(f"segmentation_weight must be >= 0, got {self.segmentation_weight}")
+        for name in ("extra_masks", "validation_masks"):  # a wrong path fails now, not after the weak stage
+            missing = [str(folder) for folder in getattr(self, name) if not Path(folder).is_dir()]
+            if missing:
+                raise DataError(f"{', '.join(missing)}: mask folder not found ({name.replace('_', '-')})")
 
     def resolved_samples_per_case(self, device_type: str) -> int:
         if self.samples_per_case is not None:

@@ -80,8 +80,9 @@ class TrainingOptions:
             (self.quality_epochs >= 0, f"quality epochs must be >= 0, got {self.quality_epochs}"),
             (self.quality_seeds >= 1, f"quality predictor seeds must be >= 1, got {self.quality_seeds}"),
             (self.segmenter_seeds >= 1, f"segmenter seeds must be >= 1, got {self.segmenter_seeds}"),
-            (bool(self.architecture), "architecture is empty"),
-            (bool(self.ssl_method), "SSL method is empty"),
+            (self.architecture in ARCHITECTURES,
+             f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"),
+            (self.ssl_method in SSL_METHODS, f"SSL method must be one of {SSL_METHODS}, got {self.ssl_method!r}"),
             (not (self.second_opinion and self.train_second_opinion),
              "choose a second-opinion model folder or train a second opinion, not both"),
         ]
@@ -305,11 +306,19 @@ def read_job_spec(path: str | os.PathLike) -> JobSpec:
         raise ValueError(f"{path}: job spec not found") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: job spec is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: job spec must be a JSON object, not a {type(data).__name__}")
     if data.get("version") != JOB_SPEC_VERSION:
         raise ValueError(f"{path}: job spec version {data.get('version')!r} is not "
                          f"{JOB_SPEC_VERSION}")
-    cases = [CaseEntry(**c) for c in data.pop("cases", [])]
-    return JobSpec(cases=cases, **data)
+    rows = data.pop("cases", [])
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: \"cases\" must be a list of objects, not {rows!r:.80}")
+    try:
+        cases = [CaseEntry(**row) for row in rows]
+        return JobSpec(cases=cases, **data)
+    except (TypeError, ValueError) as exc:  # a key missing or unknown, a bad role
+        raise ValueError(f"{path}: not a valid job spec ({exc})") from None
 
 
 def dataset_description(folder: JobFolder, cases: Iterable[CaseEntry],

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..errors import ConfigError, check_option_names
+from ..errors import ConfigError, check_option_names, check_option_types
 
 #: Names registered in `ssl.methods.METHODS` (kept here so a parser can offer them without torch;
 #: a test checks the two agree).
@@ -120,6 +120,7 @@ class SSLConfig:
         """Build from a mapping; unknown keys raise a ConfigError that lists the valid ones."""
         data = dict(data or {})
         check_option_names(data, cls, source)
+        check_option_types(data, cls, source)
         return cls(**data)
 
     def to_dict(self) -> dict:
