@@ -25,7 +25,6 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 
-
 def backend_parent(module_dir: str) -> str:
     """The folder holding the backend package QGSegmentationLib: this file's own folder in a built
     extension (CMake ships the package next to it), the checkout's root when Slicer loads the
