@@ -476,3 +476,22 @@ def test_a_guided_run_too_short_for_its_schedule_says_so_with_a_schedule_that_fi
               "--set", "ssl.qw_delay_epochs=0.3", "--set", "ssl.qw_rampup_epochs=0.6"]
     res = run_cli(*common, "--guidance", "qar,qw", *fitted, "--run-dir", str(tmp_path / "b"))
     assert res.returncode == 0 and "quality guidance schedule" not in res.stderr, res.stderr
+
+
+def test_an_output_that_cannot_be_written_exits_2_naming_it(phantom_3d, tmp_path):
+    """A folder where the output file should go, or a folder under a file, used to end in
+    IsADirectoryError or FileNotFoundError tracebacks (exit 1) from the atomic write."""
+    from QGSegmentationLib.errors import DataError
+    from QGSegmentationLib.fileio import write_text_atomic
+
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for target, why in ((folder, "a folder of that name exists"), (blocker / "plan.json", "cannot write it")):
+        with pytest.raises(DataError, match=why):
+            write_text_atomic(target, "text")
+    res = run_cli("plan", "--dataset", str(phantom_3d), "--output", str(folder))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{folder}: cannot write it (a folder of that name exists" in res.stderr
+    assert list(folder.iterdir()) == [] and blocker.read_text() == "x"
