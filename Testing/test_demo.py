@@ -30,3 +30,14 @@ def test_demo_runs_all_stages(tmp_path):
         assert manifest["status"] == "ok" and manifest["versions"]["torch"] and manifest["config"], sub
     assert len(list((run / "predictions").glob("*.seg.nrrd"))) == 16
     assert "lowest predicted" in res.stdout or "worst predicted" in res.stdout
+
+
+def test_bad_demo_options_are_refused_before_any_work_and_leave_nothing(tmp_path):
+    """--iterations 0 or an unknown --method used to be refused only after the phantom was made
+    and g trained (minutes), leaving qgseg_demo/ behind."""
+    for bad, said in ((["--iterations", "0"], "--iterations must be >= 1"),
+                      (["--quality-epochs", "-1"], "--quality-epochs must be >= 1"),
+                      (["--method", "bogus"], "unknown ssl method 'bogus'")):
+        res = run_cli("demo", *bad, "--quiet", cwd=tmp_path, timeout=120)
+        assert res.returncode == 2 and said in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,15 @@ def test_job_spec_round_trip_and_dataset_json(tmp_path):
         assert "edited.json" in str(refused.value)
 
 
+def test_a_job_naming_an_unknown_network_or_method_is_refused_before_it_runs():
+    """A job.json edited to name a network or method the panel does not offer used to fail only
+    after the whole quality stage had run."""
+    with pytest.raises(ValueError, match="architecture must be one of .*'bogus'"):
+        TrainingOptions(architecture="bogus").validate()
+    with pytest.raises(ValueError, match="SSL method must be one of .*'bogus'"):
+        TrainingOptions(ssl_method="bogus").validate()
+    assert TrainingOptions(architecture="segresnet", ssl_method="cps").validate()
+
 def test_stage_arguments(tmp_path):
     folder = create_job_folder(tmp_path, run_id="r")
     opts = TrainingOptions(iterations=7, batch_size=1, patch_size=32, seed=5, device="cpu",

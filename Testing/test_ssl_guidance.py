@@ -191,6 +191,33 @@ def test_config_validation_and_lookup():
     assert SSLConfig.from_dict(SSLConfig(cutmix_area=(0.2, 0.3)).to_dict()).cutmix_area == (0.2, 0.3)
 
 
+
+def test_option_values_of_the_wrong_type_are_refused_naming_the_option():
+    """`--set lr=abc` or `ssl: 3` in a config file used to fail deep inside training (a TypeError
+    in AdamW, in SSLConfig); every config dataclass now checks the declared types up front."""
+    from QGSegmentationLib.data.augment import AugmentConfig
+    from QGSegmentationLib.engine.config import TrainConfig
+    from QGSegmentationLib.quality.train import QualityTrainConfig
+
+    refused = [(TrainConfig, {"lr": "abc"}, "option lr must be a finite number, not 'abc'"),
+               (TrainConfig, {"lr": float("nan")}, "option lr must be a finite number"),
+               (TrainConfig, {"lr": -1.0}, "lr must be a positive number"),
+               (TrainConfig, {"ssl": 3}, "option ssl must be a mapping"),
+               (TrainConfig, {"iterations": 2.5}, "option iterations must be a whole number"),
+               (TrainConfig, {"crop_foreground": "yes"}, "option crop_foreground must be true or false"),
+               (TrainConfig, {"n_validation": "two"}, "option n_validation must be a whole number or null"),
+               (TrainConfig, {"target_spacing": [float("nan"), 1, 1]}, "target_spacing must be auto"),
+               (SSLConfig, {"ema_decay": "x"}, "option ema_decay must be a finite number"),
+               (QualityTrainConfig, {"batch_size": "abc"}, "option batch_size must be a whole number"),
+               (QualityTrainConfig, {"vqm": 3}, "option vqm must be a mapping"),
+               (AugmentConfig, {"gamma_prob": "often"}, "option gamma_prob must be a finite number")]
+    for cls, data, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            cls.from_dict(data)
+    assert TrainConfig.from_dict({"lr": 1, "n_validation": None, "num_threads": None}).lr == 1
+    assert QualityTrainConfig.from_dict({"samples_per_case": None, "lr": 1}).lr == 1
+
+
 # --- per-sample losses ----------------------------------------------------------------------------
 def test_per_sample_dice_ce_by_hand():
     # one sample, 2 pixels, 2 classes; logits = log-probabilities so softmax returns them exactly

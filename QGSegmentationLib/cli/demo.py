@@ -17,6 +17,8 @@ from typing import Any, Dict
 from ..ssl.config import guidance_schedule_for
 from .common import HelpFormatter, RunContext, add_run_options, run_with_events
 
+#: Where the demo writes everything without --run-dir (a default folder: a refused demo leaves none).
+DEMO_FOLDER = "qgseg_demo"
 #: Epochs of each demo training; its quality guidance runs the paper's schedule scaled to them.
 DEMO_EPOCHS = 30
 
@@ -30,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="mt", help="SSL method to run with quality guidance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ssl", action="store_true", help="supervised + quality only (faster)")
-    add_run_options(parser, run_dir_default="qgseg_demo")
+    add_run_options(parser, run_dir_default_text=f"{DEMO_FOLDER}/ in the working folder")
     parser.set_defaults(func=run)
 
 
@@ -235,4 +237,4 @@ def _review_sheet(rows, images, predictions: Path, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_events(args, "demo", lambda ctx: demo_body(args, ctx))
+    return run_with_events(args, "demo", lambda ctx: demo_body(args, ctx), default_run_dir=DEMO_FOLDER)
