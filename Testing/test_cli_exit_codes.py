@@ -495,3 +495,18 @@ def test_an_output_that_cannot_be_written_exits_2_naming_it(phantom_3d, tmp_path
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{folder}: cannot write it (a folder of that name exists" in res.stderr
     assert list(folder.iterdir()) == [] and blocker.read_text() == "x"
+
+
+def test_a_refusal_after_the_run_folder_filled_and_a_bad_events_path_leave_nothing(phantom_3d, tmp_path):
+    """A training refused after it wrote split.json and plan.json (a spacing that leaves one voxel)
+    removes the runs/train-<time>/ it made; an --events path that is a folder exits 2 before any
+    run folder exists (it used to be an IsADirectoryError traceback)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    res = run_cli("train", "--dataset", str(phantom_3d), "--spacing", "1000", "1000", "1000", "--quiet", cwd=work)
+    assert res.returncode == 2 and "too few to learn from" in res.stderr, res.stderr
+    assert list(work.iterdir()) == []
+    res = run_cli("train", "--dataset", str(phantom_3d), "--events", str(tmp_path), "--quiet", cwd=work)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"--events {tmp_path}: cannot write it" in res.stderr
+    assert list(work.iterdir()) == []
