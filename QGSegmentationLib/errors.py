@@ -90,12 +90,12 @@ def check_option_types(given, cls, source: str) -> None:
     import typing
 
     hints = typing.get_type_hints(cls)
+    unions = (typing.Union, getattr(types, "UnionType", typing.Union))  # Optional[X], X | None
     for f in dataclasses.fields(cls):
         if f.name not in given:
             continue
         value, wanted = given[f.name], hints[f.name]
         args = typing.get_args(wanted)
-        unions = (typing.Union, getattr(types, "UnionType", typing.Union))  # Optional[X], X | None
         optional = typing.get_origin(wanted) in unions and type(None) in args
         if optional:
             if value is None:
@@ -114,7 +114,7 @@ def check_option_types(given, cls, source: str) -> None:
             ok, what = isinstance(value, bool), "true or false"
         elif origin is str:
             ok, what = isinstance(value, str), "text"
-        elif origin in (dict, typing.Dict) or origin is getattr(typing, "Mapping", None):
+        elif origin is dict:  # get_origin(Dict[str, Any]) is dict too
             ok, what = isinstance(value, dict), "a mapping (e.g. {name: value})"
         else:
             continue
